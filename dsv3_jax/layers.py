@@ -1,0 +1,78 @@
+"""Basic layers: RMSNorm, Linear with an injectable dot_general, Embed, SwiGLU MLP.
+
+Parameters are stored in `cfg.param_dtype` (fp32 master weights by default) and cast to `cfg.dtype` for
+compute. Kernels use the JAX layout [in, out]; the HF/PyTorch layout [out, in] is transposed on import.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsv3_jax.config import ModelConfig
+
+DotGeneral = Callable[..., jax.Array]
+
+
+def dtype_of(name: str) -> jnp.dtype:
+    return jnp.dtype(name)
+
+
+def normal_init(rngs: nnx.Rngs, shape: tuple[int, ...], cfg: ModelConfig) -> jax.Array:
+    """N(0, init_std) in the parameter dtype (DeepSeek-V3 initialises every weight with std 0.006)."""
+    return (cfg.init_std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(cfg.param_dtype)
+
+
+class RMSNorm(nnx.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), normalised in fp32 and cast back before the weight (HF order)."""
+
+    def __init__(self, dim: int, cfg: ModelConfig):
+        self.weight = nnx.Param(jnp.ones((dim,), cfg.param_dtype))
+        self.eps = cfg.rms_norm_eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(x.dtype) * normed.astype(x.dtype)
+
+
+class Linear(nnx.Module):
+    """y = x @ W without bias; `dot_general` is injectable so FP8 recipes can replace the GEMM."""
+
+    def __init__(self, in_features: int, out_features: int, cfg: ModelConfig, rngs: nnx.Rngs,
+                 dot_general: DotGeneral = jax.lax.dot_general):
+        self.kernel = nnx.Param(normal_init(rngs, (in_features, out_features), cfg))
+        self.compute_dtype = dtype_of(cfg.dtype)
+        self.dot_general = dot_general
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(self.compute_dtype)
+        kernel = self.kernel[...].astype(self.compute_dtype)
+        return self.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+class Embed(nnx.Module):
+    """Token embedding table [vocab, hidden] (not tied to the output head in DeepSeek-V3)."""
+
+    def __init__(self, vocab_size: int, dim: int, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.embedding = nnx.Param(normal_init(rngs, (vocab_size, dim), cfg))
+        self.compute_dtype = dtype_of(cfg.dtype)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.compute_dtype)
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)); used for dense layers and shared experts."""
+
+    def __init__(self, dim: int, hidden: int, cfg: ModelConfig, rngs: nnx.Rngs,
+                 dot_general: DotGeneral = jax.lax.dot_general):
+        self.gate_proj = Linear(dim, hidden, cfg, rngs, dot_general)
+        self.up_proj = Linear(dim, hidden, cfg, rngs, dot_general)
+        self.down_proj = Linear(hidden, dim, cfg, rngs, dot_general)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))

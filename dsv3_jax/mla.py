@@ -1,0 +1,78 @@
+"""Multi-head Latent Attention (SEMANTICS.md §3): low-rank queries and keys/values with a decoupled rope key.
+
+Shape suffixes: B batch, T query positions, S key positions, H heads, N nope dim, R rope dim, V value dim,
+C kv latent (kv_lora_rank), D hidden.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.layers import DotGeneral, Linear, RMSNorm
+from dsv3_jax.rope import apply_rope, rope_cos_sin, softmax_scale
+
+
+class MLA(nnx.Module):
+    """MLA with HF/official weight structure; `__call__` is the full-sequence causal path."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dot_general: DotGeneral = jax.lax.dot_general):
+        self.cfg = cfg
+        heads = cfg.num_attention_heads
+        if cfg.q_lora_rank is not None:
+            self.q_a_proj = Linear(cfg.hidden_size, cfg.q_lora_rank, cfg, rngs, dot_general)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg)
+            self.q_b_proj = Linear(cfg.q_lora_rank, heads * cfg.qk_head_dim, cfg, rngs, dot_general)
+        else:
+            self.q_proj = Linear(cfg.hidden_size, heads * cfg.qk_head_dim, cfg, rngs, dot_general)
+        self.kv_a_proj_with_mqa = Linear(cfg.hidden_size, cfg.kv_cache_dim, cfg, rngs, dot_general)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg)
+        self.kv_b_proj = Linear(cfg.kv_lora_rank, heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg, rngs,
+                                dot_general)
+        self.o_proj = Linear(heads * cfg.v_head_dim, cfg.hidden_size, cfg, rngs, dot_general)
+
+    def queries(self, x_BTD: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(q_nope [B,T,H,N], rotated q_pe [B,T,H,R]); each head's 192 dims are nope first, then rope."""
+        cfg = self.cfg
+        if cfg.q_lora_rank is not None:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
+        else:
+            q = self.q_proj(x_BTD)
+        q_BTHK = q.reshape(*x_BTD.shape[:2], cfg.num_attention_heads, cfg.qk_head_dim)
+        q_nope_BTHN, q_pe_BTHR = jnp.split(q_BTHK, [cfg.qk_nope_head_dim], axis=-1)
+        return q_nope_BTHN, apply_rope(q_pe_BTHR, cos, sin)
+
+    def latent(self, x_BTD: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """What the decode cache holds per token: normalised c_kv [B,T,C] and rotated shared k_pe [B,T,R]."""
+        c_kv_BTC, k_pe_BTR = jnp.split(self.kv_a_proj_with_mqa(x_BTD), [self.cfg.kv_lora_rank], axis=-1)
+        return self.kv_a_layernorm(c_kv_BTC), apply_rope(k_pe_BTR, cos, sin)
+
+    def expand_kv(self, c_kv_BSC: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Up-project the latent to per-head keys [B,S,H,N] and values [B,S,H,V] (rows: k then v per head)."""
+        cfg = self.cfg
+        kv = self.kv_b_proj(c_kv_BSC).reshape(*c_kv_BSC.shape[:2], cfg.num_attention_heads,
+                                              cfg.qk_nope_head_dim + cfg.v_head_dim)
+        k_nope_BSHN, v_BSHV = jnp.split(kv, [cfg.qk_nope_head_dim], axis=-1)
+        return k_nope_BSHN, v_BSHV
+
+    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array) -> jax.Array:
+        cos, sin = rope_cos_sin(positions_BT, self.cfg)
+        q_nope_BTHN, q_pe_BTHR = self.queries(x_BTD, cos, sin)
+        c_kv_BTC, k_pe_BTR = self.latent(x_BTD, cos, sin)
+        k_nope_BTHN, v_BTHV = self.expand_kv(c_kv_BTC)
+        seq_len = x_BTD.shape[1]
+        causal_TS = jnp.tril(jnp.ones((seq_len, seq_len), bool))
+        out_BTHV = attend(q_nope_BTHN, q_pe_BTHR, k_nope_BTHN, k_pe_BTR, v_BTHV, causal_TS, softmax_scale(self.cfg))
+        return self.o_proj(out_BTHV.reshape(*x_BTD.shape[:2], -1))
+
+
+def attend(q_nope_BTHN: jax.Array, q_pe_BTHR: jax.Array, k_nope_BSHN: jax.Array, k_pe_BSR: jax.Array,
+           v_BSHV: jax.Array, mask_TS: jax.Array, scale: float) -> jax.Array:
+    """Softmax attention with the nope and (head-shared) rope score parts summed; scores and softmax in fp32."""
+    scores_BHTS = (jnp.einsum("bthn,bshn->bhts", q_nope_BTHN, k_nope_BSHN, preferred_element_type=jnp.float32)
+                   + jnp.einsum("bthr,bsr->bhts", q_pe_BTHR, k_pe_BSR, preferred_element_type=jnp.float32))
+    scores_BHTS = jnp.where(mask_TS, scores_BHTS * scale, -jnp.inf)
+    probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(v_BSHV.dtype)
+    return jnp.einsum("bhts,bshv->bthv", probs_BHTS, v_BSHV)

@@ -1,0 +1,77 @@
+"""DeepSeekV3: embed -> decoder blocks -> norm -> lm_head, plus MTP modules; returns (logits, Aux)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from dsv3_jax.block import DecoderLayer
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.layers import DotGeneral, Embed, Linear, RMSNorm
+from dsv3_jax.moe import MoEAux
+from dsv3_jax.mtp import MTPModule
+
+
+@struct.dataclass
+class Aux:
+    """Side outputs, returned rather than sown so losses and bias updates read them directly."""
+
+    moe: tuple[MoEAux, ...]  # one per main MoE layer, in layer order
+    mtp_logits: tuple[jax.Array, ...]  # depth k (1-based) at index k-1: [B, T-k, V] float32, predicts t_{i+k+1}
+    mtp_moe: tuple[MoEAux, ...]  # one per MTP module
+    layer_outputs: tuple[jax.Array, ...] = ()  # residual stream after each main layer (return_hidden=True)
+    final_hidden: jax.Array | None = None  # post-norm hidden state, the lm_head input (return_hidden=True)
+
+    @property
+    def all_moe(self) -> tuple[MoEAux, ...]:
+        """Every MoE layer with a router bias: main layers, then MTP blocks."""
+        return self.moe + self.mtp_moe
+
+
+class DeepSeekV3(nnx.Module):
+    """The full model. Attribute names mirror the HF checkpoint so conversion is a table, not code."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dot_general: DotGeneral = jax.lax.dot_general):
+        cfg.validate()
+        self.cfg = cfg
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, cfg, rngs)
+        self.layers = nnx.List([DecoderLayer(cfg, rngs, use_moe=cfg.is_moe_layer(i), dot_general=dot_general)
+                                for i in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, cfg, rngs)  # high precision even under FP8
+        self.mtp = nnx.List([MTPModule(cfg, rngs, dot_general) for _ in range(cfg.mtp_depth)])
+
+    def __call__(self, input_ids_BT: jax.Array, return_hidden: bool = False) -> tuple[jax.Array, Aux]:
+        """Logits [B, T, V] (float32) for every position, and the Aux side outputs."""
+        batch, seq_len = input_ids_BT.shape
+        positions_BT = jnp.broadcast_to(jnp.arange(seq_len), (batch, seq_len))
+        h_BTD = self.embed_tokens(input_ids_BT)
+        moe_aux, layer_outputs = [], []
+        for layer in self.layers:
+            h_BTD, aux = layer(h_BTD, positions_BT)
+            if aux is not None:
+                moe_aux.append(aux)
+            if return_hidden:
+                layer_outputs.append(h_BTD)
+        final_BTD = self.norm(h_BTD)
+        logits_BTV = self.lm_head(final_BTD).astype(jnp.float32)
+
+        mtp_logits, mtp_aux = [], []
+        h_prev_BTD = final_BTD
+        for depth, module in enumerate(self.mtp, start=1):
+            if seq_len <= depth:
+                break  # no position has a token `depth` steps ahead
+            n = seq_len - depth
+            h_prev_BTD, head_in_BTD, aux = module(h_prev_BTD[:, :n], self.embed_tokens(input_ids_BT[:, depth:]),
+                                                  positions_BT[:, :n])
+            mtp_logits.append(self.lm_head(head_in_BTD).astype(jnp.float32))
+            mtp_aux.append(aux)
+        return logits_BTV, Aux(moe=tuple(moe_aux), mtp_logits=tuple(mtp_logits), mtp_moe=tuple(mtp_aux),
+                               layer_outputs=tuple(layer_outputs),
+                               final_hidden=final_BTD if return_hidden else None)
+
+
+def init_model(cfg: ModelConfig, seed: int = 0, dot_general: DotGeneral = jax.lax.dot_general) -> DeepSeekV3:
+    """A freshly initialised model (std `cfg.init_std`, unit norms, zero router biases)."""
+    return DeepSeekV3(cfg, nnx.Rngs(params=seed), dot_general)

@@ -1,0 +1,185 @@
+"""DeepSeekMoE (SEMANTICS.md §5): sigmoid router with a selection-only bias and group-limited top-k, routed
+experts with interchangeable dispatch strategies, and always-on shared experts.
+
+Shape suffixes: N tokens, E routed experts, G groups, K experts per token, D hidden, F expert width,
+C expert capacity, A = N*K token-expert assignments.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.layers import MLP, DotGeneral, normal_init
+
+
+class RouterBias(nnx.Variable):
+    """Aux-loss-free balancing bias: used only to select experts, moved by load after every step.
+
+    It is deliberately not an `nnx.Param`, so `nnx.split(model, nnx.Param, ...)` keeps it away from the
+    optimizer and from gradients.
+    """
+
+
+@struct.dataclass
+class MoEAux:
+    """What one MoE layer reports for losses, bias updates and metrics."""
+
+    expert_counts: jax.Array  # [E] float32: tokens routed to each expert in this batch
+    seq_balance_loss: jax.Array  # scalar: V3's sequence-wise balance loss (without alpha), mean over sequences
+    batch_balance_loss: jax.Array  # scalar: the same statistic over the whole batch (classic expert-level loss)
+    dropped_fraction: jax.Array  # scalar: assignments dropped by a capacity limit (0 when dropless)
+    topk_idx: jax.Array  # [N, K] int32 chosen experts
+    topk_weight: jax.Array  # [N, K] float32 gate weights (normalised, scaled)
+
+
+def route(logits_NE: jax.Array, bias_E: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Group-limited sigmoid top-k. Returns (topk_idx [N,K], topk_weight [N,K], scores [N,E]), all fp32 math.
+
+    The bias shifts which experts are *chosen*; the weights come from the unbiased sigmoid scores.
+    """
+    scores_NE = jax.nn.sigmoid(logits_NE.astype(jnp.float32))
+    biased_NE = scores_NE + bias_E.astype(jnp.float32)
+    if cfg.n_group > 1:
+        n_tokens = biased_NE.shape[0]
+        grouped_NGe = biased_NE.reshape(n_tokens, cfg.n_group, cfg.experts_per_group)
+        group_score_NG = jax.lax.top_k(grouped_NGe, 2)[0].sum(-1)
+        _, kept_groups = jax.lax.top_k(group_score_NG, cfg.topk_group)
+        keep_NG = jnp.zeros((n_tokens, cfg.n_group), bool).at[jnp.arange(n_tokens)[:, None], kept_groups].set(True)
+        keep_NE = jnp.repeat(keep_NG, cfg.experts_per_group, axis=1)
+        biased_NE = jnp.where(keep_NE, biased_NE, -jnp.inf)
+    _, topk_idx_NK = jax.lax.top_k(biased_NE, cfg.num_experts_per_tok)
+    weight_NK = jnp.take_along_axis(scores_NE, topk_idx_NK, axis=-1)
+    if cfg.norm_topk_prob:
+        weight_NK = weight_NK / (weight_NK.sum(-1, keepdims=True) + 1e-20)
+    return topk_idx_NK.astype(jnp.int32), weight_NK * cfg.routed_scaling_factor, scores_NE
+
+
+def balance_losses(scores_BTE: jax.Array, topk_idx_BTK: jax.Array, n_experts: int) -> tuple[jax.Array, jax.Array]:
+    """(sequence-wise, batch-wise) balance loss sum_i f_i * P_i with f_i = E/(K*T) * count_i, P_i = mean s'_i.
+
+    s' = s / sum_j s_j are the affinities normalised over all experts (V3 eq. 17-20); alpha is applied by the
+    trainer. The sequence-wise variant averages the per-sequence loss over the batch.
+    """
+    _, seq_len, top_k = topk_idx_BTK.shape
+    probs_BTE = scores_BTE / scores_BTE.sum(-1, keepdims=True)
+    counts_BE = jax.nn.one_hot(topk_idx_BTK, n_experts, dtype=jnp.float32).sum((1, 2))
+    f_BE = counts_BE * n_experts / (top_k * seq_len)
+    seq_loss = jnp.mean(jnp.sum(f_BE * probs_BTE.mean(1), -1))
+    batch_loss = jnp.sum(f_BE.mean(0) * probs_BTE.mean((0, 1)))
+    return seq_loss, batch_loss
+
+
+class Router(nnx.Module):
+    """Gate weight [D, E] (used in fp32, as HF does) plus the selection-only bias."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.kernel = nnx.Param(normal_init(rngs, (cfg.hidden_size, cfg.n_routed_experts), cfg))
+        self.bias = RouterBias(jnp.zeros((cfg.n_routed_experts,), jnp.float32))
+
+    def __call__(self, x_ND: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        logits_NE = jnp.dot(x_ND.astype(jnp.float32), self.kernel[...].astype(jnp.float32),
+                            precision=jax.lax.Precision.HIGHEST)
+        return route(logits_NE, self.bias[...], self.cfg)
+
+
+class RoutedExperts(nnx.Module):
+    """E SwiGLU experts stored stacked ([E, D, F] / [E, F, D]) for batched matmuls and expert sharding."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        e, d, f = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate_proj = nnx.Param(normal_init(rngs, (e, d, f), cfg))
+        self.up_proj = nnx.Param(normal_init(rngs, (e, d, f), cfg))
+        self.down_proj = nnx.Param(normal_init(rngs, (e, f, d), cfg))
+
+    def _weights(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        dtype = jnp.dtype(self.cfg.dtype)
+        return tuple(w[...].astype(dtype) for w in (self.gate_proj, self.up_proj, self.down_proj))
+
+    def __call__(self, x_ND: jax.Array, topk_idx_NK: jax.Array, topk_weight_NK: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Weighted sum of each token's chosen experts: (out [N, D], dropped fraction)."""
+        if self.cfg.moe_dispatch == "dense":
+            return self.dense(x_ND, topk_idx_NK, topk_weight_NK), jnp.float32(0.0)
+        return self.capacity(x_ND, topk_idx_NK, topk_weight_NK)
+
+    def dense(self, x_ND: jax.Array, topk_idx_NK: jax.Array, topk_weight_NK: jax.Array) -> jax.Array:
+        """Oracle: every expert on every token, combined with a [N, E] weight matrix (zeros for unchosen)."""
+        gate_EDF, up_EDF, down_EFD = self._weights()
+        x_ND = x_ND.astype(gate_EDF.dtype)
+        h_NEF = jax.nn.silu(jnp.einsum("nd,edf->nef", x_ND, gate_EDF)) * jnp.einsum("nd,edf->nef", x_ND, up_EDF)
+        y_NED = jnp.einsum("nef,efd->ned", h_NEF, down_EFD)
+        combine_NE = jnp.zeros((x_ND.shape[0], self.cfg.n_routed_experts), jnp.float32)
+        combine_NE = combine_NE.at[jnp.arange(x_ND.shape[0])[:, None], topk_idx_NK].add(topk_weight_NK)
+        return jnp.einsum("ned,ne->nd", y_NED.astype(jnp.float32), combine_NE).astype(x_ND.dtype)
+
+    def capacity(self, x_ND: jax.Array, topk_idx_NK: jax.Array, topk_weight_NK: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Sort assignments by expert into fixed [E, C] buffers, run a batched einsum, scatter back.
+
+        Capacity C is every token (dropless, DeepSeek-V3's semantics) unless `capacity_factor` is set, in
+        which case C = ceil(factor * N * K / E) and the overflow (latest tokens first) is dropped and reported.
+        """
+        cfg = self.cfg
+        n_tokens, top_k = topk_idx_NK.shape
+        n_experts = cfg.n_routed_experts
+        cap = expert_capacity(n_tokens, top_k, n_experts, cfg.capacity_factor)
+        expert_A = topk_idx_NK.reshape(-1)
+        order_A = jnp.argsort(expert_A, stable=True)  # stable: within an expert, earlier tokens first
+        sorted_expert_A = expert_A[order_A]
+        token_A = order_A // top_k
+        counts_E = jnp.bincount(expert_A, length=n_experts)
+        starts_E = jnp.cumsum(counts_E) - counts_E
+        rank_A = jnp.arange(expert_A.shape[0]) - starts_E[sorted_expert_A]
+        kept_A = rank_A < cap
+        trash_slot = n_experts * cap  # dropped assignments land in one extra row that is sliced away
+        slot_A = jnp.where(kept_A, sorted_expert_A * cap + rank_A, trash_slot)
+
+        gate_EDF, up_EDF, down_EFD = self._weights()
+        x_ND = x_ND.astype(gate_EDF.dtype)
+        buffer_ECD = (jnp.zeros((trash_slot + 1, x_ND.shape[1]), x_ND.dtype).at[slot_A].set(x_ND[token_A])
+                      [:trash_slot].reshape(n_experts, cap, -1))
+        h_ECF = jax.nn.silu(jnp.einsum("ecd,edf->ecf", buffer_ECD, gate_EDF)) * jnp.einsum(
+            "ecd,edf->ecf", buffer_ECD, up_EDF)
+        y_ECD = jnp.einsum("ecf,efd->ecd", h_ECF, down_EFD)
+        y_A_D = jnp.concatenate([y_ECD.reshape(trash_slot, -1), jnp.zeros((1, y_ECD.shape[-1]), y_ECD.dtype)])[slot_A]
+        weight_A = jnp.where(kept_A, topk_weight_NK.reshape(-1)[order_A], 0.0)
+        out_ND = jnp.zeros(x_ND.shape, jnp.float32).at[token_A].add(y_A_D.astype(jnp.float32) * weight_A[:, None])
+        dropped = 1.0 - kept_A.mean(dtype=jnp.float32)
+        return out_ND.astype(x_ND.dtype), dropped
+
+
+def expert_capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: float | None) -> int:
+    """Slots per expert: all tokens when dropless (a token picks an expert at most once), else factor * fair share."""
+    if capacity_factor is None:
+        return n_tokens
+    return max(1, min(n_tokens, math.ceil(capacity_factor * n_tokens * top_k / n_experts)))
+
+
+class MoE(nnx.Module):
+    """Routed experts + shared experts on the post-attention-normed hidden state."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dot_general: DotGeneral = jax.lax.dot_general):
+        self.cfg = cfg
+        self.gate = Router(cfg, rngs)
+        self.experts = RoutedExperts(cfg, rngs)
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size, cfg, rngs,
+                                   dot_general) if cfg.n_shared_experts else None)
+
+    def __call__(self, x_BTD: jax.Array) -> tuple[jax.Array, MoEAux]:
+        batch, seq_len, dim = x_BTD.shape
+        x_ND = x_BTD.reshape(-1, dim)
+        topk_idx_NK, topk_weight_NK, scores_NE = self.gate(x_ND)
+        routed_ND, dropped = self.experts(x_ND, topk_idx_NK, topk_weight_NK)
+        out_ND = routed_ND if self.shared_experts is None else routed_ND + self.shared_experts(x_ND)
+        k = self.cfg.num_experts_per_tok
+        seq_loss, batch_loss = balance_losses(scores_NE.reshape(batch, seq_len, -1),
+                                              topk_idx_NK.reshape(batch, seq_len, k), self.cfg.n_routed_experts)
+        counts_E = jnp.bincount(topk_idx_NK.reshape(-1), length=self.cfg.n_routed_experts).astype(jnp.float32)
+        aux = MoEAux(expert_counts=counts_E, seq_balance_loss=seq_loss, batch_balance_loss=batch_loss,
+                     dropped_fraction=dropped, topk_idx=topk_idx_NK, topk_weight=topk_weight_NK)
+        return out_ND.reshape(batch, seq_len, dim), aux
