@@ -34,6 +34,7 @@ class YarnConfig:
     beta_slow: float = 1.0
     mscale: float = 1.0
     mscale_all_dim: float = 1.0
+    attention_factor: float | None = None  # explicit cos/sin multiplier; None derives it from the mscales
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,11 +218,19 @@ def _yarn_from_hf(hf: Mapping[str, Any]) -> YarnConfig | None:
     if kind != "yarn":
         raise ConfigError("rope_scaling", f"only YaRN rope scaling is supported, got {kind!r}")
     defaults = YarnConfig()
-    get = lambda k: rope.get(k) if rope.get(k) is not None else getattr(defaults, k)  # noqa: E731
-    return YarnConfig(factor=float(get("factor")),
-                      original_max_position_embeddings=int(get("original_max_position_embeddings")),
-                      beta_fast=float(get("beta_fast")), beta_slow=float(get("beta_slow")),
-                      mscale=float(get("mscale")), mscale_all_dim=float(get("mscale_all_dim")))
+    get = lambda key, default: rope[key] if rope.get(key) is not None else default  # noqa: E731
+    original = int(get("original_max_position_embeddings", defaults.original_max_position_embeddings))
+    factor = get("factor", None)
+    if factor is None:  # HF derives it from the context extension itself
+        factor = hf.get("max_position_embeddings", original * defaults.factor) / original
+    # A *missing* mscale / mscale_all_dim means 0 to HF (no m^2 on the softmax scale, and cos/sin scaled by
+    # 0.1 ln(factor) + 1), not V3's 1.0, so absent keys must not take YarnConfig's defaults.
+    return YarnConfig(factor=float(factor), original_max_position_embeddings=original,
+                      beta_fast=float(get("beta_fast", defaults.beta_fast)),
+                      beta_slow=float(get("beta_slow", defaults.beta_slow)),
+                      mscale=float(get("mscale", 0.0)), mscale_all_dim=float(get("mscale_all_dim", 0.0)),
+                      attention_factor=None if rope.get("attention_factor") is None
+                      else float(rope["attention_factor"]))
 
 
 PRESETS: dict[str, ModelConfig] = {

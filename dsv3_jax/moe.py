@@ -149,7 +149,7 @@ class RoutedExperts(nnx.Module):
         y_A_D = jnp.concatenate([y_ECD.reshape(trash_slot, -1), jnp.zeros((1, y_ECD.shape[-1]), y_ECD.dtype)])[slot_A]
         weight_A = jnp.where(kept_A, topk_weight_NK.reshape(-1)[order_A], 0.0)
         out_ND = jnp.zeros(x_ND.shape, jnp.float32).at[token_A].add(y_A_D.astype(jnp.float32) * weight_A[:, None])
-        dropped = 1.0 - kept_A.mean(dtype=jnp.float32)
+        dropped = jnp.sum(~kept_A, dtype=jnp.float32) / kept_A.size
         return out_ND.astype(x_ND.dtype), dropped
 
 

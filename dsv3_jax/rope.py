@@ -51,6 +51,8 @@ def rope_attention_factor(yarn: YarnConfig | None) -> float:
     """Multiplier on cos/sin (HF's `attention_scaling`): 1.0 for DeepSeek-V3's mscale == mscale_all_dim."""
     if yarn is None:
         return 1.0
+    if yarn.attention_factor is not None:
+        return yarn.attention_factor
     if yarn.mscale and yarn.mscale_all_dim:
         return yarn_get_mscale(yarn.factor, yarn.mscale) / yarn_get_mscale(yarn.factor, yarn.mscale_all_dim)
     return yarn_get_mscale(yarn.factor)

@@ -1,0 +1,211 @@
+"""Router semantics (reference + hypothesis invariants), dispatch equivalence, balance losses, bias handling."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dsv3_jax.config import PRESETS
+from dsv3_jax.moe import MoE, RouterBias, balance_losses, expert_capacity, route
+
+TINY = PRESETS["tiny"]
+
+
+def reference_route(logits, bias, cfg):
+    """Literal per-token transcription of SEMANTICS.md §5 in float64."""
+    idx_all, w_all = [], []
+    for row in logits.astype(np.float64):
+        s = 1 / (1 + np.exp(-row))
+        b = s + bias
+        if cfg.n_group > 1:
+            groups = b.reshape(cfg.n_group, -1)
+            gscore = np.sort(groups, axis=1)[:, -2:].sum(1)
+            kept = np.argsort(-gscore, kind="stable")[:cfg.topk_group]
+            mask = np.zeros(cfg.n_group, bool)
+            mask[kept] = True
+            b = np.where(np.repeat(mask, cfg.experts_per_group), b, -np.inf)
+        idx = np.argsort(-b, kind="stable")[:cfg.num_experts_per_tok]
+        w = s[idx]
+        if cfg.norm_topk_prob:
+            w = w / (w.sum() + 1e-20)
+        idx_all.append(idx)
+        w_all.append(w * cfg.routed_scaling_factor)
+    return np.array(idx_all), np.array(w_all)
+
+
+def _sorted(idx, w):
+    order = np.argsort(idx, axis=-1)
+    return np.take_along_axis(idx, order, -1), np.take_along_axis(w, order, -1)
+
+
+CONFIGS = {
+    "groups": TINY.replace(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4),
+    "one_group": TINY.replace(n_routed_experts=8, n_group=1, topk_group=1, num_experts_per_tok=3),
+    "unnormalised": TINY.replace(n_routed_experts=12, n_group=3, topk_group=1, num_experts_per_tok=2,
+                                 norm_topk_prob=False, routed_scaling_factor=1.5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_route_matches_reference(name):
+    cfg = CONFIGS[name].validate()
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((64, cfg.n_routed_experts)).astype(np.float32) * 2
+    bias = rng.standard_normal(cfg.n_routed_experts).astype(np.float32) * 0.3
+    idx, w, _ = route(jnp.asarray(logits), jnp.asarray(bias), cfg)
+    ref_idx, ref_w = reference_route(logits, bias, cfg)
+    got_idx, got_w = _sorted(np.asarray(idx), np.asarray(w))
+    ref_idx, ref_w = _sorted(ref_idx, ref_w)
+    np.testing.assert_array_equal(got_idx, ref_idx)
+    np.testing.assert_allclose(got_w, ref_w, rtol=1e-5)
+
+
+_jit_route = jax.jit(route, static_argnums=2)
+
+
+@st.composite
+def router_case(draw):
+    n_group = draw(st.sampled_from([1, 2, 4, 8]))
+    per_group = draw(st.integers(2, 6))
+    topk_group = draw(st.integers(1, n_group))
+    k = draw(st.integers(1, topk_group * per_group))
+    cfg = TINY.replace(n_routed_experts=n_group * per_group, n_group=n_group, topk_group=topk_group,
+                       num_experts_per_tok=k, norm_topk_prob=draw(st.booleans()),
+                       routed_scaling_factor=draw(st.sampled_from([1.0, 2.5]))).validate()
+    seed = draw(st.integers(0, 2**16))
+    rng = np.random.default_rng(seed)
+    logits = rng.standard_normal((8, cfg.n_routed_experts)).astype(np.float32) * draw(st.sampled_from([0.5, 3.0]))
+    bias = rng.standard_normal(cfg.n_routed_experts).astype(np.float32) * draw(st.sampled_from([0.0, 0.1, 1.0]))
+    return cfg, logits, bias
+
+
+@given(router_case())
+def test_router_invariants(case):
+    cfg, logits, bias = case
+    idx, w, scores = (np.asarray(a) for a in _jit_route(logits, bias, cfg))
+    k = cfg.num_experts_per_tok
+    assert idx.shape == (8, k) and w.shape == (8, k)
+    for row_idx, row_w, row_s in zip(idx, w, scores):
+        assert len(set(row_idx.tolist())) == k  # k distinct experts
+        assert len(set((row_idx // cfg.experts_per_group).tolist())) <= cfg.topk_group  # inside the kept groups
+        # weights come from the *unbiased* sigmoid of the chosen experts
+        expected = row_s[row_idx]
+        if cfg.norm_topk_prob:
+            expected = expected / expected.sum()
+            assert row_w.sum() == pytest.approx(cfg.routed_scaling_factor, rel=1e-5)
+        np.testing.assert_allclose(row_w, expected * cfg.routed_scaling_factor, rtol=1e-5)
+        # chosen experts beat every unchosen expert of a chosen group on the biased score
+        biased = row_s + bias
+        chosen_groups = set((row_idx // cfg.experts_per_group).tolist())
+        others = [e for e in range(cfg.n_routed_experts)
+                  if e not in row_idx and e // cfg.experts_per_group in chosen_groups]
+        if others:
+            assert biased[row_idx].min() >= biased[others].max() - 1e-6
+
+
+@given(router_case())
+def test_bias_changes_selection_never_weights(case):
+    cfg, logits, _ = case
+    rng = np.random.default_rng(0)
+    bias = rng.standard_normal(cfg.n_routed_experts).astype(np.float32) * 5
+    idx0, w0, s0 = _jit_route(logits, np.zeros(cfg.n_routed_experts, np.float32), cfg)
+    idx1, w1, s1 = _jit_route(logits, bias, cfg)
+    np.testing.assert_array_equal(np.asarray(s0), np.asarray(s1))  # affinities do not see the bias
+    for i0, i1, a, b, s in zip(*(np.asarray(x) for x in (idx0, idx1, w0, w1, s0))):
+        if set(i0.tolist()) == set(i1.tolist()):  # same experts -> same weights
+            np.testing.assert_allclose(np.sort(a), np.sort(b), rtol=1e-6)
+        else:  # different experts, but weights still the unbiased sigmoid of the new choice
+            e = s[i1] / (s[i1].sum() + 1e-20) if cfg.norm_topk_prob else s[i1]
+            np.testing.assert_allclose(b, e * cfg.routed_scaling_factor, rtol=1e-5)
+
+
+def test_large_bias_forces_selection():
+    cfg = CONFIGS["one_group"]
+    logits = jnp.zeros((4, cfg.n_routed_experts)).at[:, 0].set(5.0)
+    bias = jnp.zeros(cfg.n_routed_experts).at[7].set(10.0)
+    idx, _, _ = route(logits, bias, cfg)
+    assert all(7 in row for row in np.asarray(idx).tolist())
+
+
+def _moe(cfg, seed=0):
+    moe = MoE(cfg.replace(init_std=0.2), nnx.Rngs(params=seed))
+    moe.gate.bias[...] = jax.random.normal(jax.random.key(seed + 1), moe.gate.bias[...].shape) * 0.2
+    return moe
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_capacity_dispatch_equals_dense_when_dropless(name):
+    cfg = CONFIGS[name]
+    x = jax.random.normal(jax.random.key(0), (3, 11, cfg.hidden_size))
+    dense = _moe(cfg.replace(moe_dispatch="dense"))
+    capacity = _moe(cfg.replace(moe_dispatch="capacity"))
+    (yd, ad), (yc, ac) = nnx.jit(lambda m: m(x))(dense), nnx.jit(lambda m: m(x))(capacity)
+    np.testing.assert_allclose(np.asarray(yc), np.asarray(yd), atol=1e-6)
+    assert float(ac.dropped_fraction) == 0.0
+    np.testing.assert_array_equal(np.asarray(ac.expert_counts), np.asarray(ad.expert_counts))
+    # gradients agree too (the capacity path's scatters must be differentiable the same way)
+    grad_fn = nnx.jit(nnx.grad(lambda m: (m(x)[0] ** 2).sum()))
+    gd, gc = grad_fn(dense), grad_fn(capacity)
+    for a, b in zip(jax.tree.leaves(gd), jax.tree.leaves(gc)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_capacity_factor_drops_and_reports():
+    cfg = CONFIGS["groups"].replace(moe_dispatch="capacity", capacity_factor=0.5)
+    moe = _moe(cfg)
+    x = jax.random.normal(jax.random.key(3), (2, 16, cfg.hidden_size))
+    _, aux = nnx.jit(lambda m: m(x))(moe)
+    counts = np.asarray(aux.expert_counts)
+    cap = expert_capacity(32, cfg.num_experts_per_tok, cfg.n_routed_experts, 0.5)
+    assert cap == math.ceil(0.5 * 32 * 4 / 16)
+    expected = np.maximum(counts - cap, 0).sum() / counts.sum()
+    assert float(aux.dropped_fraction) == pytest.approx(expected)
+    assert expected > 0
+    # dropping the overflow equals the dense oracle with those assignments' weights zeroed
+    idx, w = np.asarray(aux.topk_idx), np.asarray(aux.topk_weight).copy()
+    seen = np.zeros(cfg.n_routed_experts, int)
+    for flat in range(idx.size):  # token-major order: earlier tokens keep their slots
+        t, j = divmod(flat, idx.shape[1])
+        seen[idx[t, j]] += 1
+        if seen[idx[t, j]] > cap:
+            w[t, j] = 0.0
+    x_nd = x.reshape(-1, cfg.hidden_size)
+    oracle = moe.experts.dense(x_nd, jnp.asarray(idx), jnp.asarray(w))
+    routed, _ = moe.experts.capacity(x_nd, jnp.asarray(idx), aux.topk_weight)
+    np.testing.assert_allclose(np.asarray(routed), np.asarray(oracle), atol=1e-6)
+
+
+def test_balance_losses_formula():
+    rng = np.random.default_rng(0)
+    b, t, e, k = 3, 10, 8, 2
+    scores = 1 / (1 + np.exp(-rng.standard_normal((b, t, e))))
+    idx = np.stack([np.stack([rng.choice(e, k, replace=False) for _ in range(t)]) for _ in range(b)])
+    seq, batch = balance_losses(jnp.asarray(scores, jnp.float32), jnp.asarray(idx), e)
+    p = scores / scores.sum(-1, keepdims=True)
+    per_seq = []
+    for bi in range(b):
+        f = np.bincount(idx[bi].ravel(), minlength=e) * e / (k * t)
+        per_seq.append((f * p[bi].mean(0)).sum())
+    assert float(seq) == pytest.approx(np.mean(per_seq), rel=1e-5)
+    f_all = np.bincount(idx.ravel(), minlength=e) * e / (k * t * b)
+    assert float(batch) == pytest.approx((f_all * p.mean((0, 1))).sum(), rel=1e-5)
+    # perfectly uniform routing and affinities give exactly 1
+    uniform_idx = np.arange(t * k).reshape(1, t, k) % e
+    seq_u, _ = balance_losses(jnp.full((1, t, e), 0.5), jnp.asarray(uniform_idx), e)
+    assert float(seq_u) == pytest.approx(1.0)
+
+
+def test_router_bias_is_not_a_param_and_gets_no_gradient():
+    moe = _moe(CONFIGS["groups"])
+    assert isinstance(moe.gate.bias, RouterBias) and not isinstance(moe.gate.bias, nnx.Param)
+    params = nnx.state(moe, nnx.Param)
+    paths = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(params)}
+    assert "gate.bias" not in paths and "gate.kernel" in paths
+    x = jax.random.normal(jax.random.key(0), (1, 5, CONFIGS["groups"].hidden_size))
+    grads = nnx.jit(nnx.grad(lambda m: m(x)[0].sum()))(moe)
+    assert "gate.bias" not in {".".join(map(str, p)) for p, _ in nnx.to_flat_state(grads)}

@@ -1,0 +1,93 @@
+"""Interleaved RoPE and YaRN against SEMANTICS.md §4 numbers and an independent complex-number reference."""
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsv3_jax.config import PRESETS, YarnConfig, get_preset
+from dsv3_jax.rope import (apply_rope, rope_attention_factor, rope_cos_sin, rope_inv_freq, softmax_scale,
+                           yarn_correction_range)
+
+V3 = get_preset("deepseek-v3-671b")
+
+
+def test_v3_yarn_numbers():
+    assert yarn_correction_range(64, 10000.0, V3.rope_scaling) == (10, 23)
+    assert softmax_scale(V3) == pytest.approx(0.1352338, abs=5e-8)
+    assert rope_attention_factor(V3.rope_scaling) == 1.0
+
+
+def test_v3_yarn_frequencies_blend():
+    base = 1.0 / 10000.0 ** (np.arange(0, 64, 2) / 64)
+    inv = rope_inv_freq(64, 10000.0, V3.rope_scaling)
+    np.testing.assert_allclose(inv[:11], base[:11], rtol=1e-6)  # j <= 10 unchanged
+    np.testing.assert_allclose(inv[23:], base[23:] / 40, rtol=1e-6)  # j >= 23 interpolated by the factor
+    ramp = (np.arange(11, 23) - 10) / 13
+    np.testing.assert_allclose(inv[11:23], base[11:23] * (1 - ramp) + base[11:23] / 40 * ramp, rtol=1e-6)
+
+
+def test_no_yarn_is_plain_rope():
+    cfg = PRESETS["small"]
+    assert softmax_scale(cfg) == cfg.qk_head_dim ** -0.5
+    np.testing.assert_allclose(rope_inv_freq(16, 10000.0, None), 1.0 / 10000.0 ** (np.arange(0, 16, 2) / 16), rtol=1e-6)
+
+
+def test_attention_factor_from_mscales():
+    y = YarnConfig(factor=4.0, mscale=0.8, mscale_all_dim=1.0)
+    expected = (0.1 * 0.8 * math.log(4) + 1) / (0.1 * math.log(4) + 1)
+    assert rope_attention_factor(y) == pytest.approx(expected)
+    assert rope_attention_factor(YarnConfig(factor=4.0, mscale=0.0, mscale_all_dim=0.0)) == pytest.approx(
+        0.1 * math.log(4) + 1)
+    assert rope_attention_factor(YarnConfig(attention_factor=0.5)) == 0.5
+
+
+def _complex_reference(x, positions, inv_freq):
+    """Official model.py semantics: view adjacent pairs as complex numbers and multiply by e^{i pos w}."""
+    xc = x[..., 0::2].astype(np.float64) + 1j * x[..., 1::2].astype(np.float64)
+    rot = np.exp(1j * positions[..., None] * inv_freq.astype(np.float64))
+    if x.ndim == 4:
+        rot = rot[:, :, None, :]
+    y = xc * rot
+    out = np.empty(x.shape, np.float64)
+    out[..., 0::2], out[..., 1::2] = y.real, y.imag
+    return out
+
+
+@pytest.mark.parametrize("ndim", [3, 4])
+def test_interleaved_rotation_matches_complex_reference(ndim):
+    cfg = PRESETS["tiny"].replace(qk_rope_head_dim=8)
+    rng = np.random.default_rng(0)
+    shape = (2, 7, 3, 8) if ndim == 4 else (2, 7, 8)
+    x = rng.standard_normal(shape).astype(np.float32)
+    positions = np.stack([np.arange(7), np.arange(7) + 100])
+    cos, sin = rope_cos_sin(jnp.asarray(positions), cfg)
+    out = np.asarray(apply_rope(jnp.asarray(x), cos, sin))
+    ref = _complex_reference(x, positions, rope_inv_freq(8, cfg.rope_theta, cfg.rope_scaling))
+    np.testing.assert_allclose(out, ref * rope_attention_factor(cfg.rope_scaling), atol=2e-5)
+
+
+def test_half_split_rotation_would_differ():
+    """Mutation guard: a LLaMA-style half-split rotation is not what the DeepSeek weights expect."""
+    cfg = PRESETS["tiny"].replace(rope_scaling=None, qk_rope_head_dim=8)
+    x = np.random.default_rng(1).standard_normal((1, 5, 8)).astype(np.float32)
+    cos, sin = rope_cos_sin(jnp.arange(5)[None], cfg)
+    ours = np.asarray(apply_rope(jnp.asarray(x), cos, sin))
+    c, s = np.asarray(cos), np.asarray(sin)
+    half = np.concatenate([x[..., :4] * c - x[..., 4:] * s, x[..., 4:] * c + x[..., :4] * s], -1)
+    assert np.abs(ours - half).max() > 0.1
+
+
+def test_relative_position_property():
+    """q(m)·k(n) depends only on m - n (without YaRN's attention factor)."""
+    cfg = PRESETS["tiny"].replace(rope_scaling=None, qk_rope_head_dim=8)
+    rng = np.random.default_rng(2)
+    q, k = rng.standard_normal((2, 1, 1, 8)).astype(np.float32)
+
+    def score(m, n):
+        cq, sq = rope_cos_sin(jnp.array([[m]]), cfg)
+        ck, sk = rope_cos_sin(jnp.array([[n]]), cfg)
+        return float((apply_rope(jnp.asarray(q), cq, sq) * apply_rope(jnp.asarray(k), ck, sk)).sum())
+
+    assert score(5, 2) == pytest.approx(score(105, 102), abs=1e-4)
