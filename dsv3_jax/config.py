@@ -14,6 +14,8 @@ from typing import Any, Mapping
 
 DTYPES = ("float32", "bfloat16", "float16")
 MOE_DISPATCH = ("dense", "capacity")
+# ModelConfig fields that say how we compute, not what the architecture is (absent from HF config.json).
+COMPUTE_FIELDS = ("dtype", "param_dtype", "moe_dispatch", "capacity_factor", "init_std")
 
 
 class ConfigError(ValueError):
@@ -168,8 +170,9 @@ class ModelConfig:
                 raise FileNotFoundError(f"no config.json at {path}")
             with open(path) as f:
                 hf = json.load(f)
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: hf[k] for k in fields if k in hf and k != "rope_scaling"}
+        # HF's own `dtype` key is a storage dtype, not our compute setting: read architecture fields only.
+        fields = {f.name for f in dataclasses.fields(cls)} - set(COMPUTE_FIELDS) - {"rope_scaling"}
+        kwargs = {k: hf[k] for k in fields if k in hf}
         if "num_nextn_predict_layers" not in hf and "num_mtp_layers" in hf:
             kwargs["num_nextn_predict_layers"] = hf["num_mtp_layers"]
         if "num_key_value_heads" in hf and hf["num_key_value_heads"] != hf.get("num_attention_heads"):
@@ -188,7 +191,7 @@ class ModelConfig:
 
     def to_hf(self) -> dict[str, Any]:
         """The HF `config.json` dict for this architecture (legacy `rope_scaling` key, which HF 5.x reads)."""
-        skip = {"dtype", "param_dtype", "moe_dispatch", "capacity_factor", "init_std", "rope_scaling"}
+        skip = {*COMPUTE_FIELDS, "rope_scaling"}
         hf: dict[str, Any] = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         hf.update(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3",
                   num_key_value_heads=self.num_attention_heads, hidden_act="silu", scoring_func="sigmoid",

@@ -1,0 +1,596 @@
+"""HF / official DeepSeek-V3 safetensors checkpoints <-> our parameter tree (SEMANTICS.md §6-§8).
+
+Import (`from_hf`) builds the model abstractly and fills it one tensor at a time, so host memory stays near the
+size of the result; FP8 block-scaled weights (`<name>_scale_inv`) are dequantised on the way in. Export
+(`to_hf`) streams tensors into safetensors files one at a time, optionally FP8-quantised like the official
+checkpoint and optionally sharded with an index. Both directions use the same name table (`BLOCK`, ...), so
+they cannot drift apart.
+
+Kinds of tensor (how a leaf maps to HF tensors):
+  copy     stored as-is (norm weights, the embedding table)
+  bias     stored as-is, always float32 in files (the router's e_score_correction_bias)
+  dense    a 2-D kernel, transposed ([in, out] here, [out, in] in HF), never quantised (router, eh_proj, head)
+  fp8      like dense, but block-quantised in FP8 checkpoints (every projection in self_attn and mlp)
+  experts  our stacked [E, in, out] leaf <- per-expert HF [out, in] tensors `...experts.{j}...`, FP8-able
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.model import DeepSeekV3
+
+__all__ = ["CheckpointError", "from_hf", "to_hf", "dequantize_blockwise", "quantize_blockwise", "hf_name",
+           "FP8_MAX", "DEFAULT_BLOCK"]
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+DEFAULT_BLOCK = (128, 128)
+INDEX_FILE = "model.safetensors.index.json"
+
+COPY, BIAS, DENSE, FP8, EXPERTS = "copy", "bias", "dense", "fp8", "experts"
+
+# ---- the name table: our dotted leaf path -> (HF name, kind) ------------------------------------------------
+TOP_LEVEL: dict[str, tuple[str, str]] = {
+    "embed_tokens.embedding": ("model.embed_tokens.weight", COPY),
+    "norm.weight": ("model.norm.weight", COPY),
+    "lm_head.kernel": ("lm_head.weight", DENSE),
+}
+# One decoder block, relative to `layers.{i}.` (ours) and `model.layers.{i}.` (HF). MTP blocks use it too.
+BLOCK: dict[str, tuple[str, str]] = {
+    "input_layernorm.weight": ("input_layernorm.weight", COPY),
+    "post_attention_layernorm.weight": ("post_attention_layernorm.weight", COPY),
+    "self_attn.q_a_proj.kernel": ("self_attn.q_a_proj.weight", FP8),
+    "self_attn.q_a_layernorm.weight": ("self_attn.q_a_layernorm.weight", COPY),
+    "self_attn.q_b_proj.kernel": ("self_attn.q_b_proj.weight", FP8),
+    "self_attn.q_proj.kernel": ("self_attn.q_proj.weight", FP8),
+    "self_attn.kv_a_proj_with_mqa.kernel": ("self_attn.kv_a_proj_with_mqa.weight", FP8),
+    "self_attn.kv_a_layernorm.weight": ("self_attn.kv_a_layernorm.weight", COPY),
+    "self_attn.kv_b_proj.kernel": ("self_attn.kv_b_proj.weight", FP8),
+    "self_attn.o_proj.kernel": ("self_attn.o_proj.weight", FP8),
+    "mlp.gate_proj.kernel": ("mlp.gate_proj.weight", FP8),
+    "mlp.up_proj.kernel": ("mlp.up_proj.weight", FP8),
+    "mlp.down_proj.kernel": ("mlp.down_proj.weight", FP8),
+    "mlp.gate.kernel": ("mlp.gate.weight", DENSE),
+    "mlp.gate.bias": ("mlp.gate.e_score_correction_bias", BIAS),
+    "mlp.experts.gate_proj": ("mlp.experts.{j}.gate_proj.weight", EXPERTS),
+    "mlp.experts.up_proj": ("mlp.experts.{j}.up_proj.weight", EXPERTS),
+    "mlp.experts.down_proj": ("mlp.experts.{j}.down_proj.weight", EXPERTS),
+    "mlp.shared_experts.gate_proj.kernel": ("mlp.shared_experts.gate_proj.weight", FP8),
+    "mlp.shared_experts.up_proj.kernel": ("mlp.shared_experts.up_proj.weight", FP8),
+    "mlp.shared_experts.down_proj.kernel": ("mlp.shared_experts.down_proj.weight", FP8),
+}
+# MTP module k's own tensors, relative to `mtp.{k}.` (ours) and `model.layers.{L+k}.` (HF).
+MTP_EXTRAS: dict[str, tuple[str, str]] = {
+    "enorm.weight": ("enorm.weight", COPY),
+    "hnorm.weight": ("hnorm.weight", COPY),
+    "eh_proj.kernel": ("eh_proj.weight", DENSE),
+    "shared_head.norm.weight": ("shared_head.norm.weight", COPY),
+}
+# HF copies inside `model.layers.{L+k}.` of tensors we share with the main model: HF name -> our top-level leaf.
+MTP_SHARED_COPIES: dict[str, str] = {
+    "embed_tokens.weight": "embed_tokens.embedding",
+    "shared_head.head.weight": "lm_head.kernel",
+}
+# Tensors found in some checkpoints that carry no parameters (recomputed buffers).
+IGNORED = (re.compile(r"(^|\.)rotary_emb\.inv_freq$"),)
+
+_ST_DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+_NUMPY_NATIVE = {"F64", "F32", "F16"}  # read with safe_open(framework="numpy"); the others as raw bytes
+_FP8 = {"F8_E4M3", "F8_E5M2"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be loaded as this model; the message names the tensor or file at fault."""
+
+
+def hf_name(leaf: str, cfg: ModelConfig) -> tuple[str, str]:
+    """(HF tensor name, kind) of one of our dotted leaf paths; expert names keep a `{j}` placeholder."""
+    if leaf in TOP_LEVEL:
+        return TOP_LEVEL[leaf]
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)", leaf)
+    if m and m.group(2) in BLOCK:
+        name, kind = BLOCK[m.group(2)]
+        return f"model.layers.{m.group(1)}.{name}", kind
+    m = re.fullmatch(r"mtp\.(\d+)\.(block\.)?(.+)", leaf)
+    table = BLOCK if m and m.group(2) else MTP_EXTRAS
+    if m and m.group(3) in table:
+        name, kind = table[m.group(3)]
+        return f"model.layers.{cfg.num_hidden_layers + int(m.group(1))}.{name}", kind
+    raise KeyError(f"no HF name for parameter {leaf!r}; extend the table in dsv3_jax/convert.py")
+
+
+def _hf_shapes(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The HF shape of one tensor of a leaf of this kind and shape (per expert for `experts`)."""
+    if kind in (DENSE, FP8):
+        return shape[::-1]
+    if kind == EXPERTS:
+        return shape[1:][::-1]
+    return shape
+
+
+def _expanded(name: str, kind: str, cfg: ModelConfig) -> list[str]:
+    return [name.replace("{j}", str(j)) for j in range(cfg.n_routed_experts)] if kind == EXPERTS else [name]
+
+
+# ---- FP8 block quantisation --------------------------------------------------------------------------------
+def _scale_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, int]:
+    return math.ceil(shape[0] / block[0]), math.ceil(shape[1] / block[1])
+
+
+def dequantize_blockwise(q: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int] = DEFAULT_BLOCK) -> np.ndarray:
+    """W[r, c] = float(q[r, c]) * scale_inv[r // b0, c // b1] in float32; partial edge blocks use their own scale."""
+    q = np.asarray(q)
+    scale_inv = np.asarray(scale_inv, np.float32)
+    if q.ndim != 2 or scale_inv.shape != _scale_shape(q.shape, block):
+        raise ValueError(f"scale_inv shape {scale_inv.shape} does not match weight {q.shape} with blocks {block} "
+                         f"(expected {_scale_shape(q.shape, block)})")
+    rows, cols = q.shape
+    scale = np.repeat(np.repeat(scale_inv, block[0], axis=0)[:rows], block[1], axis=1)[:, :cols]
+    return q.astype(np.float32) * scale
+
+
+def quantize_blockwise(w: np.ndarray, block: tuple[int, int] = DEFAULT_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """(q float8_e4m3fn [M, N], scale_inv float32 [ceil(M/b0), ceil(N/b1)]) with scale_inv = block amax / 448.
+
+    The inverse of `dequantize_blockwise` up to e4m3 rounding; all-zero blocks get scale 1 (their q is 0).
+    """
+    w = np.asarray(w, np.float32)
+    if w.ndim != 2:
+        raise ValueError(f"quantize_blockwise needs a 2-D weight, got shape {w.shape}")
+    rows, cols = w.shape
+    grid = _scale_shape(w.shape, block)
+    padded = np.zeros((grid[0] * block[0], grid[1] * block[1]), np.float32)
+    padded[:rows, :cols] = w
+    blocks = padded.reshape(grid[0], block[0], grid[1], block[1])
+    amax = np.abs(blocks).max(axis=(1, 3))
+    scale_inv = np.where(amax > 0, amax / FP8_MAX, 1.0).astype(np.float32)
+    scaled = np.clip(blocks / scale_inv[:, None, :, None], -FP8_MAX, FP8_MAX)  # guard rounding past 448 (-> NaN)
+    q = scaled.reshape(padded.shape)[:rows, :cols].astype(ml_dtypes.float8_e4m3fn)
+    return q, scale_inv
+
+
+# ---- reading ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Entry:
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset of the data in the file
+    stop: int
+
+
+def _read_header(file: Path) -> tuple[dict[str, Any], int]:
+    """(header JSON, absolute offset of the data section) of one safetensors file."""
+    try:
+        with open(file, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 2 <= size <= os.path.getsize(file) - 8:
+                raise ValueError(f"header size {size}")
+            return json.loads(f.read(size)), 8 + size
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from e
+
+
+class _Checkpoint:
+    """Header-level view of a directory of safetensors files; reads one tensor at a time."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        index_path = directory / INDEX_FILE
+        if index_path.is_file():
+            try:
+                weight_map = json.loads(index_path.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index_path}: invalid index ({e!r})") from e
+            files = sorted(set(weight_map.values()))
+            for name in files:
+                if not (directory / name).is_file():
+                    tensors = sorted(k for k, v in weight_map.items() if v == name)
+                    raise CheckpointError(f"{index_path} names shard {name!r}, which does not exist in {directory} "
+                                          f"(it should hold {len(tensors)} tensors, e.g. {tensors[0]!r})")
+        else:
+            weight_map = None
+            files = sorted(p.name for p in directory.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"no *.safetensors files in {directory}")
+        self.entries: dict[str, _Entry] = {}
+        for name in files:
+            file = directory / name
+            header, data_start = _read_header(file)
+            file_size = file.stat().st_size
+            for tensor, info in header.items():
+                if tensor == "__metadata__":
+                    continue
+                if weight_map is not None and weight_map.get(tensor, name) != name:
+                    continue  # the index maps this name to another shard, which is the one we read
+                if tensor in self.entries:
+                    raise CheckpointError(f"tensor {tensor!r} appears in both {self.entries[tensor].file.name} "
+                                          f"and {name}")
+                try:
+                    begin, end = (int(x) for x in info["data_offsets"])
+                    entry = _Entry(file, str(info["dtype"]), tuple(int(d) for d in info["shape"]),
+                                   data_start + begin, data_start + end)
+                except (KeyError, TypeError, ValueError) as e:
+                    raise CheckpointError(f"{file}: malformed header entry for tensor {tensor!r} ({e!r})") from e
+                if not data_start <= entry.start <= entry.stop <= file_size:
+                    raise CheckpointError(f"{file}: data of tensor {tensor!r} lies outside the file (truncated?)")
+                self.entries[tensor] = entry
+        if weight_map is not None:
+            absent = sorted(set(weight_map) - set(self.entries))
+            if absent:
+                raise CheckpointError(f"tensor {absent[0]!r} is listed in {INDEX_FILE} under "
+                                      f"{weight_map[absent[0]]!r} but that file does not contain it")
+        self.consumed: set[str] = set()
+        self._handles: dict[Path, Any] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def check(self, name: str, shape: tuple[int, ...], block: tuple[int, int] | None = None) -> None:
+        """Raise unless `name` exists with `shape` and a float dtype (FP8 needs a well-shaped scale_inv)."""
+        if name not in self.entries:
+            raise CheckpointError(f"missing tensor {name!r}")
+        entry = self.entries[name]
+        if entry.shape != tuple(shape):
+            raise CheckpointError(f"tensor {name!r} has shape {list(entry.shape)}, expected {list(shape)}")
+        if entry.dtype not in _ST_DTYPES:
+            raise CheckpointError(f"tensor {name!r} has unsupported dtype {entry.dtype}")
+        if entry.dtype in _FP8:
+            scale = name + "_scale_inv"
+            if block is None or len(shape) != 2:
+                raise CheckpointError(f"tensor {name!r} is stored as {entry.dtype}, but this tensor is never "
+                                      "block-quantised")
+            if scale not in self.entries:
+                raise CheckpointError(f"FP8 tensor {name!r} has no {scale!r}")
+            expected = _scale_shape(tuple(shape), block)
+            if self.entries[scale].shape != expected:
+                raise CheckpointError(f"tensor {scale!r} has shape {list(self.entries[scale].shape)}, expected "
+                                      f"{list(expected)} for weight {list(shape)} with blocks {list(block)}")
+
+    def read(self, name: str, block: tuple[int, int] = DEFAULT_BLOCK) -> np.ndarray:
+        """The tensor as stored (FP8 is dequantised to float32 with its scale_inv); marks it consumed."""
+        entry = self.entries[name]
+        self.consumed.add(name)
+        array = self._raw(name, entry)
+        if entry.dtype in _FP8:
+            scale_name = name + "_scale_inv"
+            self.consumed.add(scale_name)
+            array = dequantize_blockwise(array, self._raw(scale_name, self.entries[scale_name]), block)
+        return array
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of an unquantised tensor, without reading the rest."""
+        entry = self.entries[name]
+        if entry.dtype in _NUMPY_NATIVE:
+            return self._handle(entry.file).get_slice(name)[start:stop]
+        row_bytes = _ST_DTYPES[entry.dtype].itemsize * math.prod(entry.shape[1:])
+        return self._bytes(entry.file, entry.start + start * row_bytes, (stop - start) * row_bytes, entry.dtype,
+                           (stop - start, *entry.shape[1:]))
+
+    def _raw(self, name: str, entry: _Entry) -> np.ndarray:
+        if entry.dtype in _NUMPY_NATIVE:
+            return self._handle(entry.file).get_tensor(name)
+        # bfloat16 / float8 are not numpy dtypes: reinterpret the raw little-endian bytes with ml_dtypes.
+        return self._bytes(entry.file, entry.start, entry.stop - entry.start, entry.dtype, entry.shape)
+
+    @staticmethod
+    def _bytes(file: Path, offset: int, count: int, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+        data = np.fromfile(file, dtype=np.uint8, count=count, offset=offset)
+        if data.size != count:
+            raise CheckpointError(f"{file}: truncated data for a tensor at byte {offset}")
+        return data.view(_ST_DTYPES[dtype]).reshape(shape)
+
+    def _handle(self, file: Path):
+        if file not in self._handles:
+            self._handles[file] = safe_open(str(file), framework="numpy")
+        return self._handles[file]
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def _load_config(directory: Path) -> dict[str, Any]:
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    path = directory / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"missing config.json in {directory}")
+    try:
+        hf = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from e
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(hf).__name__}")
+    return hf
+
+
+def _block_size(hf: Mapping[str, Any]) -> tuple[int, int]:
+    quant = hf.get("quantization_config") or {}
+    block = quant.get("weight_block_size") or DEFAULT_BLOCK
+    if len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block):
+        raise CheckpointError(f"config.json: quantization_config.weight_block_size must be two positive integers, "
+                              f"got {block!r}")
+    return int(block[0]), int(block[1])
+
+
+def _file_mtp_depth(hf: Mapping[str, Any]) -> int:
+    return int(hf.get("num_nextn_predict_layers", hf.get("num_mtp_layers", 0)) or 0)
+
+
+def _leaves(model: nnx.Module) -> list[tuple[str, nnx.Variable]]:
+    return [(".".join(map(str, path)), var) for path, var in nnx.to_flat_state(nnx.state(model))]
+
+
+def from_hf(path: str | os.PathLike, dtype: Any = jnp.float32, *, compute_dtype: Any = None,
+            **config_overrides: Any) -> tuple[ModelConfig, DeepSeekV3]:
+    """Load an HF-layout DeepSeek-V3 checkpoint (fp32/bf16/fp16, or FP8 block-scaled) as (config, model).
+
+    Parameters are stored in `dtype` (router biases stay float32); the compute dtype is `compute_dtype`
+    (default: `dtype`). Other config fields may be overridden, e.g. `num_nextn_predict_layers=0` to load a
+    checkpoint without its MTP layers (or one that, like transformers' `save_pretrained`, dropped them).
+    """
+    directory = Path(path)
+    hf = _load_config(directory)
+    dtypes = {"param_dtype": jnp.dtype(dtype).name, "dtype": jnp.dtype(compute_dtype or dtype).name}
+    cfg = ModelConfig.from_hf(hf, **{**dtypes, **config_overrides})
+    block = _block_size(hf)
+    ckpt = _Checkpoint(directory)
+    try:
+        model = nnx.eval_shape(lambda: DeepSeekV3(cfg, nnx.Rngs(0)))
+        leaves = _leaves(model)
+        plan = _plan_import(leaves, cfg, ckpt, block)
+        for var, name, kind in plan:
+            var.set_value(jnp.asarray(_load_leaf(ckpt, var, name, kind, cfg, block)))
+        _check_mtp_copies(ckpt, cfg)
+        _reject_unconsumed(ckpt, cfg, _file_mtp_depth(hf))
+    finally:
+        ckpt.close()
+    return cfg, model
+
+
+def _plan_import(leaves, cfg: ModelConfig, ckpt: _Checkpoint, block) -> list[tuple[nnx.Variable, str, str]]:
+    """Check every tensor's presence, shape and scale from the headers before any data is read."""
+    plan, missing = [], []
+    for leaf, var in leaves:
+        name, kind = hf_name(leaf, cfg)
+        shape = _hf_shapes(kind, tuple(var.get_value().shape))
+        for tensor in _expanded(name, kind, cfg):
+            if tensor not in ckpt:
+                missing.append(tensor)
+                continue
+            ckpt.check(tensor, shape, block if kind in (FP8, EXPERTS) else None)
+        plan.append((var, name, kind))
+    shapes = {leaf: tuple(var.get_value().shape) for leaf, var in leaves}
+    for k in range(cfg.mtp_depth):
+        for copy, main in MTP_SHARED_COPIES.items():
+            tensor = f"model.layers.{cfg.num_hidden_layers + k}.{copy}"
+            if tensor in ckpt:  # optional: we share these, so a checkpoint may leave the copies out
+                ckpt.check(tensor, _hf_shapes(TOP_LEVEL[main][1], shapes[main]))
+    if missing:
+        hint = ""
+        if all(_layer_index(t) >= cfg.num_hidden_layers for t in missing):
+            hint = (f" (the checkpoint has no MTP layers; pass num_nextn_predict_layers=0 to load it without MTP, "
+                    f"config.json says {cfg.mtp_depth})")
+        raise CheckpointError(f"missing tensor {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1
+                                                                  else "") + hint)
+    return plan
+
+
+def _layer_index(tensor: str) -> int:
+    m = re.match(r"model\.layers\.(\d+)\.", tensor)
+    return int(m.group(1)) if m else -1
+
+
+def _load_leaf(ckpt: _Checkpoint, var: nnx.Variable, name: str, kind: str, cfg: ModelConfig, block) -> np.ndarray:
+    """One of our leaves, assembled from its HF tensor(s) in the leaf's dtype."""
+    target = var.get_value()
+    out_dtype = np.dtype(target.dtype)
+    if kind == EXPERTS:
+        out = np.empty(target.shape, out_dtype)  # one preallocated buffer per layer and projection
+        for j, tensor in enumerate(_expanded(name, kind, cfg)):
+            out[j] = ckpt.read(tensor, block).T.astype(out_dtype)
+        return out
+    array = ckpt.read(name, block)
+    if kind in (DENSE, FP8):
+        array = array.T
+    return np.ascontiguousarray(array.astype(out_dtype, copy=False))
+
+
+def _check_mtp_copies(ckpt: _Checkpoint, cfg: ModelConfig, chunk_bytes: int = 1 << 26) -> None:
+    """Warn when an MTP module's embed/head copy differs from the main tensor (we keep the main one)."""
+    for k in range(cfg.mtp_depth):
+        for copy, main_leaf in MTP_SHARED_COPIES.items():
+            tensor = f"model.layers.{cfg.num_hidden_layers + k}.{copy}"
+            if tensor not in ckpt:
+                continue  # our model shares them anyway, so a checkpoint may omit the copies
+            main = TOP_LEVEL[main_leaf][0]
+            ckpt.consumed.add(tensor)
+            if not _equal_tensors(ckpt, tensor, main, chunk_bytes):
+                warnings.warn(f"{tensor} differs from {main}; the model shares one tensor and uses {main}",
+                              stacklevel=3)
+
+
+def _equal_tensors(ckpt: _Checkpoint, a: str, b: str, chunk_bytes: int) -> bool:
+    ea, eb = ckpt.entries[a], ckpt.entries[b]
+    if ea.shape != eb.shape:
+        return False
+    if ea.dtype in _FP8 or eb.dtype in _FP8 or len(ea.shape) != 2:
+        return bool(np.array_equal(ckpt.read(a).astype(np.float32), ckpt.read(b).astype(np.float32)))
+    rows = max(1, chunk_bytes // (4 * max(1, ea.shape[1])))
+    for start in range(0, ea.shape[0], rows):
+        stop = min(ea.shape[0], start + rows)
+        if not np.array_equal(ckpt.read_rows(a, start, stop).astype(np.float32),
+                              ckpt.read_rows(b, start, stop).astype(np.float32)):
+            return False
+    return True
+
+
+def _reject_unconsumed(ckpt: _Checkpoint, cfg: ModelConfig, file_mtp_depth: int) -> None:
+    """Every tensor in the files must have been used, except ignorable buffers and deliberately dropped MTP layers."""
+    first_dropped = cfg.num_hidden_layers + cfg.mtp_depth
+    last_dropped = cfg.num_hidden_layers + file_mtp_depth
+    extra = sorted(name for name in set(ckpt.entries) - ckpt.consumed
+                   if not any(p.search(name) for p in IGNORED)
+                   and not first_dropped <= _layer_index(name) < last_dropped)
+    if extra:
+        shown = ", ".join(repr(n) for n in extra[:10])
+        raise CheckpointError(f"unexpected tensors in checkpoint ({len(extra)}): {shown}"
+                              + (", ..." if len(extra) > 10 else ""))
+
+
+# ---- writing ------------------------------------------------------------------------------------------------
+@dataclass
+class _Group:
+    """Tensors produced together (a weight and its scale_inv): header specs plus a producer of the arrays."""
+
+    specs: list[tuple[str, str, tuple[int, ...]]]  # (name, safetensors dtype, shape)
+    produce: Callable[[], list[np.ndarray]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(_ST_DTYPES[d].itemsize * math.prod(s) for _, d, s in self.specs)
+
+
+def _export_groups(model: DeepSeekV3, dtype: np.dtype, fp8: bool, block: tuple[int, int]) -> list[_Group]:
+    cfg = model.cfg
+    leaves = dict(_leaves(model))
+
+    def group(name: str, kind: str, fetch: Callable[[], np.ndarray], shape: tuple[int, ...]) -> _Group:
+        if fp8 and kind in (FP8, EXPERTS):
+            def produce() -> list[np.ndarray]:
+                return list(quantize_blockwise(fetch(), block))
+            return _Group([(name, "F8_E4M3", shape), (name + "_scale_inv", "F32", _scale_shape(shape, block))],
+                          produce)
+        out = np.dtype(np.float32) if kind == BIAS else dtype
+        return _Group([(name, _ST_NAMES[out], shape)], lambda: [np.asarray(fetch(), np.float32).astype(out)])
+
+    def fetch(var: nnx.Variable, kind: str, j: int | None = None) -> Callable[[], np.ndarray]:
+        def get() -> np.ndarray:
+            value = var.get_value() if j is None else var.get_value()[j]
+            array = np.asarray(jax.device_get(value))
+            return array.T if kind in (DENSE, FP8, EXPERTS) else array
+        return get
+
+    groups: list[_Group] = []
+    for leaf, var in _leaves(model):
+        name, kind = hf_name(leaf, cfg)
+        shape = _hf_shapes(kind, tuple(var.get_value().shape))
+        for j, tensor in enumerate(_expanded(name, kind, cfg)):
+            groups.append(group(tensor, kind, fetch(var, kind, j if kind == EXPERTS else None), shape))
+    for k in range(cfg.mtp_depth):
+        for copy, main_leaf in MTP_SHARED_COPIES.items():
+            var = leaves[main_leaf]
+            kind = TOP_LEVEL[main_leaf][1]
+            groups.append(group(f"model.layers.{cfg.num_hidden_layers + k}.{copy}", kind, fetch(var, kind),
+                                _hf_shapes(kind, tuple(var.get_value().shape))))
+    groups.sort(key=lambda g: _sort_key(g.specs[0][0]))
+    return groups
+
+
+def _sort_key(name: str) -> tuple:
+    """Embedding first, then layers in numeric order, then norm and head (the order of the HF shards)."""
+    layer = _layer_index(name)
+    if name == "model.embed_tokens.weight":
+        return (0, 0, name)
+    return (1, layer, name) if layer >= 0 else (2, 0, name)
+
+
+def _write_safetensors(file: Path, groups: Iterable[_Group], metadata: Mapping[str, str]) -> None:
+    """Stream one safetensors file: header from the specs, then each group's arrays as they are produced."""
+    groups = list(groups)
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    offset = 0
+    for g in groups:
+        for name, dtype, shape in g.specs:
+            size = _ST_DTYPES[dtype].itemsize * math.prod(shape)
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as the reference writer does
+    tmp = file.with_name(file.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for g in groups:
+            arrays = g.produce()
+            for (name, dtype, shape), array in zip(g.specs, arrays, strict=True):
+                array = np.ascontiguousarray(array)
+                if array.shape != tuple(shape) or array.dtype != _ST_DTYPES[dtype]:
+                    raise AssertionError(f"{name}: produced {array.dtype}{array.shape}, header says {dtype}{shape}")
+                f.write(array.reshape(-1).view(np.uint8).data)
+    os.replace(tmp, file)
+
+
+def to_hf(model: DeepSeekV3, path: str | os.PathLike, dtype: str = "bfloat16", fp8: bool = False,
+          max_shard_bytes: int | None = None, block: tuple[int, int] = DEFAULT_BLOCK, overwrite: bool = False) -> Path:
+    """Write `config.json` and HF-named safetensors (optionally FP8 block-quantised and sharded with an index).
+
+    Every tensor is produced and written one at a time. MTP module k goes to `model.layers.{L+k}` with copies of
+    the embedding and head. FP8 quantises exactly the tensors the official checkpoint quantises (SEMANTICS §7).
+    `overwrite` first deletes existing `*.safetensors` and the index in `path`.
+    """
+    if sys.byteorder != "little":
+        raise NotImplementedError("safetensors export needs a little-endian host")
+    cfg = model.cfg
+    out_dtype = np.dtype(jnp.dtype(dtype))
+    if out_dtype not in _ST_NAMES or out_dtype in (_ST_DTYPES["F8_E4M3"], _ST_DTYPES["F8_E5M2"]):
+        raise ValueError(f"export dtype must be a float16/bfloat16/float32/float64 type, got {dtype!r}; use fp8=True")
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    stale = sorted(directory.glob("*.safetensors")) + ([directory / INDEX_FILE] if (directory / INDEX_FILE).exists()
+                                                       else [])
+    if stale:
+        if not overwrite:
+            raise FileExistsError(f"{directory} already holds {stale[0].name}; pass overwrite=True to replace")
+        for file in stale:
+            file.unlink()
+
+    hf = cfg.to_hf()
+    hf["torch_dtype"] = out_dtype.name
+    if fp8:
+        hf["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                     "weight_block_size": list(block)}
+    (directory / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+
+    groups = _export_groups(model, out_dtype, fp8, tuple(block))
+    shards: list[list[_Group]] = [[]]
+    size = 0
+    for g in groups:
+        if max_shard_bytes is not None and shards[-1] and size + g.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(g)
+        size += g.nbytes
+    metadata = {"format": "pt"}
+    if max_shard_bytes is None:
+        _write_safetensors(directory / "model.safetensors", shards[0], metadata)
+        return directory
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        _write_safetensors(directory / file, shard, metadata)
+        weight_map.update({name: file for g in shard for name, _, _ in g.specs})
+    index = {"metadata": {"total_size": sum(g.nbytes for g in groups)}, "weight_map": dict(sorted(weight_map.items()))}
+    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return directory

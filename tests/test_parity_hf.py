@@ -1,0 +1,82 @@
+"""Exact parity with HF transformers 5.24 `DeepseekV3ForCausalLM` on the committed random fixtures
+(tests/fixtures/README.md): logits, every layer's residual stream, every routing decision and the MTP head.
+
+The fixtures were drawn so that every routing decision wins by >= 1e-3, so expert choices must match exactly.
+"""
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dsv3_jax import convert
+
+FIXTURES = Path(__file__).parent / "fixtures" / "hf"
+NAMES = ["qlora_groups", "directq_yarn", "yarn_mscale", "fp8_blocks"]
+
+
+def _run(name: str, dispatch: str):
+    cfg, model = convert.from_hf(FIXTURES / name, dtype=jnp.float32, moe_dispatch=dispatch)
+    ref = dict(np.load(FIXTURES / name / "reference.npz"))
+    graphdef, state = nnx.split(model)
+    logits, aux = jax.jit(lambda s, ids: nnx.merge(graphdef, s)(ids, return_hidden=True))(
+        state, jnp.asarray(ref["input_ids"]))
+    return cfg, ref, logits, aux
+
+
+def _sorted_routes(idx, weight):
+    order = np.argsort(idx, axis=-1)
+    return np.take_along_axis(idx, order, -1), np.take_along_axis(weight, order, -1)
+
+
+@pytest.mark.parametrize("dispatch", ["capacity", "dense"])
+@pytest.mark.parametrize("name", NAMES)
+def test_matches_hf_reference(name, dispatch):
+    cfg, ref, logits, aux = _run(name, dispatch)
+    np.testing.assert_allclose(np.asarray(logits), ref["logits"], atol=1e-4, rtol=0)
+    for i, (ours, theirs) in enumerate(zip(aux.layer_outputs, ref["layer_outputs"])):
+        np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4, rtol=1e-5, err_msg=f"layer {i}")
+    np.testing.assert_allclose(np.asarray(aux.final_hidden), ref["final_hidden"], atol=1e-4, rtol=1e-5)
+
+    assert len(aux.moe) == ref["router_topk_idx"].shape[0]
+    for i, layer in enumerate(aux.moe):
+        idx, weight = _sorted_routes(np.asarray(layer.topk_idx), np.asarray(layer.topk_weight))
+        np.testing.assert_array_equal(idx, ref["router_topk_idx"][i], err_msg=f"MoE layer {i} experts")
+        np.testing.assert_allclose(weight, ref["router_topk_weight"][i], atol=1e-5, err_msg=f"MoE layer {i} weights")
+
+    assert cfg.mtp_depth == 1
+    np.testing.assert_allclose(np.asarray(aux.mtp_logits[0]), ref["mtp_logits"], atol=1e-4, rtol=0)
+    idx, weight = _sorted_routes(np.asarray(aux.mtp_moe[0].topk_idx), np.asarray(aux.mtp_moe[0].topk_weight))
+    np.testing.assert_array_equal(idx, ref["mtp_router_topk_idx"])
+    np.testing.assert_allclose(weight, ref["mtp_router_topk_weight"], atol=1e-5)
+
+
+def _route_mismatches(name: str, mutate) -> int:
+    cfg, model = convert.from_hf(FIXTURES / name, dtype=jnp.float32)
+    model = mutate(cfg, model)
+    ref = np.load(FIXTURES / name / "reference.npz")
+    _, aux = model(jnp.asarray(ref["input_ids"]))
+    return sum(int((np.sort(np.asarray(layer.topk_idx), -1) != ref["router_topk_idx"][i]).any(-1).sum())
+               for i, layer in enumerate(aux.moe))
+
+
+def test_fixtures_exercise_bias_and_group_limit():
+    """Mutation guard: a router that ignored the bias or the group limit would fail the parity test."""
+
+    def zero_bias(cfg, model):
+        for layer in model.layers:
+            if layer.use_moe:
+                layer.mlp.gate.bias[...] = jnp.zeros_like(layer.mlp.gate.bias[...])
+        return model
+
+    def no_group_limit(cfg, model):
+        for layer in model.layers:
+            if layer.use_moe:
+                layer.mlp.gate.cfg = cfg.replace(n_group=1, topk_group=1)
+        return model
+
+    assert _route_mismatches("qlora_groups", zero_bias) > 0
+    assert _route_mismatches("qlora_groups", no_group_limit) > 0
