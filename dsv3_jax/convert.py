@@ -145,9 +145,10 @@ def dequantize_blockwise(q: np.ndarray, scale_inv: np.ndarray, block: tuple[int,
     if q.ndim != 2 or scale_inv.shape != _scale_shape(q.shape, block):
         raise ValueError(f"scale_inv shape {scale_inv.shape} does not match weight {q.shape} with blocks {block} "
                          f"(expected {_scale_shape(q.shape, block)})")
-    rows, cols = q.shape
-    scale = np.repeat(np.repeat(scale_inv, block[0], axis=0)[:rows], block[1], axis=1)[:, :cols]
-    return q.astype(np.float32) * scale
+    out = q.astype(np.float32)
+    for i in range(scale_inv.shape[0]):  # one band of block rows at a time: no full-size scale temporary
+        out[i * block[0]:(i + 1) * block[0]] *= np.repeat(scale_inv[i], block[1])[: q.shape[1]]
+    return out
 
 
 def quantize_blockwise(w: np.ndarray, block: tuple[int, int] = DEFAULT_BLOCK) -> tuple[np.ndarray, np.ndarray]:
@@ -328,7 +329,8 @@ def _load_config(directory: Path) -> dict[str, Any]:
 def _block_size(hf: Mapping[str, Any]) -> tuple[int, int]:
     quant = hf.get("quantization_config") or {}
     block = quant.get("weight_block_size") or DEFAULT_BLOCK
-    if len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block):
+    if not isinstance(block, (list, tuple)) or len(block) != 2 or not all(
+            isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block):
         raise CheckpointError(f"config.json: quantization_config.weight_block_size must be two positive integers, "
                               f"got {block!r}")
     return int(block[0]), int(block[1])
@@ -389,7 +391,8 @@ def _plan_import(leaves, cfg: ModelConfig, ckpt: _Checkpoint, block) -> list[tup
                 ckpt.check(tensor, _hf_shapes(TOP_LEVEL[main][1], shapes[main]))
     if missing:
         hint = ""
-        if all(_layer_index(t) >= cfg.num_hidden_layers for t in missing):
+        if all(_layer_index(t) >= cfg.num_hidden_layers for t in missing) and not any(
+                _layer_index(t) >= cfg.num_hidden_layers for t in ckpt.entries):
             hint = (f" (the checkpoint has no MTP layers; pass num_nextn_predict_layers=0 to load it without MTP, "
                     f"config.json says {cfg.mtp_depth})")
         raise CheckpointError(f"missing tensor {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1
@@ -409,12 +412,12 @@ def _load_leaf(ckpt: _Checkpoint, var: nnx.Variable, name: str, kind: str, cfg: 
     if kind == EXPERTS:
         out = np.empty(target.shape, out_dtype)  # one preallocated buffer per layer and projection
         for j, tensor in enumerate(_expanded(name, kind, cfg)):
-            out[j] = ckpt.read(tensor, block).T.astype(out_dtype)
+            out[j] = ckpt.read(tensor, block).T  # cast on assignment
         return out
     array = ckpt.read(name, block)
     if kind in (DENSE, FP8):
         array = array.T
-    return np.ascontiguousarray(array.astype(out_dtype, copy=False))
+    return np.ascontiguousarray(array, dtype=out_dtype)  # transpose and cast in one copy
 
 
 def _check_mtp_copies(ckpt: _Checkpoint, cfg: ModelConfig, chunk_bytes: int = 1 << 26) -> None:

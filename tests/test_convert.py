@@ -435,13 +435,19 @@ def test_mtp_copies_may_be_omitted(tiny_ckpt, tmp_path):
     _assert_same_params(model, from_hf(dst)[1])
 
 
-def test_tensor_absent_from_index_is_unexpected(tmp_path):
-    to_hf(_model(), tmp_path, dtype="float32", max_shard_bytes=40_000)
+def test_shard_tensors_outside_the_index(tmp_path):
+    """A listed shard's tensor that the index omits is still read if needed, and reported if unused."""
+    model = _model()
+    to_hf(model, tmp_path, dtype="float32", max_shard_bytes=40_000)
     index_path = tmp_path / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
     del index["weight_map"]["model.layers.1.mlp.gate.weight"]
     index_path.write_text(json.dumps(index))
-    with pytest.raises(CheckpointError, match="unexpected tensors.*'model.layers.1.mlp.gate.weight'"):
+    _assert_same_params(model, from_hf(tmp_path)[1])
+    shard = sorted(tmp_path.glob("*.safetensors"))[0]
+    tensors = load_file(str(shard))
+    save_file({**tensors, "model.layers.0.stray.weight": np.ones(2, np.float32)}, str(shard), {"format": "pt"})
+    with pytest.raises(CheckpointError, match="unexpected tensors.*'model.layers.0.stray.weight'"):
         from_hf(tmp_path)
 
 
