@@ -42,6 +42,11 @@ class DeepSeekV3(nnx.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, cfg, rngs)  # high precision even under FP8
         self.mtp = nnx.List([MTPModule(cfg, rngs, dot_general) for _ in range(cfg.mtp_depth)])
 
+    def routers(self) -> list:
+        """Every router, in the order of `Aux.all_moe` (main MoE layers, then MTP blocks)."""
+        return ([layer.mlp.gate for layer in self.layers if layer.use_moe]
+                + [module.block.mlp.gate for module in self.mtp])
+
     def __call__(self, input_ids_BT: jax.Array, return_hidden: bool = False) -> tuple[jax.Array, Aux]:
         """Logits [B, T, V] (float32) for every position, and the Aux side outputs."""
         batch, seq_len = input_ids_BT.shape

@@ -1,0 +1,135 @@
+"""Command line: `python -m dsv3_jax {train,eval,params} ...`.
+
+Every argument is validated (config overrides included) before data is prepared or anything compiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Sequence
+
+from dsv3_jax.config import PRESETS, ConfigError, get_preset
+
+
+def _load_run_config(run_dir: str):
+    from dsv3_jax.train.config import Config
+
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return Config.from_dict(json.load(f))
+
+
+def _build_config(args: argparse.Namespace):
+    """Preset + --corpus + --set overrides; an existing run dir's saved config when nothing is given."""
+    from dsv3_jax.train.config import Config, DataConfig, apply_overrides
+    from dsv3_jax.train.presets import train_preset
+
+    saved = _load_run_config(args.run_dir)
+    if saved is not None and args.preset is None and not args.set and args.corpus is None:
+        return saved
+    preset = args.preset or "small"
+    config = Config(model=get_preset(preset), train=train_preset(preset),
+                    data=DataConfig(corpus=args.corpus or "shakespeare"))
+    return apply_overrides(config, args.set or [])
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    config = _build_config(args)  # validated: bad overrides fail here, before data or compilation
+    from dsv3_jax.data import prepare_data
+    from dsv3_jax.train.trainer import train
+
+    data = prepare_data(config.data.corpus, config.model.vocab_size, config.train.seq_len,
+                        config.model.mtp_depth, cache_dir=config.data.cache_dir)
+    result = train(config, args.run_dir, data, show_progress=not args.no_progress)
+    if result.last_eval is not None:
+        print(f"final validation loss {result.last_eval['val_loss']:.4f}, "
+              f"MaxVio_global {result.last_eval['maxvio_global']:.3f}")
+    if result.plot_path:
+        print(f"loss curve: {result.plot_path}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import jax
+
+    from dsv3_jax.checkpoint import RunCheckpointer
+    from dsv3_jax.data import prepare_data
+    from dsv3_jax.train.step import init_train_state, make_eval_step
+    from dsv3_jax.train.trainer import evaluate
+
+    if not os.path.isdir(args.run_dir):
+        raise SystemExit(f"error: run directory {args.run_dir!r} does not exist")
+    config = _load_run_config(args.run_dir)
+    if config is None:
+        raise SystemExit(f"error: {args.run_dir!r} has no config.json: is it a dsv3_jax run directory?")
+    graphdef, state = init_train_state(config.model, config.train)
+    checkpointer = RunCheckpointer(args.run_dir, keep=config.train.keep_checkpoints)
+    restored = checkpointer.restore_latest(jax.eval_shape(lambda: state))
+    checkpointer.close()
+    if restored is None:
+        raise SystemExit(f"error: no restorable checkpoint in {args.run_dir}/checkpoints")
+    step, state, _, _ = restored
+    data = prepare_data(config.data.corpus, config.model.vocab_size, config.train.seq_len, config.model.mtp_depth,
+                        cache_dir=config.data.cache_dir)
+    eval_fn = jax.jit(make_eval_step(graphdef, config.model, config.train))
+    result = evaluate(eval_fn, state.params, state.biases, data.val_batches(config.train.batch_size),
+                      args.max_batches)
+    out = {"step": step, "val_loss": result["val_loss"], "val_mtp_loss": result["val_mtp_loss"],
+           "maxvio_global": result["maxvio_global"], "maxvio_global_layers": result["maxvio_global_layers"],
+           "val_batches": result["val_batches"]}
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def cmd_params(args: argparse.Namespace) -> int:
+    from dsv3_jax.accounting import count_params
+    from dsv3_jax.train.config import Config, apply_overrides
+
+    cfg = apply_overrides(Config(model=get_preset(args.preset)), args.set or []).model
+    count = count_params(cfg)
+    print(json.dumps({"preset": args.preset, **count.__dict__, "summary": count.summary(),
+                      "kv_cache_bytes_per_token_bf16": cfg.kv_cache_dim * cfg.num_hidden_layers * 2}, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m dsv3_jax", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train (or resume) a run")
+    train.add_argument("--run-dir", required=True, help="where checkpoints, metrics and plots go; resumes if present")
+    train.add_argument("--preset", choices=sorted(PRESETS), default=None, help="model preset (default: small)")
+    train.add_argument("--corpus", default=None, help="shakespeare (default), lit, stdlib or files:GLOB")
+    train.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
+                       help="override any config field, e.g. --set train.steps=2000 --set model.n_routed_experts=32")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    train.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="validation loss and MaxVio_global of a run's latest checkpoint")
+    ev.add_argument("--run-dir", required=True)
+    ev.add_argument("--max-batches", type=int, default=0, help="0 = the whole validation split")
+    ev.set_defaults(func=cmd_eval)
+
+    params = sub.add_parser("params", help="parameter counts of a preset without allocating it")
+    params.add_argument("--preset", choices=sorted(PRESETS), default="deepseek-v3-671b")
+    params.add_argument("--set", action="append", metavar="model.FIELD=VALUE")
+    params.set_defaults(func=cmd_params)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"error: invalid configuration: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

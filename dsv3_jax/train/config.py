@@ -1,0 +1,172 @@
+"""TrainConfig and the run-level Config (model + train + data) with dotted `--set` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from typing import Any
+
+from dsv3_jax.config import ConfigError, ModelConfig, YarnConfig, get_preset
+
+BALANCE_MODES = ("aux_free", "aux_loss", "none")
+BALANCE_SCOPES = ("sequence", "batch")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, balancing, evaluation and checkpointing; V3's recipe where the paper gives one."""
+
+    steps: int = 1000
+    batch_size: int = 16  # global sequences per step
+    seq_len: int = 256
+    seed: int = 0
+    # AdamW (V3 §4.2) and the V3-shaped schedule: linear warmup, constant, cosine decay, constant tail.
+    peak_lr: float = 1e-3
+    final_lr_ratio: float = 0.1  # 2.2e-4 -> 2.2e-5 in the paper
+    warmup_frac: float = 0.05
+    decay_start_frac: float = 0.4
+    decay_end_frac: float = 0.9
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    # Losses and balancing.
+    mtp_lambda: float = 0.3
+    balance: str = "aux_free"  # aux_free | aux_loss | none
+    bias_update_rate: float = 0.001  # gamma of the aux-loss-free bias update
+    balance_alpha: float | None = None  # None: 1e-4 (aux_free's sequence-wise loss) or 1e-3 (aux_loss)
+    balance_scope: str = "sequence"  # sequence-wise (V3) or batch-wise statistics for the balance loss
+    # Bookkeeping.
+    eval_every: int = 100
+    eval_batches: int = 0  # 0 = the whole validation split
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    log_every: int = 1
+    max_consecutive_nonfinite: int = 5
+
+    @property
+    def alpha(self) -> float:
+        if self.balance_alpha is not None:
+            return self.balance_alpha
+        return {"aux_free": 1e-4, "aux_loss": 1e-3, "none": 0.0}[self.balance]
+
+    def validate(self) -> "TrainConfig":
+        for name in ("steps", "batch_size", "seq_len", "eval_every", "checkpoint_every", "keep_checkpoints",
+                     "log_every", "max_consecutive_nonfinite"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"train.{name}", f"must be an integer >= 1, got {value!r}")
+        if not isinstance(self.eval_batches, int) or self.eval_batches < 0:
+            raise ConfigError("train.eval_batches", f"must be an integer >= 0, got {self.eval_batches!r}")
+        for name in ("peak_lr", "eps", "grad_clip"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"train.{name}", f"must be positive, got {getattr(self, name)!r}")
+        for name in ("weight_decay", "mtp_lambda", "bias_update_rate"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"train.{name}", f"must be >= 0, got {getattr(self, name)!r}")
+        for name in ("beta1", "beta2", "final_lr_ratio"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"train.{name}", f"must be in [0, 1], got {getattr(self, name)!r}")
+        if not 0 <= self.warmup_frac <= self.decay_start_frac <= self.decay_end_frac <= 1:
+            raise ConfigError("train.warmup_frac", "need 0 <= warmup_frac <= decay_start_frac <= decay_end_frac <= 1, "
+                              f"got {self.warmup_frac}, {self.decay_start_frac}, {self.decay_end_frac}")
+        if self.balance not in BALANCE_MODES:
+            raise ConfigError("train.balance", f"must be one of {BALANCE_MODES}, got {self.balance!r}")
+        if self.balance_scope not in BALANCE_SCOPES:
+            raise ConfigError("train.balance_scope", f"must be one of {BALANCE_SCOPES}, got {self.balance_scope!r}")
+        if self.balance_alpha is not None and not self.balance_alpha >= 0:
+            raise ConfigError("train.balance_alpha", f"must be >= 0, got {self.balance_alpha!r}")
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Which corpus and tokenizer the run trains on."""
+
+    corpus: str = "shakespeare"
+    vocab_size: int | None = None  # None: the model's vocab_size
+    cache_dir: str = "data_cache"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything a run needs; saved next to its checkpoints so `eval`/`resume` rebuild the same run."""
+
+    model: ModelConfig = dataclasses.field(default_factory=lambda: get_preset("small"))
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+
+    def validate(self) -> "Config":
+        self.model.validate()
+        self.train.validate()
+        if self.data.vocab_size is not None and self.data.vocab_size != self.model.vocab_size:
+            raise ConfigError("data.vocab_size", f"{self.data.vocab_size} differs from model.vocab_size="
+                              f"{self.model.vocab_size}; set model.vocab_size instead")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Config":
+        return _build(cls, d)
+
+
+def _build(cls: type, values: dict[str, Any]) -> Any:
+    """Rebuild a (nested) frozen dataclass from `dataclasses.asdict` output."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        value, hint = values[f.name], hints[f.name]
+        target = _dataclass_in(hint)
+        kwargs[f.name] = _build(target, value) if target is not None and isinstance(value, dict) else value
+    return cls(**kwargs)
+
+
+def _dataclass_in(hint: Any) -> type | None:
+    for candidate in (hint, *typing.get_args(hint)):
+        if dataclasses.is_dataclass(candidate):
+            return candidate
+    return None
+
+
+def apply_overrides(config: Config, overrides: list[str]) -> Config:
+    """Apply `section.field=value` strings (values parsed as JSON, else taken as strings), then validate."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(item, "an override must look like section.field=value, e.g. train.steps=2000")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        config = _replace_path(config, parts, value, key)
+    return config.validate()
+
+
+def _replace_path(obj: Any, parts: list[str], value: Any, key: str) -> Any:
+    names = {f.name: f for f in dataclasses.fields(obj)}
+    head = parts[0]
+    if head not in names:
+        raise ConfigError(key, f"unknown field {head!r} in {type(obj).__name__}; known: {sorted(names)}")
+    if len(parts) == 1:
+        current = getattr(obj, head)
+        if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if head == "rope_scaling" and isinstance(value, dict):
+            value = YarnConfig(**value)
+        return dataclasses.replace(obj, **{head: value})
+    child = getattr(obj, head)
+    if child is None and head == "rope_scaling":
+        child = YarnConfig()
+    if not dataclasses.is_dataclass(child):
+        raise ConfigError(key, f"{head!r} has no sub-fields")
+    return dataclasses.replace(obj, **{head: _replace_path(child, parts[1:], value, key)})

@@ -1,0 +1,113 @@
+"""Pure training math: schedule, objective, non-finite skipping, aux-loss-free bias updates."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsv3_jax.config import get_preset
+from dsv3_jax.train.balance import max_violation, update_bias
+from dsv3_jax.train.config import Config, TrainConfig, apply_overrides
+from dsv3_jax.train.optim import lr_schedule
+from dsv3_jax.train.step import init_train_state, make_train_step
+
+TINY = get_preset("tiny").replace(init_std=0.02)
+
+
+def _window(batch=4, seq=16, depth=1, seed=0, vocab=TINY.vocab_size):
+    return jax.random.randint(jax.random.key(seed), (batch, seq + 1 + depth), 0, vocab)
+
+
+def test_lr_schedule_shape():
+    cfg = TrainConfig(steps=100, peak_lr=1.0, final_lr_ratio=0.1, warmup_frac=0.1, decay_start_frac=0.5,
+                      decay_end_frac=0.9)
+    lr = np.array([float(lr_schedule(cfg)(s)) for s in range(100)])
+    assert lr[0] == pytest.approx(0.1) and lr[9] == pytest.approx(1.0)  # linear warmup
+    np.testing.assert_allclose(lr[10:51], 1.0)  # constant
+    assert np.all(np.diff(lr[50:91]) <= 1e-7) and lr[70] == pytest.approx(0.55, abs=1e-6)  # cosine midpoint
+    np.testing.assert_allclose(lr[90:], 0.1, rtol=1e-6)  # constant tail
+
+
+def test_update_bias_and_maxvio():
+    counts = jnp.array([10.0, 2.0, 4.0, 4.0])
+    np.testing.assert_allclose(update_bias(jnp.zeros(4), counts, 0.01), [-0.01, 0.01, 0.01, 0.01])
+    assert float(max_violation(counts)) == pytest.approx((10 - 5) / 5)
+    assert float(max_violation(jnp.full(4, 3.0))) == 0.0
+
+
+def _run(train_cfg, steps, model_cfg=TINY, skew=None, window=None):
+    graphdef, state = init_train_state(model_cfg, train_cfg)
+    if skew is not None:  # push every token towards the first experts through the router bias
+        state = state.replace(biases=jax.tree.map(lambda b: b + skew, state.biases))
+    step = jax.jit(make_train_step(graphdef, model_cfg, train_cfg))
+    history = []
+    for i in range(steps):
+        state, metrics = step(state, _window(seed=i) if window is None else window)
+        history.append(jax.device_get(metrics))
+    return state, history
+
+
+def test_training_reduces_loss_and_reports_metrics():
+    cfg = TrainConfig(steps=30, batch_size=4, seq_len=16, peak_lr=3e-3, warmup_frac=0.1)
+    state, hist = _run(cfg, 30, window=_window())  # memorise one batch
+    assert hist[-1]["loss"] < hist[0]["loss"] - 0.5
+    assert hist[-1]["mtp_loss"] < hist[0]["mtp_loss"]
+    assert int(state.step) == 30 and int(state.skipped_total) == 0
+    assert hist[0]["maxvio_batch_layers"].shape == (TINY.n_moe_layers,)
+    for key in ("loss", "mtp_loss", "balance_loss", "grad_norm", "lr", "maxvio_batch", "dropped_fraction"):
+        assert np.isfinite(hist[-1][key]), key
+
+
+def test_nonfinite_step_is_skipped():
+    cfg = TrainConfig(steps=10, batch_size=4, seq_len=16)
+    graphdef, state = init_train_state(TINY, cfg)
+    # An enormous embedding overflows the forward pass: loss and gradients become non-finite.
+    params = state.params
+    params["embed_tokens"]["embedding"][...] = params["embed_tokens"]["embedding"][...] * 1e38
+    state = state.replace(params=params)
+    before = jax.tree.map(np.asarray, (state.params, state.biases, state.opt_state))
+    step = jax.jit(make_train_step(graphdef, TINY, cfg))
+    state, metrics = step(state, _window())
+    state, metrics = step(state, _window(seed=1))
+    assert int(metrics["skipped"]) == 1 and int(state.nonfinite_streak) == 2 and int(state.skipped_total) == 2
+    after = jax.tree.map(np.asarray, (state.params, state.biases, state.opt_state))
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("mode", ["aux_free", "none"])
+def test_aux_free_bias_update_fixes_a_skewed_router(mode):
+    """With a router skewed towards a few experts (and the optimizer frozen), only aux_free restores balance."""
+    cfg = TrainConfig(steps=40, batch_size=4, seq_len=16, peak_lr=1e-9, balance=mode, bias_update_rate=0.02)
+    skew = jnp.zeros(TINY.n_routed_experts).at[:2].set(0.4)
+    state, hist = _run(cfg, 40, skew=skew)
+    early, late = np.mean([h["maxvio_batch"] for h in hist[:3]]), np.mean([h["maxvio_batch"] for h in hist[-5:]])
+    assert early > 1.5  # badly skewed at the start
+    if mode == "aux_free":
+        assert late < 0.5 * early
+        # the overloaded experts' biases went down
+        biases = jax.tree.leaves(state.biases)
+        assert all(float(b[0]) < 0.4 for b in biases)
+    else:
+        assert late > 0.9 * early
+        np.testing.assert_allclose(jax.tree.leaves(state.biases)[0], np.asarray(skew))
+
+
+def test_aux_loss_mode_uses_alpha_and_freezes_bias():
+    cfg = TrainConfig(steps=3, batch_size=4, seq_len=16, balance="aux_loss", balance_scope="batch")
+    assert cfg.alpha == 1e-3
+    state, hist = _run(cfg, 2)
+    assert all(float(jnp.abs(b).max()) == 0.0 for b in jax.tree.leaves(state.biases))
+    assert hist[0]["balance_loss"] > 0
+
+
+def test_run_config_overrides_validate():
+    cfg = apply_overrides(Config(), ["train.steps=7", "model.n_routed_experts=32", "train.balance=none"])
+    assert cfg.train.steps == 7 and cfg.model.n_routed_experts == 32
+    with pytest.raises(ValueError, match="train.balance"):
+        apply_overrides(Config(), ["train.balance=sometimes"])
+    with pytest.raises(ValueError, match="train.warmup_frac"):
+        apply_overrides(Config(), ["train.warmup_frac=0.9", "train.decay_start_frac=0.5"])
+    with pytest.raises(ValueError, match="section.field=value"):
+        apply_overrides(Config(), ["steps"])
+    assert Config.from_dict(cfg.to_dict()) == cfg
