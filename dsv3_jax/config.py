@@ -13,7 +13,7 @@ import os
 from typing import Any, Mapping
 
 DTYPES = ("float32", "bfloat16", "float16")
-MOE_DISPATCH = ("dense", "capacity")
+MOE_DISPATCH = ("dense", "capacity", "blocked")
 # ModelConfig fields that say how we compute, not what the architecture is (absent from HF config.json).
 COMPUTE_FIELDS = ("dtype", "param_dtype", "moe_dispatch", "capacity_factor", "init_std")
 
@@ -245,7 +245,8 @@ PRESETS: dict[str, ModelConfig] = {
         num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=96,
         kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=16,
         num_experts_per_tok=4, n_shared_experts=1, n_group=4, topk_group=2, routed_scaling_factor=2.5,
-        rope_scaling=None, max_position_embeddings=4096, num_nextn_predict_layers=1),
+        rope_scaling=None, max_position_embeddings=4096, num_nextn_predict_layers=1,
+        moe_dispatch="blocked"),  # the fastest dropless path on one CPU device
     # Seconds-scale model for unit tests: every feature on, every dim tiny.
     "tiny": ModelConfig(
         vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,

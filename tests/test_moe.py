@@ -138,12 +138,15 @@ def _moe(cfg, seed=0):
     return moe
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_capacity_dispatch_equals_dense_when_dropless(name):
+DROPLESS_CASES = [(name, "capacity") for name in sorted(CONFIGS)] + [("groups", "blocked"), ("unnormalised", "blocked")]
+
+
+@pytest.mark.parametrize("name,dispatch", DROPLESS_CASES)
+def test_sparse_dispatch_equals_dense_when_dropless(name, dispatch):
     cfg = CONFIGS[name]
     x = jax.random.normal(jax.random.key(0), (3, 11, cfg.hidden_size))
     dense = _moe(cfg.replace(moe_dispatch="dense"))
-    capacity = _moe(cfg.replace(moe_dispatch="capacity"))
+    capacity = _moe(cfg.replace(moe_dispatch=dispatch))
     (yd, ad), (yc, ac) = nnx.jit(lambda m: m(x))(dense), nnx.jit(lambda m: m(x))(capacity)
     np.testing.assert_allclose(np.asarray(yc), np.asarray(yd), atol=1e-6)
     assert float(ac.dropped_fraction) == 0.0
@@ -153,6 +156,19 @@ def test_capacity_dispatch_equals_dense_when_dropless(name):
     gd, gc = grad_fn(dense), grad_fn(capacity)
     for a, b in zip(jax.tree.leaves(gd), jax.tree.leaves(gc)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_blocked_dispatch_with_small_blocks_and_idle_experts():
+    """Blocks smaller than an expert's load, experts with no tokens and trailing empty blocks all agree."""
+    cfg = CONFIGS["one_group"]
+    moe = _moe(cfg)
+    x_nd = jax.random.normal(jax.random.key(5), (13, cfg.hidden_size))
+    idx = jnp.asarray(np.random.default_rng(0).permuted(np.tile(np.arange(3), (13, 1)), axis=1))  # experts 0-2 only
+    w = jax.random.uniform(jax.random.key(6), (13, 3))
+    oracle = moe.experts.dense(x_nd, idx, w)
+    for block in (1, 4, 16, 64):
+        np.testing.assert_allclose(np.asarray(moe.experts.blocked(x_nd, idx, w, block=block)), np.asarray(oracle),
+                                   atol=1e-5)
 
 
 def test_capacity_factor_drops_and_reports():
