@@ -154,3 +154,17 @@ def test_changed_config_on_existing_run_is_refused(workdir, reference_run):
     assert proc.returncode != 0
     assert "peak_lr" in proc.stderr
     assert sorted(int(p.name) for p in (reference_run / "checkpoints").iterdir() if p.name.isdigit()) == [10, 15, 20]
+
+
+def test_divergence_stops_the_run_without_writing_bad_checkpoints(workdir):
+    run_dir = workdir / "diverged"
+    proc = _run(_train_cmd(workdir, run_dir, "--set", "train.peak_lr=1e30", "--set", "train.warmup_frac=0.0",
+                           "--set", "train.max_consecutive_nonfinite=3"), workdir)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "consecutive steps had a non-finite loss or gradient" in proc.stderr
+    records = _metrics(run_dir)
+    assert [r["skipped"] for r in records if r["kind"] == "train"][-3:] == [1, 1, 1]
+    # whatever was checkpointed before the divergence (step 5 at most) restores and holds finite values
+    steps = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) \
+        if (run_dir / "checkpoints").exists() else []
+    assert all(s <= 5 for s in steps)
