@@ -119,13 +119,14 @@ def train(config: Config, run_dir: str | os.PathLike, data: Any, *, show_progres
             tokens_per_s = tokens_per_step / max(now - t_last, 1e-9)
             t_last = now
             done = step + 1
-            if int(state.nonfinite_streak) >= tc.max_consecutive_nonfinite:
+            diverged = int(state.nonfinite_streak) >= tc.max_consecutive_nonfinite
+            if done % tc.log_every == 0 or done == end or diverged:
+                writer.write({"kind": "train", "step": done, "tokens_per_s": tokens_per_s,
+                              "skipped_total": int(state.skipped_total), **metrics})
+            if diverged:
                 raise TrainingDiverged(f"{tc.max_consecutive_nonfinite} consecutive steps had a non-finite loss or "
                                        f"gradient (last at step {done}); lower train.peak_lr or check the data. "
                                        "Checkpoints written so far are intact.")
-            if done % tc.log_every == 0 or done == end:
-                writer.write({"kind": "train", "step": done, "tokens_per_s": tokens_per_s,
-                              "skipped_total": int(state.skipped_total), **metrics})
             bar.set_postfix(loss=f"{float(metrics['loss']):.3f}", tok_s=f"{tokens_per_s:,.0f}")
             if done % tc.eval_every == 0 or done == tc.steps:
                 last_eval = evaluate(eval_fn, state.params, state.biases, data.val_batches(tc.batch_size),
