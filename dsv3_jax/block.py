@@ -9,6 +9,9 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import MLP, DotGeneral, RMSNorm
 from dsv3_jax.mla import MLA
 from dsv3_jax.moe import MoE, MoEAux
+from dsv3_jax.sharding import constrain
+
+RESIDUAL_AXES = ("batch", "length", "act_embed")  # the residual stream [B, T, D] under a mesh
 
 
 class DecoderLayer(nnx.Module):
@@ -24,9 +27,9 @@ class DecoderLayer(nnx.Module):
                     else MLP(cfg.hidden_size, cfg.intermediate_size, cfg, rngs, dot_general))
 
     def __call__(self, h_BTD: jax.Array, positions_BT: jax.Array) -> tuple[jax.Array, MoEAux | None]:
-        h_BTD = h_BTD + self.self_attn(self.input_layernorm(h_BTD), positions_BT)
+        h_BTD = constrain(h_BTD + self.self_attn(self.input_layernorm(h_BTD), positions_BT), *RESIDUAL_AXES)
         ffn_in = self.post_attention_layernorm(h_BTD)
         if self.use_moe:
             ffn_out, aux = self.mlp(ffn_in)
-            return h_BTD + ffn_out, aux
-        return h_BTD + self.mlp(ffn_in), None
+            return constrain(h_BTD + ffn_out, *RESIDUAL_AXES), aux
+        return constrain(h_BTD + self.mlp(ffn_in), *RESIDUAL_AXES), None

@@ -1,5 +1,8 @@
 """Orbax checkpoints of a run: train state + data-iterator state + config, saved asynchronously.
 
+Every process of a multi-host run calls save/restore (each writes/reads its own shards; process 0 writes the
+metadata); the directory must be on storage all hosts share.
+
 Restoring walks back from the newest step: a checkpoint that is incomplete or fails to restore is skipped
 with a warning and the previous one is used, so a crash mid-save never strands a run.
 """
@@ -19,9 +22,15 @@ class CheckpointSaveError(RuntimeError):
     """Refused to write a checkpoint (e.g. it would hold non-finite values)."""
 
 
+@jax.jit
+def _finite(leaves: list) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 def _all_finite(tree: Any) -> bool:
-    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
-    return bool(jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))) if leaves else True
+    """One jitted reduction (a scalar, so readable on every process even when the arrays span hosts)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return bool(_finite(leaves)) if leaves else True
 
 
 class RunCheckpointer:
@@ -45,7 +54,12 @@ class RunCheckpointer:
             meta=ocp.args.JsonSave({"data_state": data_state, "config": config, "step": int(step)})))
 
     def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict, dict] | None:
-        """(step, state, data_state, config) of the newest restorable checkpoint, or None if there is none."""
+        """(step, state, data_state, config) of the newest restorable checkpoint, or None if there is none.
+
+        `abstract_state` is a tree of jax.ShapeDtypeStruct; when they carry shardings (see
+        `train.step.abstract_train_state(..., plan)`) every array is read straight into that layout, so a
+        checkpoint written on one mesh (or number of hosts) restores onto any other.
+        """
         for step in reversed(self.steps()):
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(

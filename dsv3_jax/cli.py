@@ -1,6 +1,7 @@
 """Command line: `python -m dsv3_jax {train,eval,params} ...`.
 
 Every argument is validated (config overrides included) before data is prepared or anything compiles.
+`--distributed` joins a multi-process run first (see `dsv3_jax.distributed`); the mesh comes from `mesh.*`.
 """
 
 from __future__ import annotations
@@ -25,34 +26,69 @@ def _load_run_config(run_dir: str):
 
 
 def _build_config(args: argparse.Namespace):
-    """Preset + --corpus + --set overrides; an existing run dir's saved config when nothing is given."""
+    """Preset + --corpus + --set overrides; for an existing run dir without --preset/--corpus, its saved config
+    (plus any --set, e.g. `--set mesh.expert=8` to resume on another mesh)."""
     from dsv3_jax.train.config import Config, DataConfig, apply_overrides
     from dsv3_jax.train.presets import train_preset
 
     saved = _load_run_config(args.run_dir)
-    if saved is not None and args.preset is None and not args.set and args.corpus is None:
-        return saved
+    if saved is not None and args.preset is None and args.corpus is None:
+        return apply_overrides(saved, args.set or [])
     preset = args.preset or "small"
     config = Config(model=get_preset(preset), train=train_preset(preset),
                     data=DataConfig(corpus=args.corpus or "shakespeare"))
     return apply_overrides(config, args.set or [])
 
 
+def _maybe_distributed(args: argparse.Namespace) -> None:
+    """Join the cluster first: nothing may touch a device before jax.distributed.initialize."""
+    explicit = any(v is not None for v in (args.coordinator, args.num_processes, args.process_id))
+    if explicit and not args.distributed:
+        raise ConfigError("--distributed", "--coordinator/--num-processes/--process-id need --distributed")
+    if args.distributed:
+        from dsv3_jax import distributed
+
+        index, count = distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+        print(f"process {index} of {count} joined the cluster", file=sys.stderr)
+
+
+def _prepare_data_in_turn(config, **kwargs):
+    """prepare_data, process 0 first: the others then read (or, without a shared cache, rebuild) its cache."""
+    import jax
+
+    from dsv3_jax import distributed
+    from dsv3_jax.data import prepare_data
+
+    def prepare():
+        return prepare_data(config.data.corpus, config.model.vocab_size, config.train.seq_len,
+                            config.model.mtp_depth, cache_dir=config.data.cache_dir,
+                            verbose=jax.process_index() == 0, **kwargs)
+    if jax.process_index() != 0:
+        distributed.barrier("dsv3_jax.data_ready")
+    data = prepare()
+    if jax.process_index() == 0:
+        distributed.barrier("dsv3_jax.data_ready")
+    return data
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from dsv3_jax import sharding
     from dsv3_jax.train.trainer import ConfigMismatch, config_differences
 
     config = _build_config(args)  # validated: bad overrides fail here, before data or compilation
     saved = _load_run_config(args.run_dir)
     if saved is not None and os.path.isdir(os.path.join(args.run_dir, "checkpoints")):
-        diffs = config_differences(saved.to_dict(), config.to_dict())
+        diffs = config_differences(saved.to_dict(), config.to_dict())  # the mesh may change on resume
         if diffs:
             raise ConfigMismatch(f"{args.run_dir} holds a run with another configuration (" + "; ".join(diffs[:5])
                                  + "). Use a new --run-dir, or omit --preset/--set/--corpus to resume it.")
-    from dsv3_jax.data import prepare_data
+    _maybe_distributed(args)
+    # An impossible mesh fails here, before data or compilation (every parameter is checked by `train`).
+    plan = sharding.plan_from_config(config, every_param=False)
     from dsv3_jax.train.trainer import train
 
-    data = prepare_data(config.data.corpus, config.model.vocab_size, config.train.seq_len,
-                        config.model.mtp_depth, cache_dir=config.data.cache_dir, batch_size=config.train.batch_size)
+    _, slice_count = plan.process_batch_slice(config.train.batch_size)
+    data = _prepare_data_in_turn(config, batch_size=config.train.batch_size, process_count=slice_count)
     result = train(config, args.run_dir, data, show_progress=not args.no_progress)
     if result.last_eval is not None:
         print(f"final validation loss {result.last_eval['val_loss']:.4f}, "
@@ -63,11 +99,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import jax
-
+    from dsv3_jax import sharding
     from dsv3_jax.checkpoint import RunCheckpointer
-    from dsv3_jax.data import prepare_data
-    from dsv3_jax.train.step import init_train_state, make_eval_step
+    from dsv3_jax.train.config import apply_overrides
+    from dsv3_jax.train.step import abstract_train_state, jit_eval_step, with_shardings
     from dsv3_jax.train.trainer import evaluate
 
     if not os.path.isdir(args.run_dir):
@@ -75,22 +110,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
     config = _load_run_config(args.run_dir)
     if config is None:
         raise SystemExit(f"error: {args.run_dir!r} has no config.json: is it a dsv3_jax run directory?")
-    graphdef, state = init_train_state(config.model, config.train)
+    for item in args.set or []:
+        if not item.strip().startswith("mesh."):
+            raise ConfigError(item.split("=")[0], "eval only takes mesh.* overrides; the rest is the run's config")
+    config = apply_overrides(config, args.set or [])
+    _maybe_distributed(args)
+    plan = sharding.plan_from_config(config, every_param=False)
+    graphdef, abstract = abstract_train_state(config.model, config.train)
+    plan.check_divisible(abstract.params)
+    abstract = with_shardings(abstract, plan)
     checkpointer = RunCheckpointer(args.run_dir, keep=config.train.keep_checkpoints)
-    restored = checkpointer.restore_latest(jax.eval_shape(lambda: state))
+    restored = checkpointer.restore_latest(abstract)
     checkpointer.close()
     if restored is None:
         raise SystemExit(f"error: no restorable checkpoint in {args.run_dir}/checkpoints")
     step, state, _, _ = restored
-    data = prepare_data(config.data.corpus, config.model.vocab_size, config.train.seq_len, config.model.mtp_depth,
-                        cache_dir=config.data.cache_dir)
-    eval_fn = jax.jit(make_eval_step(graphdef, config.model, config.train))
-    result = evaluate(eval_fn, state.params, state.biases, data.val_batches(config.train.batch_size),
-                      args.max_batches)
+    data = _prepare_data_in_turn(config)
+    eval_fn = jit_eval_step(graphdef, config.model, config.train, plan)
+    batch = config.train.batch_size
+    index, count = plan.process_batch_slice(batch)
+    result = evaluate(eval_fn, state.params, state.biases, data.val_batches(batch, index, count), args.max_batches,
+                      lambda local: plan.put_batch(local, batch))
     out = {"step": step, "val_loss": result["val_loss"], "val_mtp_loss": result["val_mtp_loss"],
            "maxvio_global": result["maxvio_global"], "maxvio_global_layers": result["maxvio_global_layers"],
            "val_batches": result["val_batches"]}
-    print(json.dumps(out, indent=2))
+    import jax
+
+    if jax.process_index() == 0:
+        print(json.dumps(out, indent=2))
     return 0
 
 
@@ -105,6 +152,16 @@ def cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_cluster_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("multi-host (run the same command on every host)")
+    group.add_argument("--distributed", action="store_true",
+                       help="join a multi-process run (jax.distributed.initialize); without the flags below, "
+                            "read the cluster from the environment (Cloud TPU, SLURM, Open MPI)")
+    group.add_argument("--coordinator", metavar="HOST:PORT", default=None, help="process 0's address")
+    group.add_argument("--num-processes", type=int, default=None, help="processes in the run")
+    group.add_argument("--process-id", type=int, default=None, help="this process's index, 0-based")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dsv3_jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -116,11 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                        help="override any config field, e.g. --set train.steps=2000 --set model.n_routed_experts=32")
     train.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    _add_cluster_flags(train)
     train.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="validation loss and MaxVio_global of a run's latest checkpoint")
     ev.add_argument("--run-dir", required=True)
     ev.add_argument("--max-batches", type=int, default=0, help="0 = the whole validation split")
+    ev.add_argument("--set", action="append", metavar="mesh.FIELD=VALUE", help="evaluate on another mesh")
+    _add_cluster_flags(ev)
     ev.set_defaults(func=cmd_eval)
 
     params = sub.add_parser("params", help="parameter counts of a preset without allocating it")

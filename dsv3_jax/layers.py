@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.sharding import constrain
 
 DotGeneral = Callable[..., jax.Array]
 
@@ -62,7 +63,10 @@ class Embed(nnx.Module):
         self.compute_dtype = dtype_of(cfg.dtype)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], ids, axis=0).astype(self.compute_dtype)
+        # Under FSDP the table's hidden dim is split over data, like the ids' batch dim: gathering from it
+        # directly makes GSPMD replicate the result; all-gather that dim first (vocab stays split).
+        table = constrain(self.embedding[...], "vocab", None)
+        return jnp.take(table, ids, axis=0).astype(self.compute_dtype)
 
 
 class MLP(nnx.Module):
@@ -75,4 +79,8 @@ class MLP(nnx.Module):
         self.down_proj = Linear(hidden, dim, cfg, rngs, dot_general)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        # x is [B, T, D] (dense layers) or [N, D] (shared experts); tokens stay split like the batch and the
+        # hidden dim like the weights (tensor), instead of GSPMD picking one and re-sharding the other.
+        hidden = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        hidden = constrain(hidden, "batch", *(["length"] * (x.ndim - 2)), "mlp")
+        return self.down_proj(hidden)

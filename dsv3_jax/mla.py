@@ -13,6 +13,9 @@ from flax import nnx
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import DotGeneral, Linear, RMSNorm
 from dsv3_jax.rope import apply_rope, rope_cos_sin, softmax_scale
+from dsv3_jax.sharding import constrain
+
+HEADS_AXES = ("batch", "length", "heads", None)  # [B, T, H, dim] under a mesh: heads on tensor
 
 
 class MLA(nnx.Module):
@@ -41,7 +44,7 @@ class MLA(nnx.Module):
         else:
             q = self.q_proj(x_BTD)
         q_BTHK = q.reshape(*x_BTD.shape[:2], cfg.num_attention_heads, cfg.qk_head_dim)
-        q_nope_BTHN, q_pe_BTHR = jnp.split(q_BTHK, [cfg.qk_nope_head_dim], axis=-1)
+        q_nope_BTHN, q_pe_BTHR = jnp.split(constrain(q_BTHK, *HEADS_AXES), [cfg.qk_nope_head_dim], axis=-1)
         return q_nope_BTHN, apply_rope(q_pe_BTHR, cos, sin)
 
     def latent(self, x_BTD: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -54,7 +57,7 @@ class MLA(nnx.Module):
         cfg = self.cfg
         kv = self.kv_b_proj(c_kv_BSC).reshape(*c_kv_BSC.shape[:2], cfg.num_attention_heads,
                                               cfg.qk_nope_head_dim + cfg.v_head_dim)
-        k_nope_BSHN, v_BSHV = jnp.split(kv, [cfg.qk_nope_head_dim], axis=-1)
+        k_nope_BSHN, v_BSHV = jnp.split(constrain(kv, *HEADS_AXES), [cfg.qk_nope_head_dim], axis=-1)
         return k_nope_BSHN, v_BSHV
 
     def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array) -> jax.Array:
@@ -65,6 +68,7 @@ class MLA(nnx.Module):
         seq_len = x_BTD.shape[1]
         causal_TS = jnp.tril(jnp.ones((seq_len, seq_len), bool))
         out_BTHV = attend(q_nope_BTHN, q_pe_BTHR, k_nope_BTHN, k_pe_BTR, v_BTHV, causal_TS, softmax_scale(self.cfg))
+        out_BTHV = constrain(out_BTHV, *HEADS_AXES)
         return self.o_proj(out_BTHV.reshape(*x_BTD.shape[:2], -1))
 
 

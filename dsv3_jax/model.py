@@ -6,11 +6,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from dsv3_jax.block import DecoderLayer
+from dsv3_jax.block import RESIDUAL_AXES, DecoderLayer
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import DotGeneral, Embed, Linear, RMSNorm
 from dsv3_jax.moe import MoEAux
 from dsv3_jax.mtp import MTPModule
+from dsv3_jax.sharding import constrain
+
+LOGITS_AXES = ("batch", "length", "vocab")
 
 
 @struct.dataclass
@@ -51,7 +54,7 @@ class DeepSeekV3(nnx.Module):
         """Logits [B, T, V] (float32) for every position, and the Aux side outputs."""
         batch, seq_len = input_ids_BT.shape
         positions_BT = jnp.broadcast_to(jnp.arange(seq_len), (batch, seq_len))
-        h_BTD = self.embed_tokens(input_ids_BT)
+        h_BTD = constrain(self.embed_tokens(input_ids_BT), *RESIDUAL_AXES)
         moe_aux, layer_outputs = [], []
         for layer in self.layers:
             h_BTD, aux = layer(h_BTD, positions_BT)
@@ -60,7 +63,7 @@ class DeepSeekV3(nnx.Module):
             if return_hidden:
                 layer_outputs.append(h_BTD)
         final_BTD = self.norm(h_BTD)
-        logits_BTV = self.lm_head(final_BTD).astype(jnp.float32)
+        logits_BTV = constrain(self.lm_head(final_BTD).astype(jnp.float32), *LOGITS_AXES)
 
         mtp_logits, mtp_aux = [], []
         h_prev_BTD = final_BTD
@@ -70,7 +73,7 @@ class DeepSeekV3(nnx.Module):
             n = seq_len - depth
             h_prev_BTD, head_in_BTD, aux = module(h_prev_BTD[:, :n], self.embed_tokens(input_ids_BT[:, depth:]),
                                                   positions_BT[:, :n])
-            mtp_logits.append(self.lm_head(head_in_BTD).astype(jnp.float32))
+            mtp_logits.append(constrain(self.lm_head(head_in_BTD).astype(jnp.float32), *LOGITS_AXES))
             mtp_aux.append(aux)
         return logits_BTV, Aux(moe=tuple(moe_aux), mtp_logits=tuple(mtp_logits), mtp_moe=tuple(mtp_aux),
                                layer_outputs=tuple(layer_outputs),

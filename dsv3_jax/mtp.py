@@ -12,10 +12,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dsv3_jax.block import DecoderLayer
+from dsv3_jax.block import RESIDUAL_AXES, DecoderLayer
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import DotGeneral, Linear, RMSNorm
 from dsv3_jax.moe import MoEAux
+from dsv3_jax.sharding import constrain
 
 
 class SharedHeadNorm(nnx.Module):
@@ -39,5 +40,6 @@ class MTPModule(nnx.Module):
                  positions_BT: jax.Array) -> tuple[jax.Array, jax.Array, MoEAux]:
         """(block output h^k [B,T,D] to chain into the next depth, normed head input [B,T,D], MoE aux)."""
         x_BTD = self.eh_proj(jnp.concatenate([self.enorm(emb_next_BTD), self.hnorm(h_prev_BTD)], axis=-1))
+        x_BTD = constrain(x_BTD, *RESIDUAL_AXES)
         h_BTD, aux = self.block(x_BTD, positions_BT)
         return h_BTD, self.shared_head.norm(h_BTD), aux

@@ -91,16 +91,44 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh (data, expert, tensor); sizes multiply to the device count, one may be -1 (the rest).
+
+    Not part of a run's identity: a checkpoint resumes on any mesh, so resume ignores this section.
+    """
+
+    data: int = -1  # batch (data parallel); the default puts every device here
+    expert: int = 1  # routed experts (expert parallel); the batch is split over data*expert
+    tensor: int = 1  # attention heads, MLP / expert hidden dims and vocab (tensor parallel)
+    fsdp: bool = False  # also split weights' hidden dim over data (ZeRO-3 style)
+
+    def validate(self) -> "MeshConfig":
+        """Structural checks only; sizes against devices and model dims: `sharding.check_mesh`."""
+        sizes = {"data": self.data, "expert": self.expert, "tensor": self.tensor}
+        for name, size in sizes.items():
+            if not isinstance(size, int) or isinstance(size, bool) or (size < 1 and size != -1):
+                raise ConfigError(f"mesh.{name}", f"must be a positive integer or -1 (the rest), got {size!r}")
+        if sum(size == -1 for size in sizes.values()) > 1:
+            raise ConfigError("mesh", f"only one axis may be -1, got data={self.data}, expert={self.expert}, "
+                              f"tensor={self.tensor}")
+        if not isinstance(self.fsdp, bool):
+            raise ConfigError("mesh.fsdp", f"must be true or false, got {self.fsdp!r}")
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """Everything a run needs; saved next to its checkpoints so `eval`/`resume` rebuild the same run."""
 
     model: ModelConfig = dataclasses.field(default_factory=lambda: get_preset("small"))
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 
     def validate(self) -> "Config":
         self.model.validate()
         self.train.validate()
+        self.mesh.validate()
         if self.data.vocab_size is not None and self.data.vocab_size != self.model.vocab_size:
             raise ConfigError("data.vocab_size", f"{self.data.vocab_size} differs from model.vocab_size="
                               f"{self.model.vocab_size}; set model.vocab_size instead")

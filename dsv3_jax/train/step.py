@@ -11,12 +11,14 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx, struct
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import DeepSeekV3, init_model
 from dsv3_jax.moe import RouterBias
+from dsv3_jax.sharding import MeshFunction, MeshPlan
 from dsv3_jax.train.balance import max_violation, update_bias
 from dsv3_jax.train.config import TrainConfig
 from dsv3_jax.train.losses import objective, split_window
@@ -35,19 +37,65 @@ class TrainState:
     skipped_total: jax.Array
 
 
-def init_train_state(model_cfg: ModelConfig, train_cfg: TrainConfig) -> tuple[nnx.GraphDef, TrainState]:
-    """Fresh model (seeded by train_cfg.seed) and optimizer state."""
-    graphdef = nnx.split(nnx.eval_shape(lambda: init_model(model_cfg, seed=train_cfg.seed)), nnx.Param, RouterBias)[0]
-
-    @jax.jit  # one compiled program instead of hundreds of eager random ops
+def _init_fn(model_cfg: ModelConfig, train_cfg: TrainConfig) -> Callable[[], tuple[Any, Any, Any]]:
     def init():
         _, params, biases = nnx.split(init_model(model_cfg, seed=train_cfg.seed), nnx.Param, RouterBias)
         return params, biases, make_optimizer(train_cfg).init(params)
+    return init
 
-    params, biases, opt_state = init()
-    zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731  (distinct buffers: the step donates its input)
-    return graphdef, TrainState(step=zero(), params=params, biases=biases, opt_state=opt_state,
-                                nonfinite_streak=zero(), skipped_total=zero())
+
+def _graphdef(model_cfg: ModelConfig, train_cfg: TrainConfig) -> nnx.GraphDef:
+    return nnx.split(nnx.eval_shape(lambda: init_model(model_cfg, seed=train_cfg.seed)), nnx.Param, RouterBias)[0]
+
+
+def state_shardings(plan: MeshPlan, abstract_state: TrainState) -> TrainState:
+    """NamedShardings of every TrainState leaf: params by the rule table, optimizer state like its param,
+    router biases and counters replicated."""
+    repl = plan.replicated()
+    return TrainState(step=repl, params=plan.param_shardings(abstract_state.params),
+                      biases=jax.tree.map(lambda _: repl, abstract_state.biases),
+                      opt_state=plan.opt_state_shardings(abstract_state.opt_state, abstract_state.params),
+                      nonfinite_streak=repl, skipped_total=repl)
+
+
+def abstract_train_state(model_cfg: ModelConfig, train_cfg: TrainConfig,
+                         plan: MeshPlan | None = None) -> tuple[nnx.GraphDef, TrainState]:
+    """(graphdef, TrainState of ShapeDtypeStructs) without allocating; each carries its sharding under `plan`
+    (the restore target that lets a checkpoint load onto any mesh)."""
+    model = nnx.eval_shape(lambda: init_model(model_cfg, seed=train_cfg.seed))
+    graphdef, params, biases = nnx.split(model, nnx.Param, RouterBias)
+    opt_state = jax.eval_shape(make_optimizer(train_cfg).init, params)
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    abstract = TrainState(step=scalar, params=params, biases=biases, opt_state=opt_state, nonfinite_streak=scalar,
+                          skipped_total=scalar)
+    return graphdef, abstract if plan is None else with_shardings(abstract, plan)
+
+
+def with_shardings(abstract_state: TrainState, plan: MeshPlan) -> TrainState:
+    """The abstract state with each ShapeDtypeStruct carrying its NamedSharding under `plan`."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
+                        state_shardings(plan, abstract_state))
+
+
+def init_train_state(model_cfg: ModelConfig, train_cfg: TrainConfig, plan: MeshPlan | None = None,
+                     shardings: TrainState | None = None) -> tuple[nnx.GraphDef, TrainState]:
+    """Fresh model (seeded by train_cfg.seed) and optimizer state; created directly sharded under `plan`, so
+    no device ever holds more than its shards."""
+    init = _init_fn(model_cfg, train_cfg)
+    if plan is None:
+        params, biases, opt_state = jax.jit(init)()  # one compiled program instead of hundreds of eager ops
+        zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731  (distinct buffers: the step donates its input)
+    else:
+        if shardings is None:
+            shardings = state_shardings(plan, abstract_train_state(model_cfg, train_cfg)[1])
+        params, biases, opt_state = jax.jit(init, out_shardings=(shardings.params, shardings.biases,
+                                                                 shardings.opt_state))()
+        # make_array_from_callback: works when the mesh spans processes, and gives distinct (donatable) buffers
+        zero = lambda: jax.make_array_from_callback((), plan.replicated(),  # noqa: E731
+                                                    lambda _: np.zeros((), np.int32))
+    return _graphdef(model_cfg, train_cfg), TrainState(step=zero(), params=params, biases=biases,
+                                                       opt_state=opt_state, nonfinite_streak=zero(),
+                                                       skipped_total=zero())
 
 
 def _forward(graphdef: nnx.GraphDef, params: Any, biases: Any, window_BS: jax.Array, model_cfg: ModelConfig,
@@ -115,3 +163,30 @@ def make_eval_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig,
         return {"loss": parts["loss"], "mtp_loss": parts["mtp_loss"], "expert_counts": counts}
 
     return evaluate
+
+
+def jit_train_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig, train_cfg: TrainConfig,
+                   plan: MeshPlan | None = None, shardings: TrainState | None = None) -> Callable:
+    """The train step jitted with donation; under `plan`, with explicit state and batch shardings in and out
+    (metrics replicated), called with the plan active so activation constraints apply."""
+    step = make_train_step(graphdef, model_cfg, train_cfg)
+    if plan is None:
+        return jax.jit(step, donate_argnums=0)
+    if shardings is None:
+        shardings = state_shardings(plan, abstract_train_state(model_cfg, train_cfg)[1])
+    jitted = jax.jit(step, in_shardings=(shardings, plan.batch_sharding()),
+                     out_shardings=(shardings, plan.replicated()), donate_argnums=0)
+    return MeshFunction(jitted, plan)
+
+
+def jit_eval_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig, train_cfg: TrainConfig,
+                  plan: MeshPlan | None = None, shardings: TrainState | None = None) -> Callable:
+    """The eval step jitted; under `plan`, params/biases/batch sharded in and the results replicated."""
+    evaluate = make_eval_step(graphdef, model_cfg, train_cfg)
+    if plan is None:
+        return jax.jit(evaluate)
+    if shardings is None:
+        shardings = state_shardings(plan, abstract_train_state(model_cfg, train_cfg)[1])
+    jitted = jax.jit(evaluate, in_shardings=(shardings.params, shardings.biases, plan.batch_sharding()),
+                     out_shardings=plan.replicated())
+    return MeshFunction(jitted, plan)

@@ -13,11 +13,16 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from dsv3_jax import sharding
 from dsv3_jax.checkpoint import RunCheckpointer
 from dsv3_jax.train.balance import max_violation
 from dsv3_jax.train.config import Config
 from dsv3_jax.train.metrics import MetricsWriter, plot_run
-from dsv3_jax.train.step import init_train_state, make_eval_step, make_train_step
+from dsv3_jax.train.step import (abstract_train_state, init_train_state, jit_eval_step, jit_train_step,
+                                 state_shardings, with_shardings)
+
+# Config sections that may change when a run resumes: a checkpoint restores onto any mesh.
+RESUME_IGNORED = ("mesh",)
 
 
 class TrainingDiverged(RuntimeError):
@@ -36,25 +41,31 @@ class RunResult:
     last_eval: dict[str, Any] | None
 
 
-def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """Dotted names of fields whose values differ between two config dicts."""
+def config_differences(saved: dict, current: dict, prefix: str = "",
+                       ignore: tuple[str, ...] = RESUME_IGNORED) -> list[str]:
+    """Dotted names of fields whose values differ between two config dicts (top-level `ignore` sections aside)."""
     out = []
     for key in sorted(set(saved) | set(current)):
+        if not prefix and key in ignore:
+            continue
         a, b = saved.get(key), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += config_differences(a, b, f"{prefix}{key}.")
+            out += config_differences(a, b, f"{prefix}{key}.", ())
         elif a != b:
             out.append(f"{prefix}{key}: saved {a!r}, now {b!r}")
     return out
 
 
-def evaluate(eval_fn, params, biases, batches, max_batches: int = 0) -> dict[str, Any]:
-    """Validation loss (token-weighted mean over batches) and MaxVio_global over the whole validation set."""
+def evaluate(eval_fn, params, biases, batches, max_batches: int = 0, put=jnp.asarray) -> dict[str, Any]:
+    """Validation loss (token-weighted mean over batches) and MaxVio_global over the whole validation set.
+
+    `put` turns a process-local batch into the step's input (`MeshPlan.put_batch` on a mesh).
+    """
     losses, mtp_losses, counts = [], [], None
     for i, window in enumerate(batches):
         if max_batches and i >= max_batches:
             break
-        out = eval_fn(params, biases, jnp.asarray(window))
+        out = jax.device_get(eval_fn(params, biases, put(window)))
         losses.append(float(out["loss"]))
         mtp_losses.append(float(out["mtp_loss"]))
         counts = out["expert_counts"] if counts is None else counts + out["expert_counts"]
@@ -68,20 +79,29 @@ def evaluate(eval_fn, params, biases, batches, max_batches: int = 0) -> dict[str
 
 
 def train(config: Config, run_dir: str | os.PathLike, data: Any, *, show_progress: bool = True,
-          is_writer: bool | None = None, stop_after: int | None = None) -> RunResult:
+          is_writer: bool | None = None, stop_after: int | None = None, devices: list | None = None) -> RunResult:
     """Train (or resume) a run in `run_dir` on `data` (a prepared dataset from `dsv3_jax.data`).
 
-    `stop_after` ends the loop early after that many steps of this invocation (used by tests and benchmarks).
+    The mesh comes from `config.mesh` over `devices` (default: every device of every process). Each process
+    feeds its rows of every global batch; only the writer (process 0) writes metrics, config and plots, and
+    every process takes part in checkpointing. `stop_after` ends the loop early after that many steps of this
+    invocation (used by tests and benchmarks).
     """
     config.validate()
+    plan = sharding.plan_from_config(config, devices, every_param=False)  # impossible meshes fail here
     run_dir = os.path.abspath(os.fspath(run_dir))
     os.makedirs(run_dir, exist_ok=True)
     is_writer = jax.process_index() == 0 if is_writer is None else is_writer
     mc, tc = config.model, config.train
+    if is_writer:
+        print(sharding.describe(plan), file=sys.stderr)
 
-    graphdef, state = init_train_state(mc, tc)
+    graphdef, abstract = abstract_train_state(mc, tc)
+    plan.check_divisible(abstract.params)  # every parameter, before anything compiles
+    abstract = with_shardings(abstract, plan)
+    shardings = state_shardings(plan, abstract)
     checkpointer = RunCheckpointer(run_dir, keep=tc.keep_checkpoints)
-    restored = checkpointer.restore_latest(jax.eval_shape(lambda: state))
+    restored = checkpointer.restore_latest(abstract)  # straight into this mesh's layout
     data_state = None
     if restored is not None:
         step0, state, data_state, saved_config = restored
@@ -93,15 +113,20 @@ def train(config: Config, run_dir: str | os.PathLike, data: Any, *, show_progres
         print(f"resuming {run_dir} from step {step0}", file=sys.stderr)
     else:
         step0 = 0
+        state = init_train_state(mc, tc, plan, shardings)[1]
     if is_writer:
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             f.write(config.to_json())
 
-    train_iter = data.train_iterator(tc.batch_size, seed=tc.seed)
+    # This process's rows of every global batch (hosts holding the same rows read the same slice).
+    slice_index, slice_count = plan.process_batch_slice(tc.batch_size)
+    train_iter = data.train_iterator(tc.batch_size, seed=tc.seed, process_index=slice_index,
+                                     process_count=slice_count)
     if data_state is not None:
         train_iter.set_state(data_state)
-    step_fn = jax.jit(make_train_step(graphdef, mc, tc), donate_argnums=0)
-    eval_fn = jax.jit(make_eval_step(graphdef, mc, tc))
+    put = lambda local: plan.put_batch(local, tc.batch_size)  # noqa: E731
+    step_fn = jit_train_step(graphdef, mc, tc, plan, shardings)
+    eval_fn = jit_eval_step(graphdef, mc, tc, plan, shardings)
     writer = MetricsWriter(run_dir, enabled=is_writer, resume_step=step0 if restored is not None else None)
 
     tokens_per_step = tc.batch_size * tc.seq_len
@@ -113,7 +138,7 @@ def train(config: Config, run_dir: str | os.PathLike, data: Any, *, show_progres
         t_last = time.perf_counter()
         for step in bar:
             window = next(train_iter)
-            state, metrics = step_fn(state, jnp.asarray(window))
+            state, metrics = step_fn(state, put(window))
             metrics = jax.device_get(metrics)
             now = time.perf_counter()
             tokens_per_s = tokens_per_step / max(now - t_last, 1e-9)
@@ -129,8 +154,9 @@ def train(config: Config, run_dir: str | os.PathLike, data: Any, *, show_progres
                                        "Checkpoints written so far are intact.")
             bar.set_postfix(loss=f"{float(metrics['loss']):.3f}", tok_s=f"{tokens_per_s:,.0f}")
             if done % tc.eval_every == 0 or done == tc.steps:
-                last_eval = evaluate(eval_fn, state.params, state.biases, data.val_batches(tc.batch_size),
-                                     tc.eval_batches)
+                last_eval = evaluate(eval_fn, state.params, state.biases,
+                                     data.val_batches(tc.batch_size, slice_index, slice_count), tc.eval_batches,
+                                     put)
                 writer.write({"kind": "eval", "step": done, **last_eval})  # expert_load: [MoE layers, E]
                 bar.write(f"step {done}: val_loss {last_eval['val_loss']:.4f}  "
                           f"MaxVio_global {last_eval['maxvio_global']:.3f}")

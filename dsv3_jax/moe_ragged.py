@@ -1,0 +1,180 @@
+"""`ragged` MoE dispatch (DESIGN.md "MoE dispatch strategies"): sort assignments by expert + `jax.lax.ragged_dot`,
+dropless and exact; expert-parallel through `jax.shard_map` with a ragged all-to-all exchange.
+
+Shape suffixes as in moe.py: N tokens, E routed experts, K experts per token, D hidden, F expert width,
+A = N*K assignments. In the expert-parallel path lower-case n is one shard's tokens, L = E/P the experts of one
+shard, P the size of the expert mesh axis and M the receive-buffer rows (bound below).
+
+Transports (`transport=` of `ragged_experts_ep`):
+- "ragged": `jax.lax.ragged_all_to_all`, moving exactly the routed rows. XLA:CPU cannot run it in jax 0.10.2
+  ("HLO opcode `ragged-all-to-all` is not supported by XLA:CPU ThunkEmitter", also jax-ml/jax#34755), so it
+  is for GPU/TPU.
+- "padded": the same ragged semantics emulated with one fixed-size `jax.lax.all_to_all` of per-destination
+  buffers padded to the dropless worst case (`_padded_ragged_all_to_all`). It runs on every backend and moves
+  P*C rows per shard in each direction, C = n*min(K, L).
+- "auto" (default): "padded" on CPU meshes, "ragged" elsewhere.
+Both transports share all the offset arithmetic, so the CPU tests of "padded" also check what "ragged" is
+given; only the `ragged_all_to_all` primitive itself is untested on CPU.
+
+Buffer bound (dropless): a token's K experts are distinct (route() takes a top-k), so it sends at most
+min(K, L) rows to any one shard: each source sends <= C = n*min(K, L) rows to a destination, and a shard
+receives at most M = P*C rows. Routing that repeats an expert within a token breaks this bound: the padded
+transport would then silently drop rows (duplicate experts are never produced by route()).
+
+On CPU, XLA lowers `ragged_dot` to a masked dense matmul over all groups (about E times the work of the
+routed rows), so CPU training should keep using `capacity` / `blocked`; `ragged` is the accelerator path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+
+
+def _exclusive_cumsum(x: jax.Array, axis: int = 0) -> jax.Array:
+    """Start offsets of consecutive segments with sizes x."""
+    return jnp.cumsum(x, axis=axis) - x
+
+
+def _sort_assignments(topk_idx_NK: jax.Array, n_experts: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(order [A], token of each sorted assignment [A], per-expert counts [E] int32) for expert-sorted rows."""
+    top_k = topk_idx_NK.shape[1]
+    expert_A = topk_idx_NK.reshape(-1)
+    order_A = jnp.argsort(expert_A, stable=True)
+    counts_E = jnp.bincount(expert_A, length=n_experts).astype(jnp.int32)
+    return order_A, order_A // top_k, counts_E
+
+
+def _grouped_swiglu(rows_RD: jax.Array, gate_EDF: jax.Array, up_EDF: jax.Array, down_EFD: jax.Array,
+                    group_sizes_E: jax.Array) -> jax.Array:
+    """SwiGLU of expert-grouped rows; rows past sum(group_sizes) come out as zeros."""
+    h_RF = jax.nn.silu(jax.lax.ragged_dot(rows_RD, gate_EDF, group_sizes_E)) * jax.lax.ragged_dot(
+        rows_RD, up_EDF, group_sizes_E)
+    return jax.lax.ragged_dot(h_RF, down_EFD, group_sizes_E)
+
+
+def _combine(y_AD: jax.Array, order_A: jax.Array, topk_weight_NK: jax.Array) -> jax.Array:
+    """Unsort expert-ordered outputs and take each token's weighted sum of its K rows in fp32."""
+    n_tokens, top_k = topk_weight_NK.shape
+    y_NKD = jnp.zeros_like(y_AD).at[order_A].set(y_AD, unique_indices=True).reshape(n_tokens, top_k, -1)
+    # Elementwise multiply + sum (not an einsum) so accelerators cannot pick a reduced-precision matmul.
+    out_ND = jnp.sum(y_NKD.astype(jnp.float32) * topk_weight_NK.astype(jnp.float32)[..., None], axis=1)
+    return out_ND.astype(y_AD.dtype)
+
+
+def ragged_experts(x_ND: jax.Array, topk_idx_NK: jax.Array, topk_weight_NK: jax.Array, gate_EDF: jax.Array,
+                   up_EDF: jax.Array, down_EFD: jax.Array) -> jax.Array:
+    """Dropless routed experts on one device: sort by expert, grouped matmuls, unsort, weighted sum -> [N, D]."""
+    x_ND = x_ND.astype(gate_EDF.dtype)
+    order_A, token_A, counts_E = _sort_assignments(topk_idx_NK, gate_EDF.shape[0])
+    y_AD = _grouped_swiglu(x_ND[token_A], gate_EDF, up_EDF, down_EFD, counts_E)
+    return _combine(y_AD, order_A, topk_weight_NK)
+
+
+def _padded_ragged_all_to_all(operand: jax.Array, output: jax.Array, input_offsets: jax.Array,
+                              send_sizes: jax.Array, output_offsets: jax.Array, recv_sizes: jax.Array, *,
+                              axis_name: str, capacity: int) -> jax.Array:
+    """`jax.lax.ragged_all_to_all` semantics (one slice per peer) via a fixed-size all_to_all of [P, C] buffers.
+
+    Every slice must hold at most `capacity` rows; rows past it are dropped.
+    """
+    slot_C = jnp.arange(capacity)
+    src_PC = input_offsets[:, None] + slot_C
+    send_PC = slot_C < send_sizes[:, None]
+    mask_PC = send_PC.reshape(send_PC.shape + (1,) * (operand.ndim - 1))
+    buf_PCD = jnp.where(mask_PC, operand.at[src_PC].get(mode="fill", fill_value=0), 0)
+    recv_PCD = jax.lax.all_to_all(buf_PCD, axis_name, 0, 0, tiled=True)
+    # Sender s told us (in its output_offsets) where its slice goes in our output.
+    at_P = jax.lax.all_to_all(output_offsets, axis_name, 0, 0, tiled=True)
+    dst_PC = jnp.where(slot_C < recv_sizes[:, None], at_P[:, None] + slot_C, output.shape[0])
+    return output.at[dst_PC.reshape(-1)].set(recv_PCD.reshape(-1, *operand.shape[1:]), mode="drop")
+
+
+def _ep_shard(x_nD, idx_nK, weight_nK, gate_LDF, up_LDF, down_LFD, *, n_experts: int, expert_axis: str,
+              token_axes: tuple[str, ...], transport: str) -> tuple[jax.Array, jax.Array]:
+    """One shard's dispatch -> local experts -> return -> combine; also the psum'd global counts [E]."""
+    n_tokens, top_k = idx_nK.shape
+    n_local = gate_LDF.shape[0]
+    n_shards = n_experts // n_local
+    x_nD = x_nD.astype(gate_LDF.dtype)
+    order_A, token_A, counts_E = _sort_assignments(idx_nK, n_experts)
+    global_counts_E = jax.lax.psum(counts_E, token_axes)
+
+    # Expert-sorted rows are also sorted by destination shard (expert e lives on shard e // L).
+    counts_PL = counts_E.reshape(n_shards, n_local)
+    send_sizes_P = counts_PL.sum(1)
+    send_offsets_P = _exclusive_cumsum(send_sizes_P)
+    recv_counts_PL = jax.lax.all_to_all(counts_PL, expert_axis, 0, 0, tiled=True)  # row s: from source s
+    recv_sizes_P = recv_counts_PL.sum(1)
+    recv_offsets_P = _exclusive_cumsum(recv_sizes_P)  # sources land back to back in our buffer
+    remote_recv_offsets_P = jax.lax.all_to_all(recv_offsets_P, expert_axis, 0, 0, tiled=True)
+    remote_send_offsets_P = jax.lax.all_to_all(send_offsets_P, expert_axis, 0, 0, tiled=True)
+
+    capacity = n_tokens * min(top_k, n_local)  # rows one source sends one destination (distinct experts/token)
+    n_rows = n_shards * capacity
+    if transport == "ragged":
+        exchange = lambda *a: jax.lax.ragged_all_to_all(*a, axis_name=expert_axis)  # noqa: E731
+    else:
+        exchange = lambda *a: _padded_ragged_all_to_all(*a, axis_name=expert_axis, capacity=capacity)  # noqa: E731
+    x_MD = exchange(x_nD[token_A], jnp.zeros((n_rows, x_nD.shape[1]), x_nD.dtype), send_offsets_P,
+                    send_sizes_P, remote_recv_offsets_P, recv_sizes_P)
+
+    # Received rows are grouped by (source, local expert); regroup them by local expert for ragged_dot.
+    seg_ends = jnp.cumsum(recv_counts_PL.reshape(-1))
+    row_M = jnp.arange(n_rows)
+    seg_M = jnp.searchsorted(seg_ends, row_M, side="right")  # == P*L for unused rows
+    valid_M = seg_M < n_shards * n_local
+    seg_M = jnp.minimum(seg_M, n_shards * n_local - 1)
+    src_M, local_M = seg_M // n_local, seg_M % n_local
+    rank_M = row_M - (seg_ends - recv_counts_PL.reshape(-1))[seg_M]
+    group_sizes_L = recv_counts_PL.sum(0)
+    start_PL = _exclusive_cumsum(group_sizes_L)[None, :] + _exclusive_cumsum(recv_counts_PL, axis=0)
+    grouped_M = jnp.where(valid_M, start_PL[src_M, local_M] + rank_M, n_rows)
+    rows_MD = jnp.zeros_like(x_MD).at[grouped_M].set(x_MD, mode="drop")
+    y_grouped_MD = _grouped_swiglu(rows_MD, gate_LDF, up_LDF, down_LFD, group_sizes_L)
+    y_MD = y_grouped_MD.at[grouped_M].get(mode="fill", fill_value=0)
+
+    y_AD = exchange(y_MD, jnp.zeros((n_tokens * top_k, y_MD.shape[1]), y_MD.dtype), recv_offsets_P,
+                    recv_sizes_P, remote_send_offsets_P, send_sizes_P)
+    return _combine(y_AD, order_A, weight_nK), global_counts_E
+
+
+def ragged_experts_ep(x_ND: jax.Array, topk_idx_NK: jax.Array, topk_weight_NK: jax.Array, gate_EDF: jax.Array,
+                      up_EDF: jax.Array, down_EFD: jax.Array, *, mesh: Mesh, expert_axis: str = "expert",
+                      token_axes: Sequence[str] = ("data", "expert"),
+                      transport: str = "auto") -> tuple[jax.Array, jax.Array]:
+    """Expert-parallel `ragged_experts`: (out [N, D] sharded like the tokens, global expert counts [E] int32).
+
+    Tokens (and routing) are split over `token_axes`, experts over `expert_axis` (each shard holds E/P experts'
+    weights); mesh axes in neither are replicated. The counts are psum'd over `token_axes`, i.e. the global
+    per-expert loads the aux-loss-free bias update needs.
+    """
+    token_axes = tuple(token_axes)
+    if transport == "auto":
+        transport = "padded" if mesh.devices.flat[0].platform == "cpu" else "ragged"
+    if transport not in ("ragged", "padded"):
+        raise ValueError(f"transport must be 'auto', 'ragged' or 'padded', got {transport!r}")
+    for axis in (expert_axis, *token_axes):
+        if axis not in mesh.shape:
+            raise ValueError(f"mesh axis {axis!r} not in mesh axes {tuple(mesh.shape)}")
+    if expert_axis not in token_axes:
+        raise ValueError(f"expert_axis {expert_axis!r} must be one of token_axes {token_axes}: tokens replicated "
+                         "over the expert axis would be computed once per expert shard")
+    n_experts = gate_EDF.shape[0]
+    n_token_shards = 1
+    for axis in token_axes:
+        n_token_shards *= mesh.shape[axis]
+    if n_experts % mesh.shape[expert_axis]:
+        raise ValueError(f"n_experts={n_experts} not divisible by mesh axis {expert_axis!r}={mesh.shape[expert_axis]}")
+    if x_ND.shape[0] % n_token_shards:
+        raise ValueError(f"tokens N={x_ND.shape[0]} not divisible by the {n_token_shards} shards of {token_axes}")
+
+    tokens, experts = P(token_axes), P(expert_axis)
+    body = jax.shard_map(
+        lambda *args: _ep_shard(*args, n_experts=n_experts, expert_axis=expert_axis, token_axes=token_axes,
+                                transport=transport),
+        mesh=mesh, in_specs=(tokens, tokens, tokens, experts, experts, experts), out_specs=(tokens, P()))
+    return body(x_ND, topk_idx_NK, topk_weight_NK, gate_EDF, up_EDF, down_EFD)

@@ -1,0 +1,424 @@
+"""Per-device memory plan for one training step on a (data, expert, tensor) mesh, without allocating anything.
+
+Parameter shapes come from `jax.eval_shape` on the real model, so the plan follows the code (MTP modules,
+shared experts, norms, router kernels included). Each parameter's per-device size follows the mesh's sharding
+rules, which `partition_spec` returns as a tuple usable as `jax.sharding.PartitionSpec(*spec)`:
+
+* routed experts ([E, D, F] gate/up, [E, F, D] down): E over `expert`, F over `tensor`;
+* attention: `q_b_proj` / `q_proj` and `kv_b_proj` outputs (heads x head dims) and the `o_proj` input over
+  `tensor`; dense-layer MLP and shared experts: the hidden width over `tensor`;
+* `embed_tokens` ([V, D]) and `lm_head` ([D, V]): the vocabulary over `tensor`;
+* everything else (norms, `q_a_proj`, `kv_a_proj_with_mqa`, router kernels, `eh_proj`) replicated;
+* `fsdp=True` additionally splits every weight matrix over `data`, on its hidden (model) dimension, or on the
+  MLA latent for `q_b_proj` / `kv_b_proj`; optimizer moments and gradients follow their parameters. Router
+  biases and norms stay replicated.
+
+The batch is split over data x expert; the expert-parallel MoE sees the tokens of the `expert` devices that
+share a data index (one all-to-all group). Capacity is sized from that group's tokens. (moe.py today sizes it
+from the tokens it is traced with, i.e. the global batch under plain GSPMD jit; unless the capacity axis is
+also split over `data`, its buffers are then `data` times the figure here.)
+
+Activation formula (no rematerialisation: the model has none). With a = bytes of `cfg.dtype`, B the local
+batch, n the positions a stack processes (seq_len + mtp_depth for the main model, n - k for MTP depth k),
+N = B n local tokens, H = heads / tensor, it sums what autodiff keeps for the backward pass:
+
+* per MLA block: layer input and its norm [N, D]; q_a and its norm [N, q_lora]; q [N, H (dn + dr)];
+  kv_a [N, C + dr], normed c_kv [N, C], rotated k_pe [N, dr]; kv [N, H (dn + dv)]; scores [B, H, n, n] in
+  fp32 and probabilities [B, H, n, n] in a; attention output [N, H dv]; all in a except the scores;
+* per MoE block: post-attention residual and norm [N, D]; router logits and scores [N, E] fp32; the routed
+  experts' dispatch buffers for the configured dispatch, for E_l = E / expert local experts, F_l = F / tensor
+  and the G = N x expert tokens of the expert-parallel group (A = N K local assignments):
+    - dense: [G, E_l, F_l] gate, up and product, [G, E_l, D] outputs (a and fp32 copies);
+    - capacity: R = E_l C rows with C = `expert_capacity(G, K, E, capacity_factor)` (dropless: C = G):
+      buffer [R, D], gate/up/product [R, F_l], outputs [R, D]; gathered inputs and outputs [A, D];
+      fp32 combine [N, D];
+    - blocked: R = n_blocks x 128 rows (n_blocks = ceil((G K + E_l 127) / 128)): the same row buffers plus
+      the per-block gathered weights 3 x [n_blocks, D, F_l];
+  shared experts: gate/up/product [N, n_shared F_l] and output [N, D];
+* per dense-MLP block: gate/up/product [N, I / tensor] and output [N, D];
+* per MTP module: the two norms, the concatenation [N, 2D], eh_proj output and head norm [N, D];
+* logits: [B, n, V / tensor] fp32 twice (logits and log-softmax) for the main head and every MTP head;
+* when `dtype` differs from `param_dtype`: the compute-dtype copy of every local weight (kept for the
+  backward matmuls);
+* plus the largest transient of the backward pass: the max of the logits gradient (2 x [B, n, V/tensor]
+  fp32), one block's score/probability gradients (2 x [B, H, n, n] fp32) and one MoE block's dispatch
+  buffers (their gradients).
+
+Gradients are counted separately (same size and sharding as the parameters, in the parameter dtype).
+Measured against XLA on one CPU device with the state donated, as the trainer does (tests/test_plan.py):
+params + optimizer + biases + counters + batch equal `argument_size_in_bytes` exactly, and activations +
+gradients came within 0.97x-1.16x of `temp_size_in_bytes` over tiny/small, batch 2-8, seq 32-256 and all
+three dispatches in fp32 (0.85x-1.01x with bf16 compute). It is a formula over the tensors autodiff keeps,
+not a replay of XLA's buffer assignment: fusion, other backends and sharded programs will move it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsv3_jax.config import ConfigError, ModelConfig
+from dsv3_jax.moe import expert_capacity
+
+AXES = ("data", "expert", "tensor")
+GIB = 1024 ** 3
+BLOCK_ROWS = 128  # RoutedExperts.blocked's default block
+
+
+class MeshError(ConfigError):
+    """A mesh that cannot hold the model: the message names the mesh axis and the model dimension."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes per device for one training step (see the module docstring for what each figure counts)."""
+
+    mesh: dict[str, int]
+    fsdp: bool
+    n_devices: int
+    local_batch: int  # sequences per device
+    positions: int  # seq_len + mtp_depth: what the main stack processes per sequence
+    moe_dispatch: str
+    params: int
+    optimizer: int  # AdamW moments + optax's scalar counts
+    router_biases: int
+    gradients: int
+    activations: int
+    batch_inputs: int  # the int32 token window
+    counters: int  # TrainState step / skip counters
+    kv_cache_bytes_per_token: int  # decoding cache per token over all layers (latent + rope key), per device
+    activation_breakdown: dict[str, int]
+
+    @property
+    def state(self) -> int:
+        """What a compiled step takes as arguments: the whole TrainState plus the batch."""
+        return self.params + self.optimizer + self.router_biases + self.counters + self.batch_inputs
+
+    @property
+    def total(self) -> int:
+        return self.state + self.gradients + self.activations
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["total"] = self.total
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+# ---- mesh ----------------------------------------------------------------------------------------------------
+def normalize_mesh(mesh_shape: Mapping[str, int] | None) -> dict[str, int]:
+    """{data, expert, tensor} with missing axes set to 1; unknown axes and sizes < 1 raise MeshError."""
+    mesh_shape = dict(mesh_shape or {})
+    unknown = sorted(set(mesh_shape) - set(AXES))
+    if unknown:
+        raise MeshError(f"mesh.{unknown[0]}", f"unknown mesh axis; the axes are {AXES}")
+    mesh = {axis: mesh_shape.get(axis, 1) for axis in AXES}
+    for axis, size in mesh.items():
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise MeshError(f"mesh.{axis}", f"must be an integer >= 1, got {size!r}")
+    return mesh
+
+
+def validate_mesh(model_cfg: ModelConfig, mesh_shape: Mapping[str, int], batch_size: int | None = None,
+                  fsdp: bool = False) -> dict[str, int]:
+    """Raise MeshError naming the axis and the dimension it does not divide; return the normalised mesh."""
+    mesh = normalize_mesh(mesh_shape)
+    cfg = model_cfg
+    checks = [
+        ("tensor", "num_attention_heads", cfg.num_attention_heads),
+        ("tensor", "moe_intermediate_size", cfg.moe_intermediate_size),
+        ("tensor", "vocab_size", cfg.vocab_size),
+        ("expert", "n_routed_experts", cfg.n_routed_experts),
+    ]
+    if cfg.first_k_dense_replace > 0:
+        checks.append(("tensor", "intermediate_size", cfg.intermediate_size))
+    if fsdp:
+        checks += [("data", "hidden_size", cfg.hidden_size), ("data", "kv_lora_rank", cfg.kv_lora_rank)]
+        if cfg.q_lora_rank is not None:
+            checks.append(("data", "q_lora_rank", cfg.q_lora_rank))
+    for axis, name, value in checks:
+        if value % mesh[axis]:
+            why = " (fsdp splits the weight matrices over data)" if axis == "data" else ""
+            raise MeshError(f"mesh.{axis}", f"{axis}={mesh[axis]} does not divide {name}={value}{why}")
+    if batch_size is not None:
+        shards = mesh["data"] * mesh["expert"]
+        if batch_size % shards:
+            raise MeshError("mesh.data", f"the batch is split over data x expert = {mesh['data']} x "
+                            f"{mesh['expert']} = {shards}, which does not divide batch_size={batch_size}")
+    return mesh
+
+
+# ---- parameter sharding --------------------------------------------------------------------------------------
+def _names(path: tuple) -> list[str]:
+    return [str(p) for p in path]
+
+
+# 2-D kernels by owning module: (dimension split over `tensor`, dimension split over `data` with fsdp).
+# The fsdp dimension is the hidden (model) dimension, or the MLA latent for q_b/kv_b, which have none.
+_KERNEL_DIMS: dict[str, tuple[int | None, int]] = {
+    "q_proj": (1, 0), "q_b_proj": (1, 0), "kv_b_proj": (1, 0),  # [D or latent, heads x head dims]
+    "o_proj": (0, 1),  # [heads x v_head_dim, D]
+    "gate_proj": (1, 0), "up_proj": (1, 0), "down_proj": (0, 1),  # dense and shared-expert SwiGLU
+    "lm_head": (1, 0),  # [D, V]
+    "q_a_proj": (None, 0), "kv_a_proj_with_mqa": (None, 0), "gate": (None, 0),  # [D, latent] / router [D, E]
+    "eh_proj": (None, 1),  # [2D, D]
+}
+
+
+def partition_spec(path: tuple, shape: tuple[int, ...], mesh_shape: Mapping[str, int] | None = None,
+                   fsdp: bool = False) -> tuple[str | None, ...]:
+    """The mesh axis (or None) each dimension of the parameter at `path` is split over.
+
+    `path` is an nnx flat-state path such as ('layers', 3, 'mlp', 'experts', 'gate_proj'). The rules are
+    those of the module docstring (and of dsv3_jax.sharding's table, which tests/test_plan.py checks this
+    against). A parameter no rule knows stays replicated, so a new one is over- rather than under-counted.
+    `mesh_shape` is accepted for symmetry with `local_shape`; the spec does not depend on the axis sizes.
+    """
+    del mesh_shape
+    names = _names(path)
+    spec: list[str | None] = [None] * len(shape)
+    leaf = names[-1]
+    owner = names[-2] if len(names) >= 2 else ""
+    tensor_dim = fsdp_dim = None
+    if "experts" in names and "shared_experts" not in names and len(shape) == 3:
+        spec[0] = "expert"  # [E, D, F] gate/up or [E, F, D] down
+        tensor_dim, fsdp_dim = (1, 2) if leaf == "down_proj" else (2, 1)
+    elif names[0] == "embed_tokens" and len(shape) == 2:
+        tensor_dim, fsdp_dim = 0, 1  # [V, D]
+    elif leaf == "kernel" and len(shape) == 2 and owner in _KERNEL_DIMS:
+        tensor_dim, fsdp_dim = _KERNEL_DIMS[owner]
+    if tensor_dim is not None:
+        spec[tensor_dim] = "tensor"
+    if fsdp and fsdp_dim is not None:
+        spec[fsdp_dim] = "data"
+    return tuple(spec)
+
+
+def local_shape(shape: tuple[int, ...], spec: tuple[str | None, ...], mesh: Mapping[str, int]) -> tuple[int, ...]:
+    """Per-device shape (ceil division, as GSPMD pads an uneven split)."""
+    return tuple(-(-dim // (mesh[axis] if axis else 1)) for dim, axis in zip(shape, spec))
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamShard:
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+    spec: tuple[str | None, ...]
+    local_shape: tuple[int, ...]
+
+    @property
+    def local_bytes(self) -> int:
+        return math.prod(self.local_shape) * jnp.dtype(self.dtype).itemsize
+
+    @property
+    def global_bytes(self) -> int:
+        return math.prod(self.shape) * jnp.dtype(self.dtype).itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class AbstractLeaf:
+    path: tuple
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * jnp.dtype(self.dtype).itemsize
+
+
+@functools.lru_cache(maxsize=16)
+def abstract_state(model_cfg: ModelConfig) -> tuple[tuple[AbstractLeaf, ...], tuple[AbstractLeaf, ...]]:
+    """(trainable params, router biases) of `DeepSeekV3(model_cfg)` as shapes, from `jax.eval_shape`.
+
+    Tracing all 61 layers of the 671B preset takes ~15 s (nnx's RNG bookkeeping grows with the trace), and
+    every dense layer (every MoE layer) has the same parameters, so one layer of each kind is traced and its
+    leaves are repeated under every layer index of that kind. tests/test_plan.py checks the result against
+    a full trace.
+    """
+    from dsv3_jax.model import init_model  # local: heavy import
+    from dsv3_jax.moe import RouterBias
+
+    n_layers, n_dense = model_cfg.num_hidden_layers, model_cfg.first_k_dense_replace
+    kept_dense, kept_moe = min(n_dense, 1), min(n_layers - n_dense, 1)
+    reduced = model_cfg.replace(num_hidden_layers=kept_dense + kept_moe, first_k_dense_replace=kept_dense)
+
+    def build():
+        _, params, biases = nnx.split(init_model(reduced), nnx.Param, RouterBias)
+        return params, biases
+
+    def expand(state) -> tuple[AbstractLeaf, ...]:
+        leaves = []
+        for path, leaf in nnx.to_flat_state(state):
+            if path[0] == "layers":
+                dense = path[1] < kept_dense
+                indices = range(n_dense) if dense else range(n_dense, n_layers)
+                paths = [("layers", i, *path[2:]) for i in indices]
+            else:
+                paths = [path]
+            leaves += [AbstractLeaf(tuple(p), tuple(leaf.shape), jnp.dtype(leaf.dtype).name) for p in paths]
+        return tuple(leaves)
+
+    params, biases = jax.eval_shape(build)
+    return expand(params), expand(biases)
+
+
+def param_shards(model_cfg: ModelConfig, mesh_shape: Mapping[str, int] | None = None,
+                 fsdp: bool = False) -> list[ParamShard]:
+    """Every trainable parameter with its global shape, partition spec and per-device shape."""
+    mesh = validate_mesh(model_cfg, mesh_shape or {}, fsdp=fsdp)
+    return [_shard(leaf, mesh, fsdp) for leaf in abstract_state(model_cfg)[0]]
+
+
+def _shard(leaf: AbstractLeaf, mesh: Mapping[str, int], fsdp: bool) -> ParamShard:
+    spec = partition_spec(leaf.path, leaf.shape, mesh, fsdp)
+    return ParamShard("/".join(_names(leaf.path)), leaf.shape, leaf.dtype, spec, local_shape(leaf.shape, spec, mesh))
+
+
+def kv_cache_bytes_per_token(model_cfg: ModelConfig) -> int:
+    """Absorbed-MLA decode cache per token: (kv_lora_rank + qk_rope_head_dim) x layers x bytes of `dtype`.
+
+    The latent is shared by all heads, so tensor parallelism does not split it (every device holds it).
+    """
+    return model_cfg.kv_cache_dim * model_cfg.num_hidden_layers * jnp.dtype(model_cfg.dtype).itemsize
+
+
+# ---- the plan ------------------------------------------------------------------------------------------------
+def estimate_memory(model_cfg: ModelConfig, train_cfg, mesh_shape: Mapping[str, int] | None = None,
+                    fsdp: bool = False) -> MemoryPlan:
+    """Per-device bytes of one train step (`dsv3_jax.train.step`) of `model_cfg` / `train_cfg` on the mesh."""
+    from dsv3_jax.train.optim import make_optimizer  # local: keeps `import dsv3_jax.plan` light
+
+    model_cfg.validate()
+    mesh = validate_mesh(model_cfg, mesh_shape or {}, train_cfg.batch_size, fsdp)
+    params, biases = abstract_state(model_cfg)
+    shards = [_shard(leaf, mesh, fsdp) for leaf in params]
+    param_bytes = sum(s.local_bytes for s in shards)
+    global_param_bytes = sum(s.global_bytes for s in shards)
+    bias_bytes = sum(leaf.nbytes for leaf in biases)
+
+    # Optimizer: moments mirror their parameters (same shape, dtype and sharding); scalars are replicated.
+    # A flat dict of shape structs stands in for the nnx.State: optax only maps over the leaves.
+    structs = {"/".join(_names(leaf.path)): jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) for leaf in params}
+    opt_leaves = jax.tree.leaves(jax.eval_shape(make_optimizer(train_cfg).init, structs))
+    scalar_bytes = sum(leaf.dtype.itemsize for leaf in opt_leaves if leaf.ndim == 0)
+    moment_bytes = sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in opt_leaves if leaf.ndim > 0)
+    moments_per_param = moment_bytes / global_param_bytes if global_param_bytes else 0.0
+    optimizer_bytes = round(moments_per_param * param_bytes) + scalar_bytes
+
+    local_batch = train_cfg.batch_size // (mesh["data"] * mesh["expert"])
+    positions = train_cfg.seq_len + model_cfg.mtp_depth
+    breakdown = activation_breakdown(model_cfg, local_batch, positions, mesh,
+                                     sum(math.prod(s.local_shape) for s in shards))
+    return MemoryPlan(
+        mesh=dict(mesh), fsdp=fsdp, n_devices=math.prod(mesh.values()), local_batch=local_batch,
+        positions=positions, moe_dispatch=model_cfg.moe_dispatch, params=param_bytes, optimizer=optimizer_bytes,
+        router_biases=bias_bytes, gradients=param_bytes, activations=sum(breakdown.values()),
+        batch_inputs=local_batch * (train_cfg.seq_len + 1 + model_cfg.mtp_depth) * 4, counters=3 * 4,
+        kv_cache_bytes_per_token=kv_cache_bytes_per_token(model_cfg),
+        activation_breakdown=breakdown)
+
+
+def _dispatch_bytes(cfg: ModelConfig, tokens: int, mesh: Mapping[str, int]) -> int:
+    """Routed-expert buffers of one MoE block on one device (see the module docstring)."""
+    a = jnp.dtype(cfg.dtype).itemsize
+    d, k = cfg.hidden_size, cfg.num_experts_per_tok
+    e_local = cfg.n_routed_experts // mesh["expert"]
+    f_local = cfg.moe_intermediate_size // mesh["tensor"]
+    group = tokens * mesh["expert"]
+    assignments = tokens * k
+    if cfg.moe_dispatch == "dense":
+        return group * e_local * (3 * f_local * a + d * (a + 4))
+    if cfg.moe_dispatch == "capacity":
+        rows = e_local * expert_capacity(group, k, cfg.n_routed_experts, cfg.capacity_factor)
+        return rows * (2 * d + 3 * f_local) * a + 2 * assignments * d * a + tokens * d * 4
+    n_blocks = -(-(group * k + e_local * (BLOCK_ROWS - 1)) // BLOCK_ROWS)
+    rows = n_blocks * BLOCK_ROWS
+    return (rows * (2 * d + 3 * f_local) * a + 3 * n_blocks * d * f_local * a
+            + 2 * assignments * d * a + tokens * d * 4)
+
+
+def activation_breakdown(model_cfg: ModelConfig, local_batch: int, positions: int,
+                         mesh_shape: Mapping[str, int] | None = None, local_param_elements: int = 0) -> dict[str, int]:
+    """Bytes kept for the backward pass (by component) plus the largest backward transient, per device.
+
+    `local_param_elements` (per-device parameter count) sizes the compute-dtype weight copies kept when
+    `dtype` differs from `param_dtype`.
+    """
+    cfg = model_cfg
+    mesh = normalize_mesh(mesh_shape)
+    a = jnp.dtype(cfg.dtype).itemsize
+    d, t = cfg.hidden_size, mesh["tensor"]
+    heads = cfg.num_attention_heads // t
+    q_lora = cfg.q_lora_rank or 0
+    vocab_local = cfg.vocab_size // t
+    out = dict.fromkeys(("weight_casts", "attention", "moe_router", "moe_dispatch", "shared_experts", "dense_mlp", "mtp",
+                         "logits", "transient"), 0)
+    if jnp.dtype(cfg.dtype) != jnp.dtype(cfg.param_dtype):
+        out["weight_casts"] = local_param_elements * a
+    transient = 0
+
+    def block(n: int, moe: bool) -> None:
+        nonlocal transient
+        tokens = local_batch * n
+        per_token = (2 * d + 2 * q_lora + heads * cfg.qk_head_dim + cfg.kv_cache_dim + cfg.kv_lora_rank
+                     + cfg.qk_rope_head_dim + heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+                     + heads * cfg.v_head_dim)
+        scores = local_batch * heads * n * n
+        out["attention"] += tokens * per_token * a + scores * (4 + a)
+        transient = max(transient, 2 * scores * 4)
+        if moe:
+            out["moe_router"] += 2 * d * tokens * a + 2 * tokens * cfg.n_routed_experts * 4
+            dispatch = _dispatch_bytes(cfg, tokens, mesh)
+            out["moe_dispatch"] += dispatch
+            transient = max(transient, dispatch)
+            if cfg.n_shared_experts:
+                width = cfg.n_shared_experts * cfg.moe_intermediate_size // t
+                out["shared_experts"] += tokens * (3 * width + d) * a
+        else:
+            out["dense_mlp"] += 2 * d * tokens * a + tokens * (3 * cfg.intermediate_size // t + d) * a
+
+    for i in range(cfg.num_hidden_layers):
+        block(positions, cfg.is_moe_layer(i))
+    head_tokens = [local_batch * positions]
+    for depth in range(1, cfg.mtp_depth + 1):
+        n = positions - depth
+        if n <= 0:
+            break
+        out["mtp"] += local_batch * n * 6 * d * a  # enorm, hnorm, concat (2D), eh_proj, head norm
+        block(n, moe=True)
+        head_tokens.append(local_batch * n)
+    out["logits"] = sum(2 * tokens * vocab_local * 4 for tokens in head_tokens) + head_tokens[0] * 2 * d * a
+    out["transient"] = max(transient, 2 * max(head_tokens) * vocab_local * 4)
+    return out
+
+
+# ---- presentation --------------------------------------------------------------------------------------------
+def format_plan(plan: MemoryPlan, as_json: bool = False) -> str:
+    """A readable per-device table in GiB (or the plan's JSON with `as_json=True`)."""
+    if as_json:
+        return plan.to_json()
+    mesh = " x ".join(f"{axis}={size}" for axis, size in plan.mesh.items())
+    lines = [f"mesh {mesh} ({plan.n_devices} devices){', fsdp' if plan.fsdp else ''}; "
+             f"{plan.local_batch} sequence(s) x {plan.positions} positions per device; "
+             f"MoE dispatch {plan.moe_dispatch}",
+             f"{'per device':<34}{'GiB':>12}"]
+    rows = [("params", plan.params), ("optimizer state (AdamW)", plan.optimizer),
+            ("router biases", plan.router_biases), ("gradients", plan.gradients),
+            ("activations", plan.activations)]
+    rows += [(f"  {name}", value) for name, value in plan.activation_breakdown.items() if value]
+    rows += [("batch inputs + counters", plan.batch_inputs + plan.counters)]
+    lines += [f"{name:<34}{value / GIB:>12.3f}" for name, value in rows]
+    lines.append(f"{'total':<34}{plan.total / GIB:>12.3f}")
+    lines.append(f"KV cache per token (decode): {plan.kv_cache_bytes_per_token:,} bytes "
+                 f"({plan.kv_cache_bytes_per_token / 1024:.1f} KiB)")
+    return "\n".join(lines)
