@@ -130,13 +130,7 @@ class RoutedExperts(nnx.Module):
         n_tokens, top_k = topk_idx_NK.shape
         n_experts = cfg.n_routed_experts
         cap = expert_capacity(n_tokens, top_k, n_experts, cfg.capacity_factor)
-        expert_A = topk_idx_NK.reshape(-1)
-        order_A = jnp.argsort(expert_A, stable=True)  # stable: within an expert, earlier tokens first
-        sorted_expert_A = expert_A[order_A]
-        token_A = order_A // top_k
-        counts_E = jnp.bincount(expert_A, length=n_experts)
-        starts_E = jnp.cumsum(counts_E) - counts_E
-        rank_A = jnp.arange(expert_A.shape[0]) - starts_E[sorted_expert_A]
+        order_A, sorted_expert_A, token_A, counts_E, rank_A = sort_by_expert(topk_idx_NK, n_experts)
         kept_A = rank_A < cap
         trash_slot = n_experts * cap  # dropped assignments land in one extra row that is sliced away
         slot_A = jnp.where(kept_A, sorted_expert_A * cap + rank_A, trash_slot)
@@ -154,7 +148,6 @@ class RoutedExperts(nnx.Module):
         dropped = jnp.sum(~kept_A, dtype=jnp.float32) / kept_A.size
         return out_ND.astype(x_ND.dtype), dropped
 
-
     def blocked(self, x_ND: jax.Array, topk_idx_NK: jax.Array, topk_weight_NK: jax.Array,
                 block: int = 128) -> jax.Array:
         """Dropless grouped matmul with static shapes: each expert's sorted assignments are padded to whole
@@ -170,15 +163,10 @@ class RoutedExperts(nnx.Module):
         n_assign = n_tokens * top_k
         block = max(1, min(block, n_assign))
         n_blocks = -(-(n_assign + n_experts * (block - 1)) // block)  # static bound on padded rows / block
-        expert_A = topk_idx_NK.reshape(-1)
-        order_A = jnp.argsort(expert_A, stable=True)
-        sorted_expert_A = expert_A[order_A]
-        token_A = order_A // top_k
-        counts_E = jnp.bincount(expert_A, length=n_experts)
+        order_A, sorted_expert_A, token_A, counts_E, rank_A = sort_by_expert(topk_idx_NK, n_experts)
         padded_E = -(-counts_E // block) * block
         padded_end_E = jnp.cumsum(padded_E)
         padded_start_E = padded_end_E - padded_E
-        rank_A = jnp.arange(n_assign) - (jnp.cumsum(counts_E) - counts_E)[sorted_expert_A]
         row_A = padded_start_E[sorted_expert_A] + rank_A
         # The expert owning each block; blocks past the last expert's padding hold only zero rows.
         block_expert_B = jnp.minimum(jnp.searchsorted(padded_end_E, jnp.arange(n_blocks) * block, side="right"),
@@ -194,6 +182,20 @@ class RoutedExperts(nnx.Module):
         weight_A = topk_weight_NK.reshape(-1)[order_A]
         out_ND = jnp.zeros(x_ND.shape, jnp.float32).at[token_A].add(y_RD[row_A].astype(jnp.float32) * weight_A[:, None])
         return out_ND.astype(x_ND.dtype)
+
+
+def sort_by_expert(topk_idx_NK: jax.Array, n_experts: int) -> tuple[jax.Array, ...]:
+    """Assignments sorted by expert: (order [A], expert [A], token [A], counts [E], rank within expert [A]).
+
+    The sort is stable, so within an expert earlier tokens come first (and keep their slots when a capacity
+    limit drops the overflow).
+    """
+    expert_A = topk_idx_NK.reshape(-1)
+    order_A = jnp.argsort(expert_A, stable=True)
+    sorted_expert_A = expert_A[order_A]
+    counts_E = jnp.bincount(expert_A, length=n_experts)
+    rank_A = jnp.arange(expert_A.shape[0]) - (jnp.cumsum(counts_E) - counts_E)[sorted_expert_A]
+    return order_A, sorted_expert_A, order_A // topk_idx_NK.shape[1], counts_E, rank_A
 
 
 def expert_capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: float | None) -> int:
