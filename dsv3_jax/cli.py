@@ -1,4 +1,4 @@
-"""Command line: `python -m dsv3_jax {train,eval,params} ...`.
+"""Command line: `python -m dsv3_jax {train,eval,params,plan} ...`.
 
 Every argument is validated (config overrides included) before data is prepared or anything compiles.
 `--distributed` joins a multi-process run first (see `dsv3_jax.distributed`); the mesh comes from `mesh.*`.
@@ -152,6 +152,33 @@ def cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Per-device memory of one train step for a preset + overrides on a mesh, without allocating anything."""
+    from dsv3_jax.plan import estimate_memory, format_plan
+    from dsv3_jax.train.config import Config, apply_overrides
+    from dsv3_jax.train.presets import train_preset
+
+    config = apply_overrides(Config(model=get_preset(args.preset), train=train_preset(args.preset)), args.set or [])
+    mesh_cfg = config.mesh.validate()
+    sizes = {"data": mesh_cfg.data, "expert": mesh_cfg.expert, "tensor": mesh_cfg.tensor}
+    fill = [axis for axis, size in sizes.items() if size == -1]
+    if fill:
+        known = sizes["data"] * sizes["expert"] * sizes["tensor"] * -1
+        if args.devices is None:
+            sizes[fill[0]] = 1
+        elif args.devices % known:
+            raise ConfigError("--devices", f"{args.devices} devices do not split into the fixed mesh axes "
+                              f"({known} devices)")
+        else:
+            sizes[fill[0]] = args.devices // known
+    elif args.devices is not None and args.devices != sizes["data"] * sizes["expert"] * sizes["tensor"]:
+        raise ConfigError("--devices", f"{args.devices} devices, but data*expert*tensor = "
+                          f"{sizes['data'] * sizes['expert'] * sizes['tensor']}")
+    plan = estimate_memory(config.model, config.train, sizes, fsdp=mesh_cfg.fsdp, backend=args.backend)
+    print(format_plan(plan, as_json=args.json))
+    return 0
+
+
 def _add_cluster_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("multi-host (run the same command on every host)")
     group.add_argument("--distributed", action="store_true",
@@ -187,6 +214,19 @@ def build_parser() -> argparse.ArgumentParser:
     params.add_argument("--preset", choices=sorted(PRESETS), default="deepseek-v3-671b")
     params.add_argument("--set", action="append", metavar="model.FIELD=VALUE")
     params.set_defaults(func=cmd_params)
+
+    plan = sub.add_parser("plan", help="per-device memory of a train step on a mesh, without allocating the model")
+    plan.add_argument("--preset", choices=sorted(PRESETS), default="deepseek-v3-671b")
+    plan.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
+                      help="model/train/mesh overrides, e.g. --set mesh.expert=64 --set mesh.tensor=8 "
+                           "--set train.batch_size=256 --set mesh.fsdp=true")
+    plan.add_argument("--devices", type=int, default=None,
+                      help="device count: fills the mesh axis left at -1 (default data=-1 -> 1) and is checked "
+                           "against the others")
+    plan.add_argument("--backend", choices=("gpu", "tpu", "cpu"), default="gpu",
+                      help="the target backend; decides what moe_dispatch=auto becomes (default gpu: ragged)")
+    plan.add_argument("--json", action="store_true", help="machine-readable output")
+    plan.set_defaults(func=cmd_plan)
     return parser
 
 

@@ -13,7 +13,8 @@ import os
 from typing import Any, Mapping
 
 DTYPES = ("float32", "bfloat16", "float16")
-MOE_DISPATCH = ("dense", "capacity", "blocked")
+# "auto" resolves per backend (resolve_moe_dispatch): ragged on GPU/TPU, capacity on CPU.
+MOE_DISPATCH = ("auto", "dense", "capacity", "blocked", "ragged")
 # ModelConfig fields that say how we compute, not what the architecture is (absent from HF config.json).
 COMPUTE_FIELDS = ("dtype", "param_dtype", "moe_dispatch", "capacity_factor", "init_std")
 
@@ -70,7 +71,7 @@ class ModelConfig:
     # Not part of HF's config: how we compute.
     dtype: str = "float32"  # activation / matmul dtype
     param_dtype: str = "float32"  # master weights
-    moe_dispatch: str = "capacity"
+    moe_dispatch: str = "auto"
     capacity_factor: float | None = None  # None = dropless (capacity = all tokens)
     init_std: float = 0.006
 
@@ -256,6 +257,22 @@ PRESETS: dict[str, ModelConfig] = {
         rope_scaling=YarnConfig(factor=4.0, original_max_position_embeddings=16), max_position_embeddings=256,
         num_nextn_predict_layers=1),
 }
+
+
+def resolve_moe_dispatch(dispatch: str, backend: str | None = None) -> str:
+    """The concrete dispatch for `dispatch` on `backend` (default: JAX's default backend).
+
+    `ragged` rests on `jax.lax.ragged_dot` and `ragged_all_to_all`, which GPU/TPU run as grouped GEMMs; XLA:CPU
+    lowers ragged_dot to a masked dense matmul over every expert and cannot run ragged_all_to_all, so CPU
+    resolves to `capacity` (exact and dropless by default; the expert axis shards through GSPMD).
+    """
+    if dispatch != "auto":
+        return dispatch
+    if backend is None:
+        import jax  # config.py stays importable without touching a backend until a model is built
+
+        backend = jax.default_backend()
+    return "capacity" if backend == "cpu" else "ragged"
 
 
 def get_preset(name: str) -> ModelConfig:

@@ -13,8 +13,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from dsv3_jax.config import ModelConfig
+from dsv3_jax.config import ModelConfig, resolve_moe_dispatch
 from dsv3_jax.layers import MLP, DotGeneral, normal_init
+from dsv3_jax.moe_ragged import ragged_experts, ragged_experts_ep, sort_by_expert
+from dsv3_jax.sharding import active_plan, constrain
 
 
 class RouterBias(nnx.Variable):
@@ -65,9 +67,11 @@ def balance_losses(scores_BTE: jax.Array, topk_idx_BTK: jax.Array, n_experts: in
     s' = s / sum_j s_j are the affinities normalised over all experts (V3 eq. 17-20); alpha is applied by the
     trainer. The sequence-wise variant averages the per-sequence loss over the batch.
     """
-    _, seq_len, top_k = topk_idx_BTK.shape
+    batch, seq_len, top_k = topk_idx_BTK.shape
     probs_BTE = scores_BTE / scores_BTE.sum(-1, keepdims=True)
-    counts_BE = jax.nn.one_hot(topk_idx_BTK, n_experts, dtype=jnp.float32).sum((1, 2))
+    # Scatter-add rather than one_hot(...).sum: a [B, T, K, E] one-hot is 4*K bytes per token and expert.
+    counts_BE = jnp.zeros((batch, n_experts), jnp.float32).at[
+        jnp.arange(batch)[:, None], topk_idx_BTK.reshape(batch, -1)].add(1.0)
     f_BE = counts_BE * n_experts / (top_k * seq_len)
     seq_loss = jnp.mean(jnp.sum(f_BE * probs_BTE.mean(1), -1))
     batch_loss = jnp.sum(f_BE.mean(0) * probs_BTE.mean((0, 1)))
@@ -104,11 +108,11 @@ class RoutedExperts(nnx.Module):
 
     def __call__(self, x_ND: jax.Array, topk_idx_NK: jax.Array, topk_weight_NK: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Weighted sum of each token's chosen experts: (out [N, D], dropped fraction)."""
-        if self.cfg.moe_dispatch == "dense":
-            return self.dense(x_ND, topk_idx_NK, topk_weight_NK), jnp.float32(0.0)
-        if self.cfg.moe_dispatch == "blocked":
-            return self.blocked(x_ND, topk_idx_NK, topk_weight_NK), jnp.float32(0.0)
-        return self.capacity(x_ND, topk_idx_NK, topk_weight_NK)
+        dispatch = resolve_moe_dispatch(self.cfg.moe_dispatch)
+        if dispatch == "capacity":
+            return self.capacity(x_ND, topk_idx_NK, topk_weight_NK)
+        exact = {"dense": self.dense, "blocked": self.blocked, "ragged": self.ragged}[dispatch]
+        return exact(x_ND, topk_idx_NK, topk_weight_NK), jnp.float32(0.0)
 
     def dense(self, x_ND: jax.Array, topk_idx_NK: jax.Array, topk_weight_NK: jax.Array) -> jax.Array:
         """Oracle: every expert on every token, combined with a [N, E] weight matrix (zeros for unchosen)."""
@@ -121,32 +125,40 @@ class RoutedExperts(nnx.Module):
         return jnp.einsum("ned,ne->nd", y_NED.astype(jnp.float32), combine_NE).astype(x_ND.dtype)
 
     def capacity(self, x_ND: jax.Array, topk_idx_NK: jax.Array, topk_weight_NK: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Sort assignments by expert into fixed [E, C] buffers, run a batched einsum, scatter back.
+        """Sort assignments by expert into fixed [E, C] buffers, run a batched einsum, gather back.
 
         Capacity C is every token (dropless, DeepSeek-V3's semantics) unless `capacity_factor` is set, in
         which case C = ceil(factor * N * K / E) and the overflow (latest tokens first) is dropped and reported.
+        Under a mesh the buffers are split over `expert` (GSPMD inserts the all-to-all) and F over `tensor`.
+
+        Both directions are gathers of whole rows: the buffer reads `x` through a slot -> token table, and each
+        token reads its K result rows through a token -> slot table. Only int32 tables are scattered, so no
+        [E*C, D] or [N, D] float scatter (and its zero-filled temporary) exists in the forward pass.
         """
         cfg = self.cfg
         n_tokens, top_k = topk_idx_NK.shape
         n_experts = cfg.n_routed_experts
         cap = expert_capacity(n_tokens, top_k, n_experts, cfg.capacity_factor)
-        order_A, sorted_expert_A, token_A, counts_E, rank_A = sort_by_expert(topk_idx_NK, n_experts)
+        order_A, sorted_expert_A, token_A, _, rank_A = sort_by_expert(topk_idx_NK, n_experts)
         kept_A = rank_A < cap
-        trash_slot = n_experts * cap  # dropped assignments land in one extra row that is sliced away
-        slot_A = jnp.where(kept_A, sorted_expert_A * cap + rank_A, trash_slot)
+        n_slots = n_experts * cap  # slot n_slots is the "nothing here" row: zeros in, dropped out
+        slot_A = jnp.where(kept_A, sorted_expert_A * cap + rank_A, n_slots)
+        token_S = jnp.full((n_slots + 1,), n_tokens, jnp.int32).at[slot_A].set(token_A.astype(jnp.int32))[:n_slots]
+        slot_NK = jnp.zeros((n_tokens * top_k,), jnp.int32).at[order_A].set(slot_A).reshape(n_tokens, top_k)
 
         gate_EDF, up_EDF, down_EFD = self._weights()
         x_ND = x_ND.astype(gate_EDF.dtype)
-        buffer_ECD = (jnp.zeros((trash_slot + 1, x_ND.shape[1]), x_ND.dtype).at[slot_A].set(x_ND[token_A])
-                      [:trash_slot].reshape(n_experts, cap, -1))
+        x_pad_ND = jnp.concatenate([x_ND, jnp.zeros((1, x_ND.shape[1]), x_ND.dtype)])  # row N: empty slot
+        buffer_ECD = constrain(x_pad_ND[token_S].reshape(n_experts, cap, -1), "experts", None, "act_embed")
         h_ECF = jax.nn.silu(jnp.einsum("ecd,edf->ecf", buffer_ECD, gate_EDF)) * jnp.einsum(
             "ecd,edf->ecf", buffer_ECD, up_EDF)
-        y_ECD = jnp.einsum("ecf,efd->ecd", h_ECF, down_EFD)
-        y_A_D = jnp.concatenate([y_ECD.reshape(trash_slot, -1), jnp.zeros((1, y_ECD.shape[-1]), y_ECD.dtype)])[slot_A]
-        weight_A = jnp.where(kept_A, topk_weight_NK.reshape(-1)[order_A], 0.0)
-        out_ND = jnp.zeros(x_ND.shape, jnp.float32).at[token_A].add(y_A_D.astype(jnp.float32) * weight_A[:, None])
+        h_ECF = constrain(h_ECF, "experts", None, "expert_mlp")
+        y_ECD = constrain(jnp.einsum("ecf,efd->ecd", h_ECF, down_EFD), "experts", None, "act_embed")
+        y_pad_SD = jnp.concatenate([y_ECD.reshape(n_slots, -1), jnp.zeros((1, y_ECD.shape[-1]), y_ECD.dtype)])
+        y_NKD = y_pad_SD[slot_NK]  # dropped assignments read the zero row
+        out_ND = jnp.sum(y_NKD.astype(jnp.float32) * topk_weight_NK.astype(jnp.float32)[..., None], axis=1)
         dropped = jnp.sum(~kept_A, dtype=jnp.float32) / kept_A.size
-        return out_ND.astype(x_ND.dtype), dropped
+        return constrain(out_ND.astype(x_ND.dtype), "batch", "act_embed"), dropped
 
     def blocked(self, x_ND: jax.Array, topk_idx_NK: jax.Array, topk_weight_NK: jax.Array,
                 block: int = 128) -> jax.Array:
@@ -183,19 +195,26 @@ class RoutedExperts(nnx.Module):
         out_ND = jnp.zeros(x_ND.shape, jnp.float32).at[token_A].add(y_RD[row_A].astype(jnp.float32) * weight_A[:, None])
         return out_ND.astype(x_ND.dtype)
 
+    def ragged(self, x_ND: jax.Array, topk_idx_NK: jax.Array, topk_weight_NK: jax.Array) -> jax.Array:
+        """Dropless `jax.lax.ragged_dot` grouped GEMMs (moe_ragged.py); expert-parallel under a mesh.
 
-def sort_by_expert(topk_idx_NK: jax.Array, n_experts: int) -> tuple[jax.Array, ...]:
-    """Assignments sorted by expert: (order [A], expert [A], token [A], counts [E], rank within expert [A]).
-
-    The sort is stable, so within an expert earlier tokens come first (and keep their slots when a capacity
-    limit drops the overflow).
-    """
-    expert_A = topk_idx_NK.reshape(-1)
-    order_A = jnp.argsort(expert_A, stable=True)
-    sorted_expert_A = expert_A[order_A]
-    counts_E = jnp.bincount(expert_A, length=n_experts)
-    rank_A = jnp.arange(expert_A.shape[0]) - (jnp.cumsum(counts_E) - counts_E)[sorted_expert_A]
-    return order_A, sorted_expert_A, order_A // topk_idx_NK.shape[1], counts_E, rank_A
+        Under an active mesh plan the tokens stay split over the batch axes and each device runs only its own
+        experts (`ragged_experts_ep`: all-to-all there and back, expert width split over `tensor`). A token
+        count the batch axes do not divide (e.g. one sequence while generating) runs unsplit instead.
+        """
+        weights = self._weights()
+        plan = active_plan()
+        if plan is not None and plan.mesh.devices.size > 1:
+            token_axes = tuple(a for a in plan.rules["batch"])
+            expert_axis = plan.rules["experts"][0]
+            if expert_axis in token_axes and x_ND.shape[0] % plan.axis_size("batch") == 0:
+                tensor_axes = plan.rules["expert_mlp"]
+                tensor_axis = tensor_axes[0] if tensor_axes and plan.mesh.shape[tensor_axes[0]] > 1 else None
+                out_ND, _ = ragged_experts_ep(x_ND, topk_idx_NK, topk_weight_NK, *weights, mesh=plan.mesh,
+                                              expert_axis=expert_axis, token_axes=token_axes,
+                                              tensor_axis=tensor_axis)
+                return out_ND
+        return ragged_experts(x_ND, topk_idx_NK, topk_weight_NK, *weights)
 
 
 def expert_capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: float | None) -> int:

@@ -39,13 +39,19 @@ def _exclusive_cumsum(x: jax.Array, axis: int = 0) -> jax.Array:
     return jnp.cumsum(x, axis=axis) - x
 
 
-def _sort_assignments(topk_idx_NK: jax.Array, n_experts: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(order [A], token of each sorted assignment [A], per-expert counts [E] int32) for expert-sorted rows."""
-    top_k = topk_idx_NK.shape[1]
+def sort_by_expert(topk_idx_NK: jax.Array, n_experts: int) -> tuple[jax.Array, ...]:
+    """Assignments sorted by expert: (order [A], expert [A], token [A], counts [E] int32, rank within expert [A]).
+
+    Shared by every dispatch that groups rows by expert (`capacity`, `blocked`, `ragged`). The sort is stable,
+    so within an expert earlier tokens come first (and keep their slots when a capacity limit drops the
+    overflow).
+    """
     expert_A = topk_idx_NK.reshape(-1)
     order_A = jnp.argsort(expert_A, stable=True)
+    sorted_expert_A = expert_A[order_A]
     counts_E = jnp.bincount(expert_A, length=n_experts).astype(jnp.int32)
-    return order_A, order_A // top_k, counts_E
+    rank_A = jnp.arange(expert_A.shape[0]) - (jnp.cumsum(counts_E) - counts_E)[sorted_expert_A]
+    return order_A, sorted_expert_A, order_A // topk_idx_NK.shape[1], counts_E, rank_A
 
 
 def _grouped_swiglu(rows_RD: jax.Array, gate_EDF: jax.Array, up_EDF: jax.Array, down_EFD: jax.Array,
@@ -69,7 +75,7 @@ def ragged_experts(x_ND: jax.Array, topk_idx_NK: jax.Array, topk_weight_NK: jax.
                    up_EDF: jax.Array, down_EFD: jax.Array) -> jax.Array:
     """Dropless routed experts on one device: sort by expert, grouped matmuls, unsort, weighted sum -> [N, D]."""
     x_ND = x_ND.astype(gate_EDF.dtype)
-    order_A, token_A, counts_E = _sort_assignments(topk_idx_NK, gate_EDF.shape[0])
+    order_A, _, token_A, counts_E, _ = sort_by_expert(topk_idx_NK, gate_EDF.shape[0])
     y_AD = _grouped_swiglu(x_ND[token_A], gate_EDF, up_EDF, down_EFD, counts_E)
     return _combine(y_AD, order_A, topk_weight_NK)
 
@@ -94,13 +100,18 @@ def _padded_ragged_all_to_all(operand: jax.Array, output: jax.Array, input_offse
 
 
 def _ep_shard(x_nD, idx_nK, weight_nK, gate_LDF, up_LDF, down_LFD, *, n_experts: int, expert_axis: str,
-              token_axes: tuple[str, ...], transport: str) -> tuple[jax.Array, jax.Array]:
-    """One shard's dispatch -> local experts -> return -> combine; also the psum'd global counts [E]."""
+              token_axes: tuple[str, ...], tensor_axis: str | None, transport: str) -> tuple[jax.Array, jax.Array]:
+    """One shard's dispatch -> local experts -> return -> combine; also the psum'd global counts [E].
+
+    With `tensor_axis`, this shard holds a slice of every local expert's width F (Megatron-style): the tensor
+    shards of one token group do the same dispatch, each computes its partial down projection, and a psum
+    over the tensor axis completes the rows before they travel back.
+    """
     n_tokens, top_k = idx_nK.shape
     n_local = gate_LDF.shape[0]
     n_shards = n_experts // n_local
     x_nD = x_nD.astype(gate_LDF.dtype)
-    order_A, token_A, counts_E = _sort_assignments(idx_nK, n_experts)
+    order_A, _, token_A, counts_E, _ = sort_by_expert(idx_nK, n_experts)
     global_counts_E = jax.lax.psum(counts_E, token_axes)
 
     # Expert-sorted rows are also sorted by destination shard (expert e lives on shard e // L).
@@ -135,6 +146,8 @@ def _ep_shard(x_nD, idx_nK, weight_nK, gate_LDF, up_LDF, down_LFD, *, n_experts:
     grouped_M = jnp.where(valid_M, start_PL[src_M, local_M] + rank_M, n_rows)
     rows_MD = jnp.zeros_like(x_MD).at[grouped_M].set(x_MD, mode="drop")
     y_grouped_MD = _grouped_swiglu(rows_MD, gate_LDF, up_LDF, down_LFD, group_sizes_L)
+    if tensor_axis is not None:
+        y_grouped_MD = jax.lax.psum(y_grouped_MD, tensor_axis)
     y_MD = y_grouped_MD.at[grouped_M].get(mode="fill", fill_value=0)
 
     y_AD = exchange(y_MD, jnp.zeros((n_tokens * top_k, y_MD.shape[1]), y_MD.dtype), recv_offsets_P,
@@ -144,20 +157,23 @@ def _ep_shard(x_nD, idx_nK, weight_nK, gate_LDF, up_LDF, down_LFD, *, n_experts:
 
 def ragged_experts_ep(x_ND: jax.Array, topk_idx_NK: jax.Array, topk_weight_NK: jax.Array, gate_EDF: jax.Array,
                       up_EDF: jax.Array, down_EFD: jax.Array, *, mesh: Mesh, expert_axis: str = "expert",
-                      token_axes: Sequence[str] = ("data", "expert"),
+                      token_axes: Sequence[str] = ("data", "expert"), tensor_axis: str | None = None,
                       transport: str = "auto") -> tuple[jax.Array, jax.Array]:
     """Expert-parallel `ragged_experts`: (out [N, D] sharded like the tokens, global expert counts [E] int32).
 
     Tokens (and routing) are split over `token_axes`, experts over `expert_axis` (each shard holds E/P experts'
-    weights); mesh axes in neither are replicated. The counts are psum'd over `token_axes`, i.e. the global
-    per-expert loads the aux-loss-free bias update needs.
+    weights); with `tensor_axis` each expert's width F is split over that axis too (tokens are replicated over
+    it). Other mesh axes are replicated. The counts are psum'd over `token_axes`, i.e. the global per-expert
+    loads the aux-loss-free bias update needs.
     """
     token_axes = tuple(token_axes)
     if transport == "auto":
         transport = "padded" if mesh.devices.flat[0].platform == "cpu" else "ragged"
     if transport not in ("ragged", "padded"):
         raise ValueError(f"transport must be 'auto', 'ragged' or 'padded', got {transport!r}")
-    for axis in (expert_axis, *token_axes):
+    if tensor_axis is not None and (tensor_axis in token_axes or tensor_axis == expert_axis):
+        raise ValueError(f"tensor_axis {tensor_axis!r} must differ from the expert and token axes")
+    for axis in (expert_axis, *token_axes, *((tensor_axis,) if tensor_axis else ())):
         if axis not in mesh.shape:
             raise ValueError(f"mesh axis {axis!r} not in mesh axes {tuple(mesh.shape)}")
     if expert_axis not in token_axes:
@@ -172,9 +188,14 @@ def ragged_experts_ep(x_ND: jax.Array, topk_idx_NK: jax.Array, topk_weight_NK: j
     if x_ND.shape[0] % n_token_shards:
         raise ValueError(f"tokens N={x_ND.shape[0]} not divisible by the {n_token_shards} shards of {token_axes}")
 
-    tokens, experts = P(token_axes), P(expert_axis)
+    if tensor_axis is not None and gate_EDF.shape[2] % mesh.shape[tensor_axis]:
+        raise ValueError(f"expert width F={gate_EDF.shape[2]} not divisible by mesh axis "
+                         f"{tensor_axis!r}={mesh.shape[tensor_axis]}")
+
+    tokens = P(token_axes)
+    in_width, out_width = P(expert_axis, None, tensor_axis), P(expert_axis, tensor_axis, None)
     body = jax.shard_map(
         lambda *args: _ep_shard(*args, n_experts=n_experts, expert_axis=expert_axis, token_axes=token_axes,
-                                transport=transport),
-        mesh=mesh, in_specs=(tokens, tokens, tokens, experts, experts, experts), out_specs=(tokens, P()))
+                                tensor_axis=tensor_axis, transport=transport),
+        mesh=mesh, in_specs=(tokens, tokens, tokens, in_width, in_width, out_width), out_specs=(tokens, P()))
     return body(x_ND, topk_idx_NK, topk_weight_NK, gate_EDF, up_EDF, down_EFD)

@@ -32,6 +32,9 @@ N = B n local tokens, H = heads / tensor, it sums what autodiff keeps for the ba
     - capacity: R = E_l C rows with C = `expert_capacity(G, K, E, capacity_factor)` (dropless: C = G):
       buffer [R, D], gate/up/product [R, F_l], outputs [R, D]; gathered inputs and outputs [A, D];
       fp32 combine [N, D];
+    - ragged (expert-parallel ragged_dot): M = expert x N x min(K, E_l) receive rows (the dropless bound
+      of moe_ragged.py): received, regrouped, output and returned rows [M, D], gate/up/product [M, F_l],
+      sent and returned assignments [A, D], fp32 combine [N, D];
     - blocked: R = n_blocks x 128 rows (n_blocks = ceil((G K + E_l 127) / 128)): the same row buffers plus
       the per-block gathered weights 3 x [n_blocks, D, F_l];
   shared experts: gate/up/product [N, n_shared F_l] and output [N, D];
@@ -64,8 +67,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dsv3_jax.config import ConfigError, ModelConfig
+from dsv3_jax.config import ConfigError, ModelConfig, resolve_moe_dispatch
 from dsv3_jax.moe import expert_capacity
+from dsv3_jax.sharding import param_logical_axes, path_str, rules_for
 
 AXES = ("data", "expert", "tensor")
 GIB = 1024 ** 3
@@ -162,44 +166,27 @@ def _names(path: tuple) -> list[str]:
     return [str(p) for p in path]
 
 
-# 2-D kernels by owning module: (dimension split over `tensor`, dimension split over `data` with fsdp).
-# The fsdp dimension is the hidden (model) dimension, or the MLA latent for q_b/kv_b, which have none.
-_KERNEL_DIMS: dict[str, tuple[int | None, int]] = {
-    "q_proj": (1, 0), "q_b_proj": (1, 0), "kv_b_proj": (1, 0),  # [D or latent, heads x head dims]
-    "o_proj": (0, 1),  # [heads x v_head_dim, D]
-    "gate_proj": (1, 0), "up_proj": (1, 0), "down_proj": (0, 1),  # dense and shared-expert SwiGLU
-    "lm_head": (1, 0),  # [D, V]
-    "q_a_proj": (None, 0), "kv_a_proj_with_mqa": (None, 0), "gate": (None, 0),  # [D, latent] / router [D, E]
-    "eh_proj": (None, 1),  # [2D, D]
-}
-
-
 def partition_spec(path: tuple, shape: tuple[int, ...], mesh_shape: Mapping[str, int] | None = None,
                    fsdp: bool = False) -> tuple[str | None, ...]:
     """The mesh axis (or None) each dimension of the parameter at `path` is split over.
 
-    `path` is an nnx flat-state path such as ('layers', 3, 'mlp', 'experts', 'gate_proj'). The rules are
-    those of the module docstring (and of dsv3_jax.sharding's table, which tests/test_plan.py checks this
-    against). A parameter no rule knows stays replicated, so a new one is over- rather than under-counted.
-    `mesh_shape` is accepted for symmetry with `local_shape`; the spec does not depend on the axis sizes.
+    `path` is an nnx flat-state path such as ('layers', 3, 'mlp', 'experts', 'gate_proj'). The answer comes
+    from dsv3_jax.sharding's tables (PARAM_AXES: parameter -> logical axes; the rule table: logical -> mesh
+    axes), so the plan cannot drift from what training actually does. A parameter no rule knows stays
+    replicated, so a new one is over- rather than under-counted. Unlike `MeshPlan.spec`, axes of size 1 are
+    kept (the spec does not depend on the axis sizes; `local_shape` divides by them).
     """
     del mesh_shape
-    names = _names(path)
-    spec: list[str | None] = [None] * len(shape)
-    leaf = names[-1]
-    owner = names[-2] if len(names) >= 2 else ""
-    tensor_dim = fsdp_dim = None
-    if "experts" in names and "shared_experts" not in names and len(shape) == 3:
-        spec[0] = "expert"  # [E, D, F] gate/up or [E, F, D] down
-        tensor_dim, fsdp_dim = (1, 2) if leaf == "down_proj" else (2, 1)
-    elif names[0] == "embed_tokens" and len(shape) == 2:
-        tensor_dim, fsdp_dim = 0, 1  # [V, D]
-    elif leaf == "kernel" and len(shape) == 2 and owner in _KERNEL_DIMS:
-        tensor_dim, fsdp_dim = _KERNEL_DIMS[owner]
-    if tensor_dim is not None:
-        spec[tensor_dim] = "tensor"
-    if fsdp and fsdp_dim is not None:
-        spec[fsdp_dim] = "data"
+    logical = param_logical_axes(path_str(path), len(shape)) or (None,) * len(shape)
+    rules = rules_for(fsdp)
+    spec: list[str | None] = []
+    used: set[str] = set()
+    for name in logical:
+        axes = [a for a in (rules[name] if name else ()) if a not in used]
+        if len(axes) > 1:
+            raise ValueError(f"{path_str(path)}: logical axis {name!r} maps to several mesh axes {axes}")
+        used.update(axes)
+        spec.append(axes[0] if axes else None)
     return tuple(spec)
 
 
@@ -294,8 +281,12 @@ def kv_cache_bytes_per_token(model_cfg: ModelConfig) -> int:
 
 # ---- the plan ------------------------------------------------------------------------------------------------
 def estimate_memory(model_cfg: ModelConfig, train_cfg, mesh_shape: Mapping[str, int] | None = None,
-                    fsdp: bool = False) -> MemoryPlan:
-    """Per-device bytes of one train step (`dsv3_jax.train.step`) of `model_cfg` / `train_cfg` on the mesh."""
+                    fsdp: bool = False, backend: str | None = None) -> MemoryPlan:
+    """Per-device bytes of one train step (`dsv3_jax.train.step`) of `model_cfg` / `train_cfg` on the mesh.
+
+    `backend` ("cpu", "gpu", "tpu"; default: this machine's) only decides what `moe_dispatch="auto"` becomes.
+    """
+    model_cfg = model_cfg.replace(moe_dispatch=resolve_moe_dispatch(model_cfg.moe_dispatch, backend))
     from dsv3_jax.train.optim import make_optimizer  # local: keeps `import dsv3_jax.plan` light
 
     model_cfg.validate()
@@ -341,6 +332,12 @@ def _dispatch_bytes(cfg: ModelConfig, tokens: int, mesh: Mapping[str, int]) -> i
     if cfg.moe_dispatch == "capacity":
         rows = e_local * expert_capacity(group, k, cfg.n_routed_experts, cfg.capacity_factor)
         return rows * (2 * d + 3 * f_local) * a + 2 * assignments * d * a + tokens * d * 4
+    if cfg.moe_dispatch == "ragged":
+        # moe_ragged's receive buffer: every source may send min(K, E_l) rows per token (dropless bound);
+        # received, regrouped, output and returned rows [M, D], gate/up/product [M, F_l]; sent and
+        # returned assignment rows [A, D]; fp32 combine [N, D].
+        rows = mesh["expert"] * tokens * min(k, e_local)
+        return rows * (4 * d + 3 * f_local) * a + 2 * assignments * d * a + tokens * d * 4
     n_blocks = -(-(group * k + e_local * (BLOCK_ROWS - 1)) // BLOCK_ROWS)
     rows = n_blocks * BLOCK_ROWS
     return (rows * (2 * d + 3 * f_local) * a + 3 * n_blocks * d * f_local * a

@@ -105,6 +105,23 @@ def check_mesh(shape, results: dict) -> None:
             "bincount": np.bincount(np.asarray(inputs[1]).ravel(), minlength=E).tolist(),
         }
 
+    if shape[2] > 1:  # expert width F split over tensor too: partial down projections psum'd over tensor
+        width = (NamedSharding(mesh, P("expert", None, "tensor")),) * 2 + (NamedSharding(mesh, P("expert", "tensor")),)
+        tp_step = jax.jit(lambda *a: loss_and_grads(
+            lambda *b: ragged_experts_ep(*b, mesh=mesh, tensor_axis="tensor"), *a))
+        inputs = make_inputs("random", ep, seed=5)
+        ref_out, ref_grads, _ = REFERENCE(*inputs)
+        placed_tp = [jax.device_put(t, s) for t, s in zip(inputs, (tokens,) * 3 + width + (tokens,))]
+        tp_compiled = tp_step.lower(*placed_tp).compile()
+        out, grads, _ = tp_compiled(*placed_tp)
+        results[f"{shape}/tensor"] = {
+            "out_err": max_err(out, ref_out), "out_scale": float(np.max(np.abs(np.asarray(ref_out)))),
+            "grad_err": {n: max_err(g, r) for n, g, r in zip(("x", "w", "gate", "up", "down"), grads, ref_grads)},
+            "grad_scale": {n: float(np.max(np.abs(np.asarray(r)))) for n, r in
+                           zip(("x", "w", "gate", "up", "down"), ref_grads)},
+            "weight_shard_shape": list(tp_compiled.input_shardings[0][3].shard_shape(inputs[3].shape)),
+            "hlo_all_gather": "all-gather" in tp_compiled.as_text()}
+
     # Each device holds E/ep experts, and the compiled program takes the weights with that sharding (another
     # one would mean gathering the experts); its only collectives on them are the all-to-alls of tokens.
     gate, up, down = placed[3:6]

@@ -109,3 +109,12 @@ def test_mtp_alias():
     del hf["num_nextn_predict_layers"]
     hf["num_mtp_layers"] = 2
     assert ModelConfig.from_hf(hf).mtp_depth == 2
+
+
+def test_auto_dispatch_is_ragged_on_accelerators_and_capacity_on_cpu():
+    from dsv3_jax.config import resolve_moe_dispatch
+
+    assert resolve_moe_dispatch("auto", "gpu") == resolve_moe_dispatch("auto", "tpu") == "ragged"
+    assert resolve_moe_dispatch("auto", "cpu") == "capacity"
+    assert resolve_moe_dispatch("blocked", "gpu") == "blocked"  # an explicit choice is never overridden
+    assert ModelConfig().moe_dispatch == "auto"

@@ -138,7 +138,8 @@ def _moe(cfg, seed=0):
     return moe
 
 
-DROPLESS_CASES = [(name, "capacity") for name in sorted(CONFIGS)] + [("groups", "blocked"), ("unnormalised", "blocked")]
+DROPLESS_CASES = ([(name, "capacity") for name in sorted(CONFIGS)]
+                  + [(name, dispatch) for dispatch in ("blocked", "ragged") for name in ("groups", "unnormalised")])
 
 
 @pytest.mark.parametrize("name,dispatch", DROPLESS_CASES)

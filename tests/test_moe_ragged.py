@@ -109,6 +109,7 @@ def test_ep_rejects_bad_arguments(kwargs, match):
 # ---- 8 fake CPU devices, in a subprocess (this process's JAX may already be initialised with 1 device) ----
 
 MESHES = ["(2, 2, 2)", "(1, 8, 1)", "(4, 2, 1)"]
+E_TOTAL, D_MODEL, F_WIDTH = 16, 16, 8  # the shapes tests/_ragged_ep_check.py uses (its E, D, F)
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +150,21 @@ def test_ep_shards_experts_and_uses_all_to_all(ep_results, mesh):
     assert r["hlo_all_to_all"] and not r["hlo_all_gather"]
     # transport="ragged" (GPU/TPU) lowers to 2 ragged_all_to_all forward + 2 transposed ones backward.
     assert ep_results[f"{mesh}/ragged_lowering_ops"] == 4
+
+
+def test_ep_splits_expert_width_over_tensor(ep_results):
+    """On (2, 2, 2) with tensor_axis: each device holds E/2 experts x F/2 width, and the result still equals the
+    single-device path (partial down projections are psum'd over tensor, not gathered)."""
+    r = ep_results["(2, 2, 2)/tensor"]
+    assert r["weight_shard_shape"] == [E_TOTAL // 2, D_MODEL, F_WIDTH // 2]
+    assert r["out_err"] <= TOL * max(1.0, r["out_scale"]), r
+    for param, err in r["grad_err"].items():
+        assert err <= TOL * max(1.0, r["grad_scale"][param]), (param, r)
+    assert not r["hlo_all_gather"]
+
+
+def test_ep_rejects_tensor_axis_that_is_the_expert_axis():
+    mesh = jax.make_mesh((1, 1, 1), ("data", "expert", "tensor"), axis_types=(AxisType.Auto,) * 3)
+    idx, a = make_case(4, 8, 4, 2, 1, 2, seed=0)
+    with pytest.raises(ValueError, match="must differ"):
+        ragged_experts_ep(a["x"], idx, a["w"], a["gate"], a["up"], a["down"], mesh=mesh, tensor_axis="expert")

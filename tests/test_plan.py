@@ -10,6 +10,7 @@ and compares `compiled.memory_analysis()`:
   some activations in the fresh output buffers and temp alone reads lower, which is why the step is donated.
 """
 
+import dataclasses
 import json
 import math
 
@@ -25,6 +26,7 @@ from dsv3_jax.moe import RouterBias
 from dsv3_jax.plan import (MeshError, abstract_state, estimate_memory, format_plan, kv_cache_bytes_per_token,
                            param_shards, partition_spec, validate_mesh)
 from dsv3_jax.train.config import TrainConfig
+from dsv3_jax.train.presets import train_preset
 from dsv3_jax.train.step import init_train_state, make_train_step
 
 V3 = get_preset("deepseek-v3-671b")
@@ -60,8 +62,9 @@ def test_kv_cache_per_token_671b():
 def test_671b_plan_is_sane():
     train = TrainConfig(batch_size=256, seq_len=4096)
     mesh = dict(data=4, expert=64, tensor=8)
-    fsdp = estimate_memory(V3.replace(capacity_factor=1.25), train, mesh, fsdp=True)
-    plain = estimate_memory(V3.replace(capacity_factor=1.25), train, mesh)
+    v3 = V3.replace(moe_dispatch="capacity", capacity_factor=1.25)
+    fsdp = estimate_memory(v3, train, mesh, fsdp=True)
+    plain = estimate_memory(v3, train, mesh)
     gib = 1024 ** 3
     assert fsdp.kv_cache_bytes_per_token == 70_272 and fsdp.n_devices == 2048 and fsdp.local_batch == 1
     # 682.6B fp32 params over 2048 devices would be 1.24 GiB if everything were split everywhere; dense weights
@@ -110,11 +113,9 @@ def test_partition_specs_and_divisors_on_a_fake_mesh():
 
 
 def test_specs_agree_with_the_sharding_rule_table():
-    """plan.py keeps its own copy of the rules (it must not depend on mesh code); check it against the table
-    that dsv3_jax.sharding applies, on an abstract 2 x 4 x 2 mesh, with and without fsdp."""
-    sharding = pytest.importorskip("dsv3_jax.sharding")
-    if not all(hasattr(sharding, name) for name in ("MeshPlan", "rules_for", "param_logical_axes")):
-        pytest.skip("dsv3_jax.sharding has another API")
+    """plan.py reads dsv3_jax.sharding's tables; its specs equal what MeshPlan (used by training) gives on an
+    abstract 2 x 4 x 2 mesh, with and without fsdp."""
+    from dsv3_jax import sharding
     mesh = dict(data=2, expert=4, tensor=2)
     abstract_mesh = jax.sharding.AbstractMesh(tuple(mesh.values()), tuple(mesh))
     for fsdp in (False, True):
@@ -180,3 +181,34 @@ def test_estimate_matches_xla_memory_analysis(name, batch, seq):
     assert analysis.argument_size_in_bytes == plan.state  # with counters and the token window: exact
     ratio = (plan.activations + plan.gradients) / analysis.temp_size_in_bytes
     assert 0.75 < ratio < 1.35, (ratio, plan.activation_breakdown, analysis.temp_size_in_bytes)
+
+
+def test_plan_cli_prints_the_671b_plan(capsys):
+    from dsv3_jax import cli
+
+    argv = ["plan", "--set", "mesh.data=4", "--set", "mesh.expert=64", "--set", "mesh.tensor=8",
+            "--set", "mesh.fsdp=true", "--set", "train.batch_size=256", "--json"]
+    assert cli.main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["mesh"] == {"data": 4, "expert": 64, "tensor": 8} and out["fsdp"] and out["local_batch"] == 1
+    assert out["moe_dispatch"] == "ragged"  # --backend gpu (the default) resolves moe_dispatch=auto
+    direct = estimate_memory(get_preset("deepseek-v3-671b"), TrainConfig(
+        **{**dataclasses.asdict(train_preset("deepseek-v3-671b")), "batch_size": 256}),
+        dict(data=4, expert=64, tensor=8), fsdp=True, backend="gpu")
+    assert out["total"] == direct.total and out["kv_cache_bytes_per_token"] == 70_272
+
+    assert cli.main(argv[:-1] + ["--backend", "cpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["moe_dispatch"] == "capacity"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--set", "mesh.expert=7"], "mesh.expert: expert=7 does not divide n_routed_experts=256"),
+    (["--set", "mesh.expert=8", "--devices", "12"], "--devices: 12 devices do not split"),
+    (["--set", "mesh.data=2", "--devices", "3"], "--devices: 3 devices, but data*expert*tensor = 2"),
+    (["--set", "model.moe_dispatch=magic"], "moe_dispatch"),
+])
+def test_plan_cli_rejects_bad_meshes(capsys, argv, message):
+    from dsv3_jax import cli
+
+    assert cli.main(["plan", *argv]) == 2
+    assert message in capsys.readouterr().err

@@ -209,9 +209,17 @@ def test_sharded_init_is_the_one_device_init(report):
 
 
 def test_dispatch_strategies_agree_on_a_sharded_mesh(report):
-    for dispatch in ("capacity", "dense", "blocked"):
+    for dispatch in ("capacity", "dense", "blocked", "ragged"):
         r = report["dispatch"][dispatch]
         assert r["loss_diff"] < TOL and r["counts_diff"] == 0.0, (dispatch, r)
+
+
+def test_ragged_dispatch_trains_like_one_device(report):
+    """Expert-parallel ragged_dot (shard_map + all-to-all) on data x expert x tensor (fsdp) and pure expert
+    meshes: two train steps give the one-device parameters, biases and metrics."""
+    for name, r in report["ragged_train"].items():
+        assert r["param_diff"] < TOL and r["bias_diff"] < TOL and r["metric_diff"] < TOL, (name, r)
+        assert r["hlo_all_to_all"], name
 
 
 def test_expert_counts_are_global(report):
