@@ -6,6 +6,7 @@ import jax
 from flax import nnx
 
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.kv_cache import LayerEntries
 from dsv3_jax.layers import MLP, DotGeneral, RMSNorm
 from dsv3_jax.mla import MLA
 from dsv3_jax.moe import MoE, MoEAux
@@ -28,6 +29,23 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, h_BTD: jax.Array, positions_BT: jax.Array) -> tuple[jax.Array, MoEAux | None]:
         h_BTD = constrain(h_BTD + self.self_attn(self.input_layernorm(h_BTD), positions_BT), *RESIDUAL_AXES)
+        return self._ffn_residual(h_BTD)
+
+    def prefill(self, h_BTD: jax.Array, entries: LayerEntries) -> tuple[jax.Array, LayerEntries]:
+        """The block over a prompt starting at position 0, filling this layer's cache slots 0..T-1."""
+        attn_BTD, entries = self.self_attn.prefill(self.input_layernorm(h_BTD), entries)
+        return self._ffn_residual(constrain(h_BTD + attn_BTD, *RESIDUAL_AXES))[0], entries
+
+    def decode(self, h_BTD: jax.Array, positions_BT: jax.Array,
+               entries: LayerEntries) -> tuple[jax.Array, LayerEntries]:
+        """The block for T new tokens per row at `positions_BT`, attending to (and extending) the cache.
+
+        MoE layers route each token on its own; equality with the full forward needs dropless dispatch
+        (a capacity limit depends on how many tokens share the call)."""
+        attn_BTD, entries = self.self_attn.decode(self.input_layernorm(h_BTD), positions_BT, entries)
+        return self._ffn_residual(constrain(h_BTD + attn_BTD, *RESIDUAL_AXES))[0], entries
+
+    def _ffn_residual(self, h_BTD: jax.Array) -> tuple[jax.Array, MoEAux | None]:
         ffn_in = self.post_attention_layernorm(h_BTD)
         if self.use_moe:
             ffn_out, aux = self.mlp(ffn_in)

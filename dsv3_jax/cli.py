@@ -179,6 +179,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from dsv3_jax.generate_cli import run
+
+    return run(args)
+
+
 def _add_cluster_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("multi-host (run the same command on every host)")
     group.add_argument("--distributed", action="store_true",
@@ -214,6 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
     params.add_argument("--preset", choices=sorted(PRESETS), default="deepseek-v3-671b")
     params.add_argument("--set", action="append", metavar="model.FIELD=VALUE")
     params.set_defaults(func=cmd_params)
+
+    from dsv3_jax.generate_cli import add_arguments as add_generate_arguments
+
+    gen = sub.add_parser("generate", help="generate from a run's latest checkpoint or an HF checkpoint "
+                         "(latent-cache decoding, sampling, MTP speculative decoding)")
+    add_generate_arguments(gen)
+    gen.set_defaults(func=cmd_generate)
 
     plan = sub.add_parser("plan", help="per-device memory of a train step on a mesh, without allocating the model")
     plan.add_argument("--preset", choices=sorted(PRESETS), default="deepseek-v3-671b")

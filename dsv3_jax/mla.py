@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.kv_cache import ExpandedEntries, LatentEntries, LayerEntries, visible_mask, write_entries
 from dsv3_jax.layers import DotGeneral, Linear, RMSNorm
 from dsv3_jax.rope import apply_rope, rope_cos_sin, softmax_scale
 from dsv3_jax.sharding import constrain
@@ -19,7 +20,8 @@ HEADS_AXES = ("batch", "length", "heads", None)  # [B, T, H, dim] under a mesh: 
 
 
 class MLA(nnx.Module):
-    """MLA with HF/official weight structure; `__call__` is the full-sequence causal path."""
+    """MLA with HF/official weight structure; `__call__` is the full-sequence causal path, `prefill`/`decode`
+    the cached paths (absorbed over a latent cache, or expanded over per-head K/V, by the cache's type)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dot_general: DotGeneral = jax.lax.dot_general):
         self.cfg = cfg
@@ -60,7 +62,17 @@ class MLA(nnx.Module):
         k_nope_BSHN, v_BSHV = jnp.split(constrain(kv, *HEADS_AXES), [cfg.qk_nope_head_dim], axis=-1)
         return k_nope_BSHN, v_BSHV
 
-    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array) -> jax.Array:
+    def absorbed_weights(self) -> tuple[jax.Array, jax.Array]:
+        """kv_b_proj split per head into W_UK [C,H,N] (folded into the query) and W_UV [C,H,V] (applied after
+        attention over the latent). Read as plain weights: like the official absorb path, no FP8 GEMM here."""
+        cfg = self.cfg
+        kernel = self.kv_b_proj.kernel[...].astype(self.kv_b_proj.compute_dtype)
+        kernel_CHK = kernel.reshape(cfg.kv_lora_rank, cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim)
+        w_uk_CHN, w_uv_CHV = jnp.split(kernel_CHK, [cfg.qk_nope_head_dim], axis=-1)
+        return w_uk_CHN, w_uv_CHV
+
+    def _causal(self, x_BTD: jax.Array, positions_BT: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+        """Full-sequence causal attention; also returns (c_kv, k_pe, k_nope, v) so prefill can cache them."""
         cos, sin = rope_cos_sin(positions_BT, self.cfg)
         q_nope_BTHN, q_pe_BTHR = self.queries(x_BTD, cos, sin)
         c_kv_BTC, k_pe_BTR = self.latent(x_BTD, cos, sin)
@@ -69,8 +81,54 @@ class MLA(nnx.Module):
         causal_TS = jnp.tril(jnp.ones((seq_len, seq_len), bool))
         out_BTHV = attend(q_nope_BTHN, q_pe_BTHR, k_nope_BTHN, k_pe_BTR, v_BTHV, causal_TS, softmax_scale(self.cfg))
         out_BTHV = constrain(out_BTHV, *HEADS_AXES)
-        return self.o_proj(out_BTHV.reshape(*x_BTD.shape[:2], -1))
+        return self.o_proj(out_BTHV.reshape(*x_BTD.shape[:2], -1)), (c_kv_BTC, k_pe_BTR, k_nope_BTHN, v_BTHV)
 
+    def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array) -> jax.Array:
+        return self._causal(x_BTD, positions_BT)[0]
+
+    def prefill(self, x_BTD: jax.Array, entries: LayerEntries) -> tuple[jax.Array, LayerEntries]:
+        """Causal attention over a (right-padded) prompt that starts at position 0, writing its cache entries
+        to slots 0..T-1. Prefill has T queries, so the expanded form is the cheaper one to compute with."""
+        batch, seq_len = x_BTD.shape[:2]
+        positions_BT = jnp.broadcast_to(jnp.arange(seq_len), (batch, seq_len))
+        out_BTD, (c_kv_BTC, k_pe_BTR, k_nope_BTHN, v_BTHV) = self._causal(x_BTD, positions_BT)
+        new = (LatentEntries(c_kv_BTC, k_pe_BTR) if isinstance(entries, LatentEntries)
+               else ExpandedEntries(k_nope_BTHN, v_BTHV, k_pe_BTR))
+        return out_BTD, write_entries(entries, new, positions_BT)
+
+    def decode(self, x_BTD: jax.Array, positions_BT: jax.Array, entries: LayerEntries) -> tuple[jax.Array, LayerEntries]:
+        """T new tokens per row at per-row `positions_BT` against the cache; the cache type picks the path."""
+        if isinstance(entries, LatentEntries):
+            return self.decode_absorbed(x_BTD, positions_BT, entries)
+        return self.decode_expanded(x_BTD, positions_BT, entries)
+
+    def decode_absorbed(self, x_BTD: jax.Array, positions_BT: jax.Array,
+                        entries: LatentEntries) -> tuple[jax.Array, LatentEntries]:
+        """Attention over the latent cache only: W_UK is folded into the query (scores against c_kv directly)
+        and W_UV applied to the attention-weighted latent, so no per-head K/V is ever materialised."""
+        cos, sin = rope_cos_sin(positions_BT, self.cfg)
+        q_nope_BTHN, q_pe_BTHR = self.queries(x_BTD, cos, sin)
+        entries = write_entries(entries, LatentEntries(*self.latent(x_BTD, cos, sin)), positions_BT)
+        w_uk_CHN, w_uv_CHV = self.absorbed_weights()
+        q_lat_BTHC = jnp.einsum("bthn,chn->bthc", q_nope_BTHN, w_uk_CHN)
+        mask_BTS = visible_mask(positions_BT, entries.c_kv.shape[1])
+        o_lat_BTHC = attend_latent(q_lat_BTHC, q_pe_BTHR, entries.c_kv, entries.k_pe, mask_BTS,
+                                   softmax_scale(self.cfg))
+        out_BTHV = constrain(jnp.einsum("bthc,chv->bthv", o_lat_BTHC, w_uv_CHV), *HEADS_AXES)
+        return self.o_proj(out_BTHV.reshape(*x_BTD.shape[:2], -1)), entries
+
+    def decode_expanded(self, x_BTD: jax.Array, positions_BT: jax.Array,
+                        entries: ExpandedEntries) -> tuple[jax.Array, ExpandedEntries]:
+        """The naive cached path: up-project each new latent once, cache per-head K/V, attend as in MHA."""
+        cos, sin = rope_cos_sin(positions_BT, self.cfg)
+        q_nope_BTHN, q_pe_BTHR = self.queries(x_BTD, cos, sin)
+        c_kv_BTC, k_pe_BTR = self.latent(x_BTD, cos, sin)
+        entries = write_entries(entries, ExpandedEntries(*self.expand_kv(c_kv_BTC), k_pe_BTR), positions_BT)
+        mask_B1TS = visible_mask(positions_BT, entries.k_pe.shape[1])[:, None]
+        out_BTHV = attend(q_nope_BTHN, q_pe_BTHR, entries.k_nope, entries.k_pe, entries.v, mask_B1TS,
+                          softmax_scale(self.cfg))
+        out_BTHV = constrain(out_BTHV, *HEADS_AXES)
+        return self.o_proj(out_BTHV.reshape(*x_BTD.shape[:2], -1)), entries
 
 def attend(q_nope_BTHN: jax.Array, q_pe_BTHR: jax.Array, k_nope_BSHN: jax.Array, k_pe_BSR: jax.Array,
            v_BSHV: jax.Array, mask_TS: jax.Array, scale: float) -> jax.Array:
@@ -80,3 +138,14 @@ def attend(q_nope_BTHN: jax.Array, q_pe_BTHR: jax.Array, k_nope_BSHN: jax.Array,
     scores_BHTS = jnp.where(mask_TS, scores_BHTS * scale, -jnp.inf)
     probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(v_BSHV.dtype)
     return jnp.einsum("bhts,bshv->bthv", probs_BHTS, v_BSHV)
+
+
+def attend_latent(q_lat_BTHC: jax.Array, q_pe_BTHR: jax.Array, c_kv_BSC: jax.Array, k_pe_BSR: jax.Array,
+                  mask_BTS: jax.Array, scale: float) -> jax.Array:
+    """Absorbed attention: scores q_lat.c_kv + q_pe.k_pe (fp32), output sum_s p * c_kv [B,T,H,C] (the latent
+    that W_UV turns into per-head values). Every head reads the same [S, C + R] cache rows."""
+    scores_BHTS = (jnp.einsum("bthc,bsc->bhts", q_lat_BTHC, c_kv_BSC, preferred_element_type=jnp.float32)
+                   + jnp.einsum("bthr,bsr->bhts", q_pe_BTHR, k_pe_BSR, preferred_element_type=jnp.float32))
+    scores_BHTS = jnp.where(mask_BTS[:, None], scores_BHTS * scale, -jnp.inf)
+    probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(c_kv_BSC.dtype)
+    return jnp.einsum("bhts,bsc->bthc", probs_BHTS, c_kv_BSC)

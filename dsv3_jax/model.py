@@ -6,8 +6,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from dsv3_jax import fp8
 from dsv3_jax.block import RESIDUAL_AXES, DecoderLayer
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.kv_cache import KVCache
 from dsv3_jax.layers import DotGeneral, Embed, Linear, RMSNorm
 from dsv3_jax.moe import MoEAux
 from dsv3_jax.mtp import MTPModule
@@ -35,9 +37,14 @@ class Aux:
 class DeepSeekV3(nnx.Module):
     """The full model. Attribute names mirror the HF checkpoint so conversion is a table, not code."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dot_general: DotGeneral = jax.lax.dot_general):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dot_general: DotGeneral | None = None):
+        """`dot_general` (default: the one `cfg.fp8` selects) runs every FP8-eligible GEMM: MLA projections,
+        dense / shared / routed expert MLPs. Embedding, lm_head, MTP eh_proj, router and attention core stay
+        in high precision, as in DeepSeek-V3's FP8 training."""
         cfg.validate()
         self.cfg = cfg
+        if dot_general is None:
+            dot_general = fp8.dot_general_for(cfg)
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, cfg, rngs)
         self.layers = nnx.List([DecoderLayer(cfg, rngs, use_moe=cfg.is_moe_layer(i), dot_general=dot_general)
                                 for i in range(cfg.num_hidden_layers)])
@@ -79,7 +86,51 @@ class DeepSeekV3(nnx.Module):
                                layer_outputs=tuple(layer_outputs),
                                final_hidden=final_BTD if return_hidden else None)
 
+    # ---- cached inference (dsv3_jax.generate drives these; caches come from dsv3_jax.kv_cache) ----------------
+    def head(self, final_BTD: jax.Array) -> jax.Array:
+        """Logits (float32) from post-norm hidden states of any leading shape."""
+        return self.lm_head(final_BTD).astype(jnp.float32)
 
-def init_model(cfg: ModelConfig, seed: int = 0, dot_general: DotGeneral = jax.lax.dot_general) -> DeepSeekV3:
-    """A freshly initialised model (std `cfg.init_std`, unit norms, zero router biases)."""
+    def prefill(self, input_ids_BT: jax.Array, lengths_B: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Right-padded prompts (row b holds lengths_B[b] real tokens) from position 0 into an empty cache:
+        (post-norm hidden [B, T, D] at every position, cache holding each row's prompt)."""
+        h_BTD = constrain(self.embed_tokens(input_ids_BT), *RESIDUAL_AXES)
+        for i, layer in enumerate(self.layers):
+            h_BTD, entries = layer.prefill(h_BTD, cache.layer(i))
+            cache = cache.with_layer(i, entries)
+        return self.norm(h_BTD), cache.replace(lengths=lengths_B.astype(jnp.int32))
+
+    def decode(self, input_ids_BT: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """T new tokens per row, at positions lengths_B[b] + t: (post-norm hidden [B, T, D], cache with
+        lengths + T). Callers that reject some of the T (speculative verification) lower the lengths after."""
+        positions_BT = cache.lengths[:, None] + jnp.arange(input_ids_BT.shape[1], dtype=jnp.int32)
+        h_BTD = constrain(self.embed_tokens(input_ids_BT), *RESIDUAL_AXES)
+        for i, layer in enumerate(self.layers):
+            h_BTD, entries = layer.decode(h_BTD, positions_BT, cache.layer(i))
+            cache = cache.with_layer(i, entries)
+        return self.norm(h_BTD), cache.replace(lengths=cache.lengths + input_ids_BT.shape[1])
+
+    def mtp_prefill(self, final_BTD: jax.Array, input_ids_BT: jax.Array, lengths_B: jax.Array,
+                    mtp_cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """The first MTP module over a prefilled prompt: position i pairs h_i with t_{i+1}, so positions
+        0..T-2 are known and the cache ends up one token behind the main one. Returns (head input [B, T-1, D],
+        cache). Deeper modules are not cached: speculative decoding drafts with module 1 only."""
+        emb_BTD = self.embed_tokens(input_ids_BT[:, 1:])
+        _, head_in_BTD, entries = self.mtp[0].prefill(final_BTD[:, :-1], emb_BTD, mtp_cache.layer(0))
+        lengths_B = jnp.maximum(lengths_B.astype(jnp.int32) - 1, 0)
+        return head_in_BTD, mtp_cache.with_layer(0, entries).replace(lengths=lengths_B)
+
+    def mtp_decode(self, h_prev_BTD: jax.Array, next_ids_BT: jax.Array,
+                   mtp_cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """The first MTP module at positions mtp_lengths + t, pairing main hidden h_i with token t_{i+1}:
+        (head input [B, T, D] whose logits predict t_{i+2}, cache with lengths + T)."""
+        positions_BT = mtp_cache.lengths[:, None] + jnp.arange(next_ids_BT.shape[1], dtype=jnp.int32)
+        _, head_in_BTD, entries = self.mtp[0].decode(h_prev_BTD, self.embed_tokens(next_ids_BT), positions_BT,
+                                                     mtp_cache.layer(0))
+        return head_in_BTD, mtp_cache.with_layer(0, entries).replace(lengths=mtp_cache.lengths + next_ids_BT.shape[1])
+
+
+def init_model(cfg: ModelConfig, seed: int = 0, dot_general: DotGeneral | None = None) -> DeepSeekV3:
+    """A freshly initialised model (std `cfg.init_std`, unit norms, zero router biases); `dot_general`
+    defaults to `cfg.fp8`'s."""
     return DeepSeekV3(cfg, nnx.Rngs(params=seed), dot_general)

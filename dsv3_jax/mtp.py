@@ -14,6 +14,7 @@ from flax import nnx
 
 from dsv3_jax.block import RESIDUAL_AXES, DecoderLayer
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.kv_cache import LayerEntries
 from dsv3_jax.layers import DotGeneral, Linear, RMSNorm
 from dsv3_jax.moe import MoEAux
 from dsv3_jax.sharding import constrain
@@ -39,7 +40,22 @@ class MTPModule(nnx.Module):
     def __call__(self, h_prev_BTD: jax.Array, emb_next_BTD: jax.Array,
                  positions_BT: jax.Array) -> tuple[jax.Array, jax.Array, MoEAux]:
         """(block output h^k [B,T,D] to chain into the next depth, normed head input [B,T,D], MoE aux)."""
-        x_BTD = self.eh_proj(jnp.concatenate([self.enorm(emb_next_BTD), self.hnorm(h_prev_BTD)], axis=-1))
-        x_BTD = constrain(x_BTD, *RESIDUAL_AXES)
-        h_BTD, aux = self.block(x_BTD, positions_BT)
+        h_BTD, aux = self.block(self._combine(h_prev_BTD, emb_next_BTD), positions_BT)
         return h_BTD, self.shared_head.norm(h_BTD), aux
+
+    def prefill(self, h_prev_BTD: jax.Array, emb_next_BTD: jax.Array,
+                entries: LayerEntries) -> tuple[jax.Array, jax.Array, LayerEntries]:
+        """`__call__` over positions 0..T-1 that also fills the block's own MLA cache: (h^k, head input, cache)."""
+        h_BTD, entries = self.block.prefill(self._combine(h_prev_BTD, emb_next_BTD), entries)
+        return h_BTD, self.shared_head.norm(h_BTD), entries
+
+    def decode(self, h_prev_BTD: jax.Array, emb_next_BTD: jax.Array, positions_BT: jax.Array,
+               entries: LayerEntries) -> tuple[jax.Array, jax.Array, LayerEntries]:
+        """New positions against the block's cache: (h^k, head input, cache). Position i pairs h^{k-1}_i with
+        the embedding of t_{i+k}, so the MTP cache of depth k runs k tokens behind the main one."""
+        h_BTD, entries = self.block.decode(self._combine(h_prev_BTD, emb_next_BTD), positions_BT, entries)
+        return h_BTD, self.shared_head.norm(h_BTD), entries
+
+    def _combine(self, h_prev_BTD: jax.Array, emb_next_BTD: jax.Array) -> jax.Array:
+        x_BTD = self.eh_proj(jnp.concatenate([self.enorm(emb_next_BTD), self.hnorm(h_prev_BTD)], axis=-1))
+        return constrain(x_BTD, *RESIDUAL_AXES)

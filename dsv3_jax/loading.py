@@ -1,0 +1,166 @@
+"""Models for inference: a training run's latest checkpoint (with its corpus tokenizer) or an HF DeepSeek-V3
+safetensors directory (with its tokenizer.json when there is one).
+
+Every check that needs no tensors (directory, config, checkpoint presence) runs before anything is read, so a
+wrong path fails in milliseconds. Models are built with `generate.inference_config` (dropless MoE).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+from dsv3_jax.generate import GenerationError, inference_config
+
+
+class TextCodec(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    cfg: Any  # ModelConfig the model was built with
+    model: Any  # DeepSeekV3
+    tokenizer: TextCodec | None  # None: only token ids in and out
+    stop_ids: tuple[int, ...]  # end-of-text ids
+    source: str  # what was loaded, for messages
+
+
+class HFTokenizer:
+    """An HF `tokenizer.json` (whatever its special tokens) behind the encode/decode interface."""
+
+    def __init__(self, path: Path):
+        import tokenizers
+
+        self.inner = tokenizers.Tokenizer.from_file(str(path))
+
+    def encode(self, text: str) -> list[int]:
+        return self.inner.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.inner.decode(list(ids), skip_special_tokens=False)
+
+
+def check_run_dir(run_dir: str | os.PathLike) -> Path:
+    """The run directory if it holds a config and at least one checkpoint step, else GenerationError."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise GenerationError(f"run directory {str(path)!r} does not exist")
+    if not (path / "config.json").is_file():
+        raise GenerationError(f"{str(path)!r} has no config.json: is it a dsv3_jax run directory?")
+    ckpts = path / "checkpoints"
+    if not ckpts.is_dir() or not any(p.name.isdigit() for p in ckpts.iterdir()):
+        raise GenerationError(f"{str(path)!r} has no checkpoint under checkpoints/: train it first")
+    return path
+
+
+def check_hf_dir(hf_dir: str | os.PathLike) -> Path:
+    """The HF checkpoint directory if it holds a config.json and safetensors, else GenerationError."""
+    path = Path(hf_dir)
+    if not path.is_dir():
+        raise GenerationError(f"HF checkpoint directory {str(path)!r} does not exist")
+    if not (path / "config.json").is_file():
+        raise GenerationError(f"{str(path)!r} has no config.json: not an HF checkpoint directory")
+    if not any(path.glob("*.safetensors")):
+        raise GenerationError(f"{str(path)!r} has no .safetensors file")
+    return path
+
+
+def _cache_dir(configured: str) -> Path:
+    """A relative data cache is looked up from the working directory, then from the repository root."""
+    from dsv3_jax.data.fetch import REPO_ROOT
+
+    path = Path(configured)
+    if path.is_absolute() or path.exists():
+        return path
+    return REPO_ROOT / path
+
+
+def run_tokenizer(config: Any) -> Any:
+    """The tokenizer the run trained with: its corpus's BPE, cached by corpus hash (retrained identically if the
+    cache was deleted)."""
+    from dsv3_jax.data import get_tokenizer, prepare_corpus
+
+    cache = _cache_dir(config.data.cache_dir)
+    corpus = prepare_corpus(config.data.corpus, cache)
+    return get_tokenizer(corpus, config.model.vocab_size, cache)
+
+
+def run_config(run_dir: str | os.PathLike) -> Any:
+    """The run's saved `train.config.Config` (after checking the directory holds a run with a checkpoint)."""
+    from dsv3_jax.train.config import Config
+
+    path = check_run_dir(run_dir)
+    return Config.from_dict(json.loads((path / "config.json").read_text()))
+
+
+def load_run(run_dir: str | os.PathLike, with_tokenizer: bool = True) -> LoadedModel:
+    """The latest restorable checkpoint of a training run, as a dropless inference model."""
+    import jax
+    from flax import nnx
+
+    from dsv3_jax.checkpoint import RunCheckpointer
+    from dsv3_jax.model import init_model
+    from dsv3_jax.moe import RouterBias
+    from dsv3_jax.train.step import abstract_train_state
+
+    config = run_config(run_dir)
+    path = Path(run_dir)
+    tokenizer = run_tokenizer(config) if with_tokenizer else None
+    # Restore onto this process's first device whatever mesh the run trained on.
+    _, abstract = abstract_train_state(config.model, config.train)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
+    checkpointer = RunCheckpointer(path, keep=config.train.keep_checkpoints)
+    try:
+        restored = checkpointer.restore_latest(abstract)
+    finally:
+        checkpointer.close()
+    if restored is None:
+        raise GenerationError(f"no restorable checkpoint in {path / 'checkpoints'}")
+    step, state, _, _ = restored
+    cfg = inference_config(config.model)
+    graphdef = nnx.split(nnx.eval_shape(lambda: init_model(cfg)), nnx.Param, RouterBias)[0]
+    model = nnx.merge(graphdef, state.params, state.biases)
+    stop = (tokenizer.eos_id,) if tokenizer is not None else ()
+    return LoadedModel(cfg=cfg, model=model, tokenizer=tokenizer, stop_ids=stop, source=f"{path} step {step}")
+
+
+def hf_config(hf_dir: str | os.PathLike, dtype: str = "float32") -> Any:
+    """The inference ModelConfig of an HF checkpoint directory, from its config.json alone."""
+    from dsv3_jax.config import ModelConfig
+
+    path = check_hf_dir(hf_dir)
+    return ModelConfig.from_hf(path, dtype=dtype, param_dtype=dtype, capacity_factor=None)
+
+
+def hf_tokenizer(hf_dir: str | os.PathLike) -> HFTokenizer | None:
+    """The directory's tokenizer.json, or None when it has none."""
+    file = Path(hf_dir) / "tokenizer.json"
+    return HFTokenizer(file) if file.is_file() else None
+
+
+def hf_stop_ids(path: str | os.PathLike) -> tuple[int, ...]:
+    """eos_token_id from generation_config.json, else config.json (an int or a list)."""
+    for name in ("generation_config.json", "config.json"):
+        file = Path(path) / name
+        if file.is_file():
+            eos = json.loads(file.read_text()).get("eos_token_id")
+            if eos is not None:
+                return tuple(eos) if isinstance(eos, list) else (int(eos),)
+    return ()
+
+
+def load_hf(hf_dir: str | os.PathLike, dtype: str = "float32", with_tokenizer: bool = True) -> LoadedModel:
+    """An HF DeepSeek-V3 safetensors directory (bf16/fp32 or FP8 block-scaled) as a dropless inference model."""
+    from dsv3_jax import convert
+
+    path = check_hf_dir(hf_dir)
+    tokenizer = hf_tokenizer(path) if with_tokenizer else None
+    cfg, model = convert.from_hf(path, dtype=dtype, capacity_factor=None)
+    return LoadedModel(cfg=cfg, model=model, tokenizer=tokenizer, stop_ids=hf_stop_ids(path), source=str(path))
