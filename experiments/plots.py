@@ -1,0 +1,180 @@
+"""Comparison plots of an experiment's variants, drawn from collected results (metrics.jsonl per run).
+
+Every curve says its smoothing in the legend or axis title; each variant keeps one colour, seed 0 is solid and
+further seeds are thinner dashed lines of the same colour.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from experiments.collect import eval_records, read_json, read_jsonl, train_records
+
+SMOOTHING = 0.9  # EMA decay of per-step curves (the paper's FP8 curves use the same)
+COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray")
+
+
+def ema(values: list[float], decay: float = SMOOTHING) -> np.ndarray:
+    """Exponential moving average, started at the first value (no zero-bias)."""
+    out, acc = [], None
+    for v in values:
+        acc = v if acc is None else decay * acc + (1 - decay) * v
+        out.append(acc)
+    return np.asarray(out)
+
+
+Series = dict[str, dict[str, Any]]  # label -> {"colour", "runs": [(seed, records, final_eval | None, config)]}
+
+
+def load_series(runs: dict[str, list[tuple[int, Path]]], labels: dict[str, str]) -> Series:
+    """Read every run's metrics (and final eval / config) once; keys are the variants' labels."""
+    series = {}
+    for i, (name, seed_dirs) in enumerate(runs.items()):
+        loaded = []
+        for seed, path in seed_dirs:
+            final = read_json(path / "final_eval.json") if (path / "final_eval.json").is_file() else None
+            config = read_json(path / "config.json") if (path / "config.json").is_file() else {}
+            loaded.append((seed, read_jsonl(path / "metrics.jsonl"), final, config))
+        if loaded:
+            series[labels.get(name, name)] = {"colour": COLOURS[i % len(COLOURS)], "runs": loaded}
+    return series
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _style(seed_index: int) -> dict[str, Any]:
+    return {"linewidth": 1.6, "alpha": 1.0} if seed_index == 0 else {"linewidth": 0.9, "alpha": 0.6, "linestyle": "--"}
+
+
+def _label(label: str, seed: int) -> str:
+    return f"{label} (seed {seed})"
+
+
+def plot_loss(series: Series, out: str | Path, title: str) -> Path:
+    """Train loss (EMA) and validation loss per variant; a star marks the final full-split validation loss."""
+    plt = _pyplot()
+    fig, (ax_tr, ax_val) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for label, s in series.items():
+        for i, (seed, records, final, _) in enumerate(s["runs"]):
+            train, evals = train_records(records), eval_records(records)
+            ax_tr.plot([r["step"] for r in train], ema([r["loss"] for r in train]), color=s["colour"],
+                       label=_label(label, seed), **_style(i))
+            ax_val.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], marker="o", markersize=3,
+                        color=s["colour"], label=_label(label, seed), **_style(i))
+            if final is not None:
+                ax_val.plot([final["step"]], [final["val_loss"]], marker="*", markersize=11, color=s["colour"],
+                            linestyle="none")
+    _zoom(ax_tr, series, "loss")
+    ax_tr.set(xlabel="step", ylabel="train cross-entropy (nats/token)",
+              title=f"Train loss, EMA {SMOOTHING} (main token)")
+    ax_val.set(xlabel="step", ylabel="validation cross-entropy (nats/token)",
+               title="Validation loss (dots: 16 batches; star: whole split)")
+    return _finish(fig, (ax_tr, ax_val), out, title)
+
+
+def _zoom(ax: Any, series: Series, field: str) -> None:
+    """Limit y to the second half of training: the first steps (loss ~9) would flatten the differences."""
+    tails = []
+    for s in series.values():
+        for _, records, _, _ in s["runs"]:
+            values = ema([r[field] for r in train_records(records)])
+            tails.extend(values[len(values) // 3:])
+    if tails:
+        lo, hi = float(np.min(tails)), float(np.max(tails))
+        pad = 0.05 * (hi - lo + 1e-6)
+        ax.set_ylim(lo - pad, hi + pad)
+
+
+def plot_maxvio(series: Series, out: str | Path, title: str) -> Path:
+    """MaxVio_batch per step (EMA) and MaxVio_global at each evaluation, log scale (balance spans 100x)."""
+    plt = _pyplot()
+    fig, (ax_b, ax_g) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for label, s in series.items():
+        for i, (seed, records, final, _) in enumerate(s["runs"]):
+            train, evals = train_records(records), eval_records(records)
+            ax_b.plot([r["step"] for r in train], ema([r["maxvio_batch"] for r in train]), color=s["colour"],
+                      label=_label(label, seed), **_style(i))
+            ax_g.plot([r["step"] for r in evals], [r["maxvio_global"] for r in evals], marker="o", markersize=3,
+                      color=s["colour"], label=_label(label, seed), **_style(i))
+            if final is not None:
+                ax_g.plot([final["step"]], [final["maxvio_global"]], marker="*", markersize=11, color=s["colour"],
+                          linestyle="none")
+    for ax in (ax_b, ax_g):
+        ax.set_yscale("log")
+    ax_b.set(xlabel="step", ylabel="MaxVio_batch (mean over MoE layers)",
+             title=f"MaxVio_batch per training batch, EMA {SMOOTHING}")
+    ax_g.set(xlabel="step", ylabel="MaxVio_global (mean over MoE layers)",
+             title="MaxVio_global on validation (dots: 16 batches; star: whole split)")
+    return _finish(fig, (ax_b, ax_g), out, title)
+
+
+def plot_expert_load(series: Series, out: str | Path, title: str) -> Path:
+    """Per-expert load / mean load of every MoE layer at the last evaluation, one heatmap per variant (seed 0)."""
+    plt = _pyplot()
+    items = [(label, s["runs"][0]) for label, s in series.items() if eval_records(s["runs"][0][1])]
+    fig, axes = plt.subplots(len(items), 1, figsize=(9, 1.2 + 1.0 * max(1, len(items)) * 1.4), squeeze=False)
+    loads = [np.asarray(eval_records(run[1])[-1]["expert_load"], float) for _, run in items]
+    rel = [load / load.mean(axis=1, keepdims=True) for load in loads]
+    vmax = max(float(r.max()) for r in rel) if rel else 2.0
+    image = None
+    for ax, (label, (seed, records, _, _)), r in zip(axes[:, 0], items, rel):
+        last = eval_records(records)[-1]
+        image = ax.imshow(r, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax)
+        ax.set_title(f"{label} (seed {seed}), step {last['step']}: MaxVio_global {last['maxvio_global']:.3f}",
+                     fontsize=9)
+        ax.set_yticks(range(r.shape[0]), [f"MoE layer {j + 1}" for j in range(r.shape[0])], fontsize=8)
+        ax.set_xticks(range(r.shape[1]))
+        ax.tick_params(axis="x", labelsize=7)
+    axes[-1, 0].set_xlabel("routed expert")
+    if image is not None:
+        fig.colorbar(image, ax=axes[:, 0].tolist(), label="tokens routed / mean over experts")
+    fig.suptitle(title + " (last evaluation, 16 validation batches; 1.0 = perfectly balanced)", fontsize=10)
+    out = Path(out)
+    fig.savefig(out, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
+def plot_mtp(series: Series, out: str | Path, title: str) -> Path:
+    """Main-token and depth-1 MTP validation loss per evaluation; MTP curves only for arms that train MTP."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for label, s in series.items():
+        for i, (seed, records, _, config) in enumerate(s["runs"]):
+            evals = eval_records(records)
+            steps = [r["step"] for r in evals]
+            ax.plot(steps, [r["val_loss"] for r in evals], color=s["colour"], marker="o", markersize=3,
+                    label=f"{label} (seed {seed}): main token", **_style(i))
+            if config.get("train", {}).get("mtp_lambda", 0) > 0 and config.get("model", {}).get(
+                    "num_nextn_predict_layers", 0) > 0:
+                ax.plot(steps, [r["val_mtp_loss"] for r in evals], color=s["colour"], marker="s", markersize=3,
+                        linestyle=":", label=f"{label} (seed {seed}): MTP depth 1 (token t+2)")
+    ax.set(xlabel="step", ylabel="validation cross-entropy (nats/token)",
+           title="Validation loss, 16 batches per evaluation (unsmoothed)")
+    return _finish(fig, (ax,), out, title)
+
+
+def _finish(fig: Any, axes: tuple, out: str | Path, title: str) -> Path:
+    plt = _pyplot()
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+PLOTTERS = {"loss": plot_loss, "maxvio": plot_maxvio, "expert_load": plot_expert_load, "mtp": plot_mtp}

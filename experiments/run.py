@@ -1,0 +1,225 @@
+"""Run an experiment: `python -m experiments.run NAME [--scale cpu|gpu] [--variant V] [--seed S]`.
+
+For every selected variant and seed it calls the real CLI,
+    python -m dsv3_jax train --preset P --corpus C --run-dir runs/experiments/NAME/VARIANT/seedS --set ...
+then evaluates the final checkpoint on the whole validation split (`python -m dsv3_jax eval`), copies
+metrics.jsonl / config.json / loss.png / final_eval.json / run.json into experiments/results/NAME/VARIANT/seedS/
+and redraws the experiment's comparison plots and summary (results/NAME/summary.{json,md}, *.png).
+A finished run is not trained again (`--force` does); a variant with `same_as` reuses the other run.
+`--code REF` runs the library as committed at git REF (extracted to runs/experiments/_code/SHA) instead of the
+working tree, so results stay tied to a commit while the tree is being edited. Run from the repository root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from experiments import collect, spec
+from experiments.plots import PLOTTERS, load_series
+
+
+def train_command(preset: str, corpus: str, run_dir: Path, overrides: list[str]) -> list[str]:
+    """The CLI call that trains (or resumes) one run."""
+    cmd = [sys.executable, "-m", "dsv3_jax", "train", "--preset", preset, "--corpus", corpus,
+           "--run-dir", str(run_dir), "--no-progress"]
+    for item in overrides:
+        cmd += ["--set", item]
+    return cmd
+
+
+def eval_command(run_dir: Path) -> list[str]:
+    """The CLI call that evaluates a run's latest checkpoint on the whole validation split."""
+    return [sys.executable, "-m", "dsv3_jax", "eval", "--run-dir", str(run_dir), "--max-batches", "0"]
+
+
+def shell_line(cmd: list[str]) -> str:
+    """A command as one would type it (python -m ..., overrides quoted only where a shell needs it)."""
+    import shlex
+
+    return " ".join(["python", *[shlex.quote(c) for c in cmd[1:]]])
+
+
+class Code:
+    """Where the library comes from: the working tree (None) or a commit extracted with `git archive`."""
+
+    def __init__(self, ref: str | None = None):
+        self.commit, self.path = None, None
+        if ref is not None:
+            self.commit = _git("rev-parse", "--verify", f"{ref}^{{commit}}")
+            if not self.commit:
+                raise SystemExit(f"error: --code {ref!r} is not a git commit")
+            self.path = spec.RUNS_DIR / "_code" / self.commit
+            if not (self.path / "dsv3_jax").is_dir():
+                self.path.mkdir(parents=True, exist_ok=True)
+                archive = subprocess.run(["git", "archive", self.commit, "dsv3_jax"], capture_output=True, check=True)
+                subprocess.run(["tar", "-x", "-C", str(self.path)], input=archive.stdout, check=True)
+            sys.path.insert(0, str(self.path.resolve()))  # this process reads configs with the same code
+
+    def command(self, cmd: list[str]) -> list[str]:
+        # -P: do not put the working directory first on sys.path, so PYTHONPATH's snapshot wins over ./dsv3_jax
+        return cmd if self.path is None else [cmd[0], "-P", *cmd[1:]]
+
+    def env(self) -> dict[str, str] | None:
+        return None if self.path is None else {**os.environ, "PYTHONPATH": str(self.path.resolve())}
+
+    def provenance(self) -> dict:
+        """Commit and, for the working tree, the library files that differ from it (others edit the tree)."""
+        if self.commit is not None:
+            return {"commit": self.commit, "code": "git archive of the commit", "dsv3_jax_uncommitted": []}
+        dirty = [line[3:] for line in _git("status", "--porcelain", "--", "dsv3_jax").splitlines()]
+        return {"commit": _git("rev-parse", "HEAD"), "code": "working tree", "dsv3_jax_uncommitted": dirty}
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+def _run_logged(cmd: list[str], log_path: Path, code: Code) -> tuple[int, float, str]:
+    """Run `cmd`, echoing its output to the console and appending it to `log_path`; (rc, seconds, output)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(log_path, "a") as log:
+        log.write(f"$ {shell_line(cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(code.command(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=code.env())
+        out_lines = []
+        for line in proc.stdout:
+            log.write(line)
+            log.flush()
+            out_lines.append(line)
+            print(line, end="", flush=True)
+        rc = proc.wait()
+    return rc, time.perf_counter() - start, "".join(out_lines)
+
+
+def _last_json_object(text: str) -> dict:
+    """The eval command prints data-preparation lines, then one JSON object: take the object."""
+    start = text.rfind("\n{") + 1  # 0 when the object opens the text
+    obj, _ = json.JSONDecoder().raw_decode(text[start:])  # raw_decode: log lines after the object are fine
+    return obj
+
+
+def run_variant(exp: spec.Experiment, variant: spec.Variant, scale: str, seed: int, code: Code,
+                force: bool = False) -> Path:
+    """Train + evaluate + collect one (variant, seed); returns its results directory."""
+    src_exp_name, src_var_name = variant.source(exp.name)
+    if variant.same_as is not None:  # run (or find) the source run under its own experiment's name
+        src_exp = spec.load(src_exp_name)
+        return run_variant(src_exp, src_exp.variant(src_var_name), scale, seed, code, force)
+    preset, corpus, overrides = spec.overrides_for(exp, variant, scale, seed)
+    key = spec.run_key(exp.name, variant.name, scale, seed)
+    run_dir, dest = spec.RUNS_DIR / key, spec.RESULTS_DIR / key
+    train_cmd = train_command(preset, corpus, run_dir, overrides)
+    if not force and (dest / "run.json").is_file() and collect.read_json(dest / "run.json").get(
+            "overrides") == overrides:
+        print(f"{key}: already collected in {dest} (use --force to run it again)")
+        return dest
+    if force and run_dir.exists():
+        shutil.rmtree(run_dir)
+    steps = _steps(preset, overrides)
+    metrics_path = run_dir / "metrics.jsonl"
+    wall_s, wall_source = None, "not trained by this invocation"
+    if not collect.finished(metrics_path, steps):
+        resumed = metrics_path.is_file()
+        rc, wall_s, _ = _run_logged(train_cmd, run_dir / "train.log", code)
+        if rc != 0:
+            raise SystemExit(f"{key}: training failed (exit {rc}); see {run_dir / 'train.log'}")
+        wall_source = "runner, resumed run" if resumed else "runner"
+    if wall_s is None:  # trained earlier (or by hand with the same command): config.json -> last metrics line
+        wall_s = metrics_path.stat().st_mtime - (run_dir / "config.json").stat().st_mtime
+        wall_source = "file times (config.json written at start -> last metrics line)"
+    rc, eval_s, out = _run_logged(eval_command(run_dir), run_dir / "eval.log", code)
+    if rc != 0:
+        raise SystemExit(f"{key}: evaluation failed (exit {rc}); see {run_dir / 'eval.log'}")
+    final_eval = _last_json_object(out)
+    info = {"experiment": exp.name, "variant": variant.name, "scale": scale, "seed": seed, "preset": preset,
+            "corpus": corpus, "overrides": overrides, "command": shell_line(train_cmd),
+            "eval_command": shell_line(eval_command(run_dir)), "wall_s": round(wall_s, 1),
+            "wall_s_source": wall_source, "eval_wall_s": round(eval_s, 1), "cpu_count": os.cpu_count(),
+            "load_average_1m_at_end": round(os.getloadavg()[0], 2), "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+            **code.provenance()}
+    collect.collect_run(run_dir, dest, info, final_eval)
+    print(f"{key}: collected in {dest} (val loss {final_eval['val_loss']:.4f}, "
+          f"MaxVio_global {final_eval['maxvio_global']:.3f})")
+    return dest
+
+
+def _steps(preset: str, overrides: list[str]) -> int:
+    from dsv3_jax.config import get_preset
+    from dsv3_jax.train.config import Config, apply_overrides
+    from dsv3_jax.train.presets import train_preset
+
+    return apply_overrides(Config(model=get_preset(preset), train=train_preset(preset)), overrides).train.steps
+
+
+def draw(exp: spec.Experiment, scale: str = "cpu", results_dir: Path | None = None) -> list[Path]:
+    """Summary (json + md) and every comparison plot of the experiment from whatever results exist."""
+    results_dir = spec.RESULTS_DIR if results_dir is None else results_dir
+    out_dir = results_dir / exp.name / ("" if scale == "cpu" else scale)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = collect.summarize_experiment(exp, scale, results_dir)
+    collect.write_json(out_dir / "summary.json", summary)
+    (out_dir / "summary.md").write_text(f"# {exp.title} ({scale} scale)\n\n" + collect.markdown_table(summary))
+    runs = collect.variant_runs(exp, scale, results_dir)
+    series = load_series(runs, {v.name: v.label for v in exp.variants})
+    written = [out_dir / "summary.json", out_dir / "summary.md"]
+    if series:
+        for kind in exp.plots:
+            written.append(PLOTTERS[kind](series, out_dir / f"{kind}.png", exp.title))
+    return written
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"experiments: {', '.join(spec.available())}; planned (no config yet): {', '.join(sorted(spec.PLANNED))}")
+    parser.add_argument("name", help="experiment name (a file in experiments/configs/)")
+    parser.add_argument("--scale", choices=sorted(spec.SCALES), default="cpu")
+    parser.add_argument("--variant", action="append", help="only this variant (repeatable; default: all)")
+    parser.add_argument("--seed", action="append", type=int, help="these seeds (repeatable; default: the variant's)")
+    parser.add_argument("--force", action="store_true", help="train again even if results exist")
+    parser.add_argument("--code", metavar="REF", default=None,
+                        help="run the library as committed at this git ref (default: the working tree)")
+    parser.add_argument("--plots-only", action="store_true", help="only redraw plots and summary from results")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        exp = spec.load(args.name)
+        variants = [exp.variant(v) for v in args.variant] if args.variant else list(exp.variants)
+    except spec.SpecError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not args.plots_only:
+        code = Code(None if args.dry_run else args.code)
+        for variant in variants:
+            for seed in args.seed or variant.seeds:
+                if args.dry_run:
+                    preset, corpus, overrides = spec.overrides_for(exp, variant, args.scale, seed)
+                    src = spec.run_key(*variant.source(exp.name), args.scale, seed)
+                    print(shell_line(train_command(preset, corpus, spec.RUNS_DIR / src, overrides)))
+                    continue
+                run_variant(exp, variant, args.scale, seed, code, args.force)
+    if not args.dry_run:
+        for path in draw(exp, args.scale):
+            print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

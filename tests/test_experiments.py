@@ -1,0 +1,154 @@
+"""The experiment runner: config files parse, every variant is a valid run config, collection and plots work on
+a small fake run (seconds; nothing trains)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dsv3_jax.config import get_preset
+from dsv3_jax.train.config import Config, DataConfig, apply_overrides
+from dsv3_jax.train.presets import train_preset
+from experiments import collect, run, spec
+
+EXPERIMENTS = spec.available()
+
+
+def _config(preset: str, corpus: str, overrides: list[str]) -> Config:
+    return apply_overrides(Config(model=get_preset(preset), train=train_preset(preset),
+                                  data=DataConfig(corpus=corpus)), overrides)
+
+
+def test_the_issue_experiments_exist():
+    assert {"baseline", "balance", "shared_expert", "mtp"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+@pytest.mark.parametrize("scale", sorted(spec.SCALES))
+def test_every_variant_is_a_valid_config(name, scale):
+    exp = spec.load(name)
+    assert exp.name == name
+    for variant in exp.variants:
+        for seed in (*variant.seeds, 3):
+            preset, corpus, overrides = spec.overrides_for(exp, variant, scale, seed)
+            config = _config(preset, corpus, overrides)  # raises ConfigError on a bad override
+            assert config.train.seed == seed
+
+
+def test_same_as_points_at_a_real_variant_with_identical_settings():
+    for name in EXPERIMENTS:
+        exp = spec.load(name)
+        for variant in exp.variants:
+            if variant.same_as:
+                src_exp, src_var = variant.source(name)
+                source = spec.load(src_exp).variant(src_var)
+                assert spec.overrides_for(exp, variant, "cpu", 0) == spec.overrides_for(
+                    spec.load(src_exp), source, "cpu", 0)
+
+
+def test_shared_expert_ablation_keeps_active_experts_equal():
+    exp = spec.load("shared_expert")
+    with_shared = _config(*spec.overrides_for(exp, exp.variant("shared"), "cpu", 0)).model
+    without = _config(*spec.overrides_for(exp, exp.variant("no_shared"), "cpu", 0)).model
+    assert without.n_shared_experts == 0
+    assert (with_shared.n_shared_experts + with_shared.num_experts_per_tok
+            == without.num_experts_per_tok)
+    assert with_shared.moe_intermediate_size == without.moe_intermediate_size
+
+
+def test_planned_experiments_are_named_not_unknown():
+    for name in spec.PLANNED:
+        if name in EXPERIMENTS:
+            continue
+        with pytest.raises(spec.SpecError, match="no config file yet"):
+            spec.load(name)
+    with pytest.raises(spec.SpecError, match="unknown experiment"):
+        spec.load("no_such_experiment")
+
+
+@pytest.mark.parametrize("raw, field", [
+    ({"variants": []}, "name"),
+    ({"name": "x", "variants": [{"label": "no name"}]}, "variants[0].name"),
+    ({"name": "x", "variants": [{"name": "a", "set": ["train.steps"]}]}, "set"),
+    ({"name": "x", "variants": [{"name": "a", "same_as": "baseline"}]}, "same_as"),
+    ({"name": "x", "variants": [{"name": "a"}, {"name": "a"}]}, "unique"),
+    ({"name": "x", "variants": [{"name": "gpu"}]}, "scale name"),
+    ({"name": "x", "variants": [{"name": "a"}], "plots": ["nope"]}, "plots"),
+])
+def test_malformed_specs_name_the_field(raw, field):
+    with pytest.raises(spec.SpecError, match=field.replace("[", r"\[").replace("]", r"\]")):
+        spec.parse(raw)
+
+
+def test_run_keys_and_commands():
+    assert spec.run_key("balance", "none", "cpu", 1) == Path("balance/none/seed1")
+    assert spec.run_key("balance", "none", "gpu", 0) == Path("balance/gpu/none/seed0")
+    cmd = run.train_command("small", "lit", Path("runs/x"), ["train.balance=none", "train.seed=0"])
+    line = run.shell_line(cmd)
+    assert line.startswith("python -m dsv3_jax train --preset small --corpus lit --run-dir runs/x")
+    assert "--set train.balance=none --set train.seed=0" in line
+    assert run._last_json_object('data: x\n{\n  "val_loss": 1.5\n}\nwarning after\n') == {"val_loss": 1.5}
+    assert run._last_json_object('{"a": 1}') == {"a": 1}
+
+
+def test_dry_run_prints_the_cli_commands(capsys):
+    assert run.main(["balance", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == len(spec.load("balance").variants)
+    assert any("--run-dir runs/experiments/baseline/default/seed0" in line for line in lines)  # same_as
+    assert any("--set train.balance=none" in line for line in lines)
+
+
+def _fake_run(dest: Path, steps: int = 20, loss0: float = 9.0, vio: float = 1.0) -> None:
+    """A metrics.jsonl/config.json/final_eval.json/run.json set shaped like the trainer's and runner's output."""
+    dest.mkdir(parents=True)
+    records = []
+    for step in range(1, steps + 1):
+        records.append({"kind": "train", "step": step, "loss": loss0 - 0.1 * step, "mtp_loss": loss0 - 0.05 * step,
+                        "maxvio_batch": vio / step, "tokens_per_s": 1000.0, "skipped_total": 0,
+                        "dropped_fraction": 0.0})
+        if step % 10 == 0:
+            records.append({"kind": "eval", "step": step, "val_loss": loss0 - 0.09 * step,
+                            "val_mtp_loss": loss0 - 0.04 * step, "maxvio_global": vio / step,
+                            "expert_load": [[1.0, 2.0, 3.0, 2.0], [2.0, 2.0, 2.0, 2.0]], "val_batches": 2})
+    (dest / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = {"train": {"batch_size": 2, "seq_len": 5, "mtp_lambda": 0.3}, "model": {"num_nextn_predict_layers": 1}}
+    (dest / "config.json").write_text(json.dumps(config))
+    final = {"step": steps, "val_loss": loss0 - 2.0, "val_mtp_loss": loss0 - 1.0, "maxvio_global": vio / 10,
+             "maxvio_global_layers": [vio / 10], "val_batches": 7}
+    (dest / "final_eval.json").write_text(json.dumps(final))
+    (dest / "run.json").write_text(json.dumps({"command": "python -m dsv3_jax train ...", "wall_s": 12.0}))
+
+
+def test_summary_and_plots_from_fake_results(tmp_path):
+    _fake_run(tmp_path / "baseline/default/seed0")
+    _fake_run(tmp_path / "baseline/default/seed1", loss0=9.2)
+    _fake_run(tmp_path / "balance/none/seed0", vio=3.0)
+    exp = spec.load("balance")
+    written = run.draw(exp, "cpu", results_dir=tmp_path)
+    names = {p.name for p in written}
+    assert {"summary.json", "summary.md", "loss.png", "maxvio.png", "expert_load.png"} <= names
+    assert all(p.is_file() and p.stat().st_size > 0 for p in written)
+
+    summary = json.loads((tmp_path / "balance/summary.json").read_text())
+    aux_free = summary["variants"]["aux_free"]  # same_as baseline/default: both seeds
+    assert sorted(aux_free["seeds"]) == ["0", "1"]
+    assert aux_free["aggregate"]["val_loss"]["mean"] == pytest.approx(7.1)
+    assert aux_free["aggregate"]["val_loss"]["std"] == pytest.approx(0.1414, abs=1e-3)
+    assert summary["variants"]["none"]["aggregate"]["maxvio_global"]["mean"] == pytest.approx(0.3)
+    assert summary["variants"]["aux_loss_seq"]["seeds"] == {}
+    seed0 = aux_free["seeds"]["0"]
+    assert seed0["train_loss_last10"] == pytest.approx(9.0 - 0.1 * 15.5)
+    assert seed0["train_seconds"] == pytest.approx(20 * 10 / 1000.0)
+    table = (tmp_path / "balance/summary.md").read_text()
+    assert "`aux_loss_seq` | not run" in table and "7.1000 ± 0.1414 (n=2)" in table
+
+    mtp_written = run.draw(spec.load("mtp"), "cpu", results_dir=tmp_path)
+    assert (tmp_path / "mtp/mtp.png") in mtp_written
+
+
+def test_finished_needs_the_last_step_and_its_eval(tmp_path):
+    _fake_run(tmp_path / "r", steps=20)
+    assert collect.finished(tmp_path / "r/metrics.jsonl", 20)
+    assert not collect.finished(tmp_path / "r/metrics.jsonl", 30)
+    assert not collect.finished(tmp_path / "missing.jsonl", 20)
