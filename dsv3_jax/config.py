@@ -16,7 +16,10 @@ DTYPES = ("float32", "bfloat16", "float16")
 # "auto" resolves per backend (resolve_moe_dispatch): ragged on GPU/TPU, capacity on CPU.
 MOE_DISPATCH = ("auto", "dense", "capacity", "blocked", "ragged")
 # ModelConfig fields that say how we compute, not what the architecture is (absent from HF config.json).
-COMPUTE_FIELDS = ("dtype", "param_dtype", "moe_dispatch", "capacity_factor", "init_std")
+COMPUTE_FIELDS = ("dtype", "param_dtype", "moe_dispatch", "capacity_factor", "init_std", "fp8",
+                  "fp8_power_of_2_scales", "fp8_accumulation_interval")
+# FP8 GEMM emulation recipes (dsv3_jax/fp8.py); the rest of the model stays in `dtype` either way.
+FP8_RECIPES = ("none", "deepseek", "per_tensor")
 
 
 class ConfigError(ValueError):
@@ -74,6 +77,10 @@ class ModelConfig:
     moe_dispatch: str = "auto"
     capacity_factor: float | None = None  # None = dropless (capacity = all tokens)
     init_std: float = 0.006
+    fp8: str = "none"  # FP8 recipe of the Linear GEMMs: none | deepseek (1x128 / 128x128 tiles) | per_tensor
+    fp8_power_of_2_scales: bool = False  # round FP8 scales up to powers of two
+    fp8_accumulation_interval: int | None = None  # None: exact FP32 accumulation; N: ~14-bit partial sums
+    # promoted to FP32 every N elements (tensor-core model, slow; N >= K means never promoted)
 
     # ---- derived sizes -------------------------------------------------------------------------
     @property
@@ -145,6 +152,15 @@ class ModelConfig:
             raise ConfigError("moe_dispatch", f"must be one of {MOE_DISPATCH}, got {self.moe_dispatch!r}")
         if self.capacity_factor is not None and not self.capacity_factor > 0:
             raise ConfigError("capacity_factor", f"must be positive or None (dropless), got {self.capacity_factor!r}")
+        if self.fp8 not in FP8_RECIPES:
+            raise ConfigError("fp8", f"must be one of {FP8_RECIPES}, got {self.fp8!r}")
+        if not isinstance(self.fp8_power_of_2_scales, bool):
+            raise ConfigError("fp8_power_of_2_scales", f"must be true or false, got {self.fp8_power_of_2_scales!r}")
+        if self.fp8_accumulation_interval is not None:
+            _require_int(self, "fp8_accumulation_interval", minimum=1)
+        if self.fp8 != "none" and self.moe_dispatch == "ragged":
+            raise ConfigError("moe_dispatch", "ragged dispatch runs jax.lax.ragged_dot, which has no FP8 "
+                              f"emulation; with fp8={self.fp8!r} use capacity, blocked or dense")
         if self.rope_scaling is not None:
             y = self.rope_scaling
             if not y.factor >= 1:

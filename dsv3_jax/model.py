@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from dsv3_jax import fp8
 from dsv3_jax.block import RESIDUAL_AXES, DecoderLayer
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.kv_cache import KVCache
@@ -36,9 +37,14 @@ class Aux:
 class DeepSeekV3(nnx.Module):
     """The full model. Attribute names mirror the HF checkpoint so conversion is a table, not code."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dot_general: DotGeneral = jax.lax.dot_general):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dot_general: DotGeneral | None = None):
+        """`dot_general` (default: the one `cfg.fp8` selects) runs every FP8-eligible GEMM: MLA projections,
+        dense / shared / routed expert MLPs. Embedding, lm_head, MTP eh_proj, router and attention core stay
+        in high precision, as in DeepSeek-V3's FP8 training."""
         cfg.validate()
         self.cfg = cfg
+        if dot_general is None:
+            dot_general = fp8.dot_general_for(cfg)
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, cfg, rngs)
         self.layers = nnx.List([DecoderLayer(cfg, rngs, use_moe=cfg.is_moe_layer(i), dot_general=dot_general)
                                 for i in range(cfg.num_hidden_layers)])
@@ -124,7 +130,7 @@ class DeepSeekV3(nnx.Module):
         return head_in_BTD, mtp_cache.with_layer(0, entries).replace(lengths=mtp_cache.lengths + next_ids_BT.shape[1])
 
 
-
-def init_model(cfg: ModelConfig, seed: int = 0, dot_general: DotGeneral = jax.lax.dot_general) -> DeepSeekV3:
-    """A freshly initialised model (std `cfg.init_std`, unit norms, zero router biases)."""
+def init_model(cfg: ModelConfig, seed: int = 0, dot_general: DotGeneral | None = None) -> DeepSeekV3:
+    """A freshly initialised model (std `cfg.init_std`, unit norms, zero router biases); `dot_general`
+    defaults to `cfg.fp8`'s."""
     return DeepSeekV3(cfg, nnx.Rngs(params=seed), dot_general)

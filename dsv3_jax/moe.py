@@ -92,11 +92,17 @@ class Router(nnx.Module):
         return route(logits_NE, self.bias[...], self.cfg)
 
 
+def _per_expert_matmul(dot_general: DotGeneral, x_EMK: jax.Array, w_EKN: jax.Array) -> jax.Array:
+    """One GEMM per expert or block, "emk,ekn->emn", with the expert dim as a dot_general batch dim."""
+    return dot_general(x_EMK, w_EKN, (((2,), (1,)), ((0,), (0,))))
+
+
 class RoutedExperts(nnx.Module):
     """E SwiGLU experts stored stacked ([E, D, F] / [E, F, D]) for batched matmuls and expert sharding."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dot_general: DotGeneral = jax.lax.dot_general):
         self.cfg = cfg
+        self.dot_general = dot_general  # the expert GEMMs run through it (FP8 recipes replace it)
         e, d, f = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.gate_proj = nnx.Param(normal_init(rngs, (e, d, f), cfg))
         self.up_proj = nnx.Param(normal_init(rngs, (e, d, f), cfg))
@@ -109,6 +115,8 @@ class RoutedExperts(nnx.Module):
     def __call__(self, x_ND: jax.Array, topk_idx_NK: jax.Array, topk_weight_NK: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Weighted sum of each token's chosen experts: (out [N, D], dropped fraction)."""
         dispatch = resolve_moe_dispatch(self.cfg.moe_dispatch)
+        if dispatch == "ragged" and self.cfg.fp8 != "none":
+            dispatch = "capacity"  # ragged_dot takes no dot_general; validate() rejects an explicit ragged + fp8
         if dispatch == "capacity":
             return self.capacity(x_ND, topk_idx_NK, topk_weight_NK)
         exact = {"dense": self.dense, "blocked": self.blocked, "ragged": self.ragged}[dispatch]
@@ -118,8 +126,10 @@ class RoutedExperts(nnx.Module):
         """Oracle: every expert on every token, combined with a [N, E] weight matrix (zeros for unchosen)."""
         gate_EDF, up_EDF, down_EFD = self._weights()
         x_ND = x_ND.astype(gate_EDF.dtype)
-        h_NEF = jax.nn.silu(jnp.einsum("nd,edf->nef", x_ND, gate_EDF)) * jnp.einsum("nd,edf->nef", x_ND, up_EDF)
-        y_NED = jnp.einsum("nef,efd->ned", h_NEF, down_EFD)
+        every_expert = (((1,), (1,)), ((), ()))  # "nd,edf->nef"
+        h_NEF = (jax.nn.silu(self.dot_general(x_ND, gate_EDF, every_expert))
+                 * self.dot_general(x_ND, up_EDF, every_expert))
+        y_NED = self.dot_general(h_NEF, down_EFD, (((2,), (1,)), ((1,), (0,)))).transpose(1, 0, 2)  # via [E, N, D]
         combine_NE = jnp.zeros((x_ND.shape[0], self.cfg.n_routed_experts), jnp.float32)
         combine_NE = combine_NE.at[jnp.arange(x_ND.shape[0])[:, None], topk_idx_NK].add(topk_weight_NK)
         return jnp.einsum("ned,ne->nd", y_NED.astype(jnp.float32), combine_NE).astype(x_ND.dtype)
@@ -150,10 +160,10 @@ class RoutedExperts(nnx.Module):
         x_ND = x_ND.astype(gate_EDF.dtype)
         x_pad_ND = jnp.concatenate([x_ND, jnp.zeros((1, x_ND.shape[1]), x_ND.dtype)])  # row N: empty slot
         buffer_ECD = constrain(x_pad_ND[token_S].reshape(n_experts, cap, -1), "experts", None, "act_embed")
-        h_ECF = jax.nn.silu(jnp.einsum("ecd,edf->ecf", buffer_ECD, gate_EDF)) * jnp.einsum(
-            "ecd,edf->ecf", buffer_ECD, up_EDF)
+        h_ECF = (jax.nn.silu(_per_expert_matmul(self.dot_general, buffer_ECD, gate_EDF))
+                 * _per_expert_matmul(self.dot_general, buffer_ECD, up_EDF))
         h_ECF = constrain(h_ECF, "experts", None, "expert_mlp")
-        y_ECD = constrain(jnp.einsum("ecf,efd->ecd", h_ECF, down_EFD), "experts", None, "act_embed")
+        y_ECD = constrain(_per_expert_matmul(self.dot_general, h_ECF, down_EFD), "experts", None, "act_embed")
         y_pad_SD = jnp.concatenate([y_ECD.reshape(n_slots, -1), jnp.zeros((1, y_ECD.shape[-1]), y_ECD.dtype)])
         y_NKD = y_pad_SD[slot_NK]  # dropped assignments read the zero row
         out_ND = jnp.sum(y_NKD.astype(jnp.float32) * topk_weight_NK.astype(jnp.float32)[..., None], axis=1)
@@ -188,9 +198,9 @@ class RoutedExperts(nnx.Module):
         x_ND = x_ND.astype(gate_EDF.dtype)
         rows_BbD = (jnp.zeros((n_blocks * block, x_ND.shape[1]), x_ND.dtype).at[row_A].set(x_ND[token_A])
                     .reshape(n_blocks, block, -1))
-        h_BbF = jax.nn.silu(jnp.einsum("bcd,bdf->bcf", rows_BbD, gate_EDF[block_expert_B])) * jnp.einsum(
-            "bcd,bdf->bcf", rows_BbD, up_EDF[block_expert_B])
-        y_RD = jnp.einsum("bcf,bfd->bcd", h_BbF, down_EFD[block_expert_B]).reshape(n_blocks * block, -1)
+        h_BbF = (jax.nn.silu(_per_expert_matmul(self.dot_general, rows_BbD, gate_EDF[block_expert_B]))
+                 * _per_expert_matmul(self.dot_general, rows_BbD, up_EDF[block_expert_B]))
+        y_RD = _per_expert_matmul(self.dot_general, h_BbF, down_EFD[block_expert_B]).reshape(n_blocks * block, -1)
         weight_A = topk_weight_NK.reshape(-1)[order_A]
         out_ND = jnp.zeros(x_ND.shape, jnp.float32).at[token_A].add(y_RD[row_A].astype(jnp.float32) * weight_A[:, None])
         return out_ND.astype(x_ND.dtype)
@@ -230,7 +240,7 @@ class MoE(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dot_general: DotGeneral = jax.lax.dot_general):
         self.cfg = cfg
         self.gate = Router(cfg, rngs)
-        self.experts = RoutedExperts(cfg, rngs)
+        self.experts = RoutedExperts(cfg, rngs, dot_general)
         self.shared_experts = (MLP(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size, cfg, rngs,
                                    dot_general) if cfg.n_shared_experts else None)
 

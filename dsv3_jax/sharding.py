@@ -26,6 +26,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from dsv3_jax.config import ConfigError, ModelConfig
+from dsv3_jax.fp8 import check_mesh_tiling
 
 MESH_AXES = ("data", "expert", "tensor")
 
@@ -275,6 +276,7 @@ def check_model_fits(plan: MeshPlan, model_cfg: ModelConfig, batch_size: int | N
         if batch_size % size:
             raise ConfigError("mesh.data", f"data*expert = {plan.mesh.shape['data']}*{plan.mesh.shape['expert']} "
                               f"= {size} does not divide train.batch_size={batch_size}")
+    check_mesh_tiling(model_cfg, plan)  # FP8 tiles and blocks must not straddle shards
     if not every_param:
         return
     # Catch-all over every parameter (e.g. ones added later) without allocating anything.
