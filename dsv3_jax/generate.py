@@ -163,9 +163,6 @@ def check_request(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new: i
                               "(num_nextn_predict_layers=0)")
     longest = max(len(p) for p in prompts)
     needed = longest + max_new + (1 if speculative else 0)  # the verify step writes one slot past the end
-    if longest + max_new > cfg.max_position_embeddings:
-        raise GenerationError(f"prompt of {longest} tokens + max_new {max_new} exceeds the model's "
-                              f"max_position_embeddings={cfg.max_position_embeddings}")
     if cache_len is not None:
         if longest >= cache_len:
             raise GenerationError(f"prompt of {longest} tokens does not fit the cache of {cache_len} slots")
@@ -175,6 +172,9 @@ def check_request(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new: i
         capacity = cache_len
     else:
         capacity = bucket(needed, MIN_CACHE_BUCKET)
+    if longest + max_new > cfg.max_position_embeddings:
+        raise GenerationError(f"prompt of {longest} tokens + max_new {max_new} exceeds the model's "
+                              f"max_position_embeddings={cfg.max_position_embeddings}")
     return min(bucket(longest, MIN_PREFILL_BUCKET), capacity), capacity
 
 
@@ -197,11 +197,19 @@ class Generator:
                              donate_argnames=("cache",))
         self._spec_step = jax.jit(partial(_speculative_step, graphdef), static_argnames=("sampling",),
                                   donate_argnames=("spec",))
+        self._executables: dict[tuple, object] = {}
 
     def check_request(self, prompts: Sequence[Sequence[int]], max_new: int, speculative: bool = False,
                       cache_len: int | None = None) -> tuple[int, int]:
         """`check_request` for this generator's model."""
         return check_request(self.cfg, prompts, max_new, speculative, cache_len)
+
+    def _compiled(self, jitted, sampling: Sampling, carry: tuple, key: jax.Array):
+        """The step compiled for these argument shapes (memoised per generator); called without `sampling`."""
+        signature = (id(jitted), sampling, *((a.shape, a.dtype) for a in jax.tree.leaves(carry)))
+        if signature not in self._executables:
+            self._executables[signature] = jitted.lower(self.state, *carry, key, sampling=sampling).compile()
+        return self._executables[signature]
 
     def new_cache(self, batch: int, capacity: int, n_layers: int | None = None) -> KVCache:
         """An empty cache of this generator's kind (main layers unless `n_layers` is given)."""
@@ -265,9 +273,8 @@ class Generator:
         else:
             step_fn, carry = self._step, (cache, token_B)
         t0 = time.perf_counter()
-        if not all(reasons):  # keep compilation out of the decode timing
-            args = (carry,) if speculative else carry
-            step_fn.lower(self.state, *args, key, sampling=sampling).compile()
+        if not all(reasons):  # compile (or fetch) ahead: neither compiling nor tracing is in the decode timing
+            step_fn = self._compiled(step_fn, sampling, (carry,) if speculative else carry, key)
         compile_s = time.perf_counter() - t0
 
         steps = decode_tokens = drafted = accepted = 0
@@ -277,12 +284,12 @@ class Generator:
             step_key = jax.random.fold_in(key, steps)
             if speculative:
                 live = np.array([not r for r in reasons])
-                carry, emitted_B2, n_new_B, accepted_B = step_fn(self.state, carry, step_key, sampling=sampling)
+                carry, emitted_B2, n_new_B, accepted_B = step_fn(self.state, carry, step_key)
                 emitted, n_new = np.asarray(emitted_B2), np.asarray(n_new_B)
                 drafted += int(live.sum())
                 accepted += int(np.asarray(accepted_B)[live].sum())
             else:
-                token_B, cache = step_fn(self.state, *carry, step_key, sampling=sampling)
+                token_B, cache = step_fn(self.state, *carry, step_key)
                 carry = (cache, token_B)
                 emitted, n_new = np.asarray(token_B)[:, None], np.ones(batch, np.int32)
             decode_tokens += emit(emitted, n_new)

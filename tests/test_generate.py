@@ -159,9 +159,11 @@ def test_speculative_greedy_equals_plain_greedy(friendly_generator):
 def test_decode_step_compiles_once_per_cache_bucket(friendly_generator):
     g = friendly_generator
     g.generate([[1, 2, 3]], 10)
-    size = g._step._cache_size()
+    compiled, prefills = len(g._executables), g._prefill._cache_size()
     g.generate([[4, 5, 6, 7, 8, 9, 10]], 12)  # another prompt length, same buckets
-    assert g._step._cache_size() == size
+    assert len(g._executables) == compiled and g._prefill._cache_size() == prefills
+    g.generate([[4, 5, 6, 7, 8, 9, 10] * 3], 12)  # a longer prompt: a new prefill bucket, same cache bucket
+    assert len(g._executables) == compiled and g._prefill._cache_size() == prefills + 1
 
 
 def test_stop_tokens_end_rows(friendly_generator):
