@@ -12,6 +12,7 @@ and the speedup of MTP speculative decoding.
 
     python benchmarks/decode.py                                  # contexts 256 1024 4096, runs/small
     python benchmarks/decode.py --contexts 256 --steps 16 --repeats 1 --run-dir ''
+    python benchmarks/decode.py --set num_attention_heads=16 --run-dir ''   # more heads: K/V outgrow the latent
 
 Prints one JSON object to stdout; progress goes to stderr.
 """
@@ -54,7 +55,9 @@ def cache_figures(cfg, dtype: str) -> dict:
 
 
 def decode_rows(args) -> tuple[dict, list[dict]]:
-    cfg = inference_config(get_preset(args.preset).replace(dtype=args.dtype, param_dtype=args.dtype))
+    overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
+    cfg = inference_config(get_preset(args.preset).replace(dtype=args.dtype, param_dtype=args.dtype, **overrides))
+    cfg.validate()
     model = init_model(cfg, seed=0)
     generators = {kind: Generator(model, cache_kind=kind) for kind in ("latent", "expanded")}
     rng = np.random.default_rng(0)
@@ -83,10 +86,11 @@ def decode_rows(args) -> tuple[dict, list[dict]]:
                      "compile_s": round(compile_s[(context, kind)], 1)})
         log(f"context {context:5d} {kind:8s}: {1 / per_token:8.1f} tokens/s")
     for context in args.contexts:
-        lat, exp = (next(r for r in rows if r["context"] == context and r["cache"] == k) for k in ("latent", "expanded"))
+        lat, exp = (next(r for r in rows if r["context"] == context and r["cache"] == kind)
+                    for kind in ("latent", "expanded"))
         lat["speed_vs_expanded"] = round(lat["tokens_per_s"] / exp["tokens_per_s"], 2)
-    config = {"preset": args.preset, "dtype": args.dtype, "steps": args.steps, "repeats": args.repeats,
-              "batch": 1, "layers": cfg.num_hidden_layers, "heads": cfg.num_attention_heads,
+    config = {"preset": args.preset, "overrides": overrides, "dtype": args.dtype, "steps": args.steps,
+              "repeats": args.repeats, "batch": 1, "layers": cfg.num_hidden_layers, "heads": cfg.num_attention_heads,
               "kv_lora_rank": cfg.kv_lora_rank, "qk_rope_head_dim": cfg.qk_rope_head_dim}
     return {**config, **cache_figures(cfg, args.dtype)}, rows
 
@@ -132,6 +136,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="small")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="model config override for the decode rows, e.g. num_attention_heads=16")
     parser.add_argument("--contexts", type=int, nargs="+", default=[256, 1024, 4096])
     parser.add_argument("--steps", type=int, default=64, help="decode steps timed per case")
     parser.add_argument("--repeats", type=int, default=3)

@@ -49,14 +49,6 @@ class KVCache:
     entries: LayerEntries
     lengths: jax.Array  # [B] int32
 
-    @property
-    def capacity(self) -> int:
-        return self.entries.k_pe.shape[2]
-
-    @property
-    def n_layers(self) -> int:
-        return self.entries.k_pe.shape[0]
-
     def layer(self, index: int) -> LayerEntries:
         """Layer `index`'s entries ([B, S, ...] each)."""
         return type(self.entries)(*(a[index] for a in self.entries))

@@ -96,7 +96,8 @@ class MLA(nnx.Module):
                else ExpandedEntries(k_nope_BTHN, v_BTHV, k_pe_BTR))
         return out_BTD, write_entries(entries, new, positions_BT)
 
-    def decode(self, x_BTD: jax.Array, positions_BT: jax.Array, entries: LayerEntries) -> tuple[jax.Array, LayerEntries]:
+    def decode(self, x_BTD: jax.Array, positions_BT: jax.Array,
+               entries: LayerEntries) -> tuple[jax.Array, LayerEntries]:
         """T new tokens per row at per-row `positions_BT` against the cache; the cache type picks the path."""
         if isinstance(entries, LatentEntries):
             return self.decode_absorbed(x_BTD, positions_BT, entries)
