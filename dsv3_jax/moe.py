@@ -117,9 +117,9 @@ class RoutedExperts(nnx.Module):
         dispatch = resolve_moe_dispatch(self.cfg.moe_dispatch)
         if dispatch == "ragged" and self.cfg.fp8 != "none":
             dispatch = "capacity"  # ragged_dot takes no dot_general; validate() rejects an explicit ragged + fp8
-        if dispatch == "capacity":
-            return self.capacity(x_ND, topk_idx_NK, topk_weight_NK)
-        exact = {"dense": self.dense, "blocked": self.blocked, "ragged": self.ragged}[dispatch]
+        if dispatch in ("capacity", "ragged"):  # the two that may drop under a capacity_factor
+            return getattr(self, dispatch)(x_ND, topk_idx_NK, topk_weight_NK)
+        exact = {"dense": self.dense, "blocked": self.blocked}[dispatch]
         return exact(x_ND, topk_idx_NK, topk_weight_NK), jnp.float32(0.0)
 
     def dense(self, x_ND: jax.Array, topk_idx_NK: jax.Array, topk_weight_NK: jax.Array) -> jax.Array:
@@ -205,26 +205,28 @@ class RoutedExperts(nnx.Module):
         out_ND = jnp.zeros(x_ND.shape, jnp.float32).at[token_A].add(y_RD[row_A].astype(jnp.float32) * weight_A[:, None])
         return out_ND.astype(x_ND.dtype)
 
-    def ragged(self, x_ND: jax.Array, topk_idx_NK: jax.Array, topk_weight_NK: jax.Array) -> jax.Array:
+    def ragged(self, x_ND: jax.Array, topk_idx_NK: jax.Array, topk_weight_NK: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Dropless `jax.lax.ragged_dot` grouped GEMMs (moe_ragged.py); expert-parallel under a mesh.
 
         Under an active mesh plan the tokens stay split over the batch axes and each device runs only its own
-        experts (`ragged_experts_ep`: all-to-all there and back, expert width split over `tensor`). A token
-        count the batch axes do not divide (e.g. one sequence while generating) runs unsplit instead.
+        experts (`ragged_experts_ep`: all-to-all there and back, expert width split over `tensor`). There
+        `capacity_factor` bounds the rows each token shard sends each expert shard (dropless buffers are
+        sized for the worst case); the dropped fraction is returned. A token count the batch axes do not
+        divide (e.g. one sequence while generating) runs unsplit instead.
         """
         weights = self._weights()
         plan = active_plan()
         if plan is not None and plan.mesh.devices.size > 1:
-            token_axes = tuple(a for a in plan.rules["batch"])
+            token_axes = tuple(plan.rules["batch"])
             expert_axis = plan.rules["experts"][0]
             if expert_axis in token_axes and x_ND.shape[0] % plan.axis_size("batch") == 0:
                 tensor_axes = plan.rules["expert_mlp"]
                 tensor_axis = tensor_axes[0] if tensor_axes and plan.mesh.shape[tensor_axes[0]] > 1 else None
-                out_ND, _ = ragged_experts_ep(x_ND, topk_idx_NK, topk_weight_NK, *weights, mesh=plan.mesh,
-                                              expert_axis=expert_axis, token_axes=token_axes,
-                                              tensor_axis=tensor_axis)
-                return out_ND
-        return ragged_experts(x_ND, topk_idx_NK, topk_weight_NK, *weights)
+                out_ND, _, dropped = ragged_experts_ep(
+                    x_ND, topk_idx_NK, topk_weight_NK, *weights, mesh=plan.mesh, expert_axis=expert_axis,
+                    token_axes=token_axes, tensor_axis=tensor_axis, capacity_factor=self.cfg.capacity_factor)
+                return out_ND, dropped.astype(jnp.float32) / topk_idx_NK.size
+        return ragged_experts(x_ND, topk_idx_NK, topk_weight_NK, *weights), jnp.float32(0.0)
 
 
 def expert_capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: float | None) -> int:

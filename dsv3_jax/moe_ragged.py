@@ -27,6 +27,7 @@ routed rows), so CPU training should keep using `capacity` / `blocked`; `ragged`
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -99,9 +100,33 @@ def _padded_ragged_all_to_all(operand: jax.Array, output: jax.Array, input_offse
     return output.at[dst_PC.reshape(-1)].set(recv_PCD.reshape(-1, *operand.shape[1:]), mode="drop")
 
 
+def exchange_capacity(n_tokens: int, top_k: int, n_local: int, n_shards: int,
+                      capacity_factor: float | None) -> int:
+    """Rows one token shard may send one expert shard (and so each receive slot per source).
+
+    Dropless (None): n*min(K, L), the most a shard's n tokens can route to L distinct experts. With a factor:
+    ceil(factor * n*K / P), the fair share of a balanced router times the factor, capped by the dropless bound.
+    """
+    dropless = n_tokens * min(top_k, n_local)
+    if capacity_factor is None:
+        return dropless
+    return max(1, min(dropless, math.ceil(capacity_factor * n_tokens * top_k / n_shards)))
+
+
+def _clip_segments(counts_PL: jax.Array, capacity: int) -> jax.Array:
+    """Per-(destination or source, local expert) counts after keeping the first `capacity` rows of each row P.
+
+    Rows of one slice are ordered by local expert, so a full slice loses its last experts' latest tokens.
+    """
+    kept_end_PL = jnp.minimum(jnp.cumsum(counts_PL, axis=1), capacity)
+    return kept_end_PL - jnp.concatenate([jnp.zeros_like(kept_end_PL[:, :1]), kept_end_PL[:, :-1]], axis=1)
+
+
 def _ep_shard(x_nD, idx_nK, weight_nK, gate_LDF, up_LDF, down_LFD, *, n_experts: int, expert_axis: str,
-              token_axes: tuple[str, ...], tensor_axis: str | None, transport: str) -> tuple[jax.Array, jax.Array]:
-    """One shard's dispatch -> local experts -> return -> combine; also the psum'd global counts [E].
+              token_axes: tuple[str, ...], tensor_axis: str | None, transport: str,
+              capacity_factor: float | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One shard's dispatch -> local experts -> return -> combine; also the psum'd global counts [E] and the
+    global number of assignments the exchange capacity dropped.
 
     With `tensor_axis`, this shard holds a slice of every local expert's width F (Megatron-style): the tensor
     shards of one token group do the same dispatch, each computes its partial down projection, and a psum
@@ -115,17 +140,20 @@ def _ep_shard(x_nD, idx_nK, weight_nK, gate_LDF, up_LDF, down_LFD, *, n_experts:
     global_counts_E = jax.lax.psum(counts_E, token_axes)
 
     # Expert-sorted rows are also sorted by destination shard (expert e lives on shard e // L).
+    # Slices start where the full slices would (send_offsets) but carry at most `capacity` rows; both sides
+    # know the cap, so the sender and receiver clip identically without another exchange.
+    capacity = exchange_capacity(n_tokens, top_k, n_local, n_shards, capacity_factor)
+    n_rows = n_shards * capacity
     counts_PL = counts_E.reshape(n_shards, n_local)
-    send_sizes_P = counts_PL.sum(1)
-    send_offsets_P = _exclusive_cumsum(send_sizes_P)
-    recv_counts_PL = jax.lax.all_to_all(counts_PL, expert_axis, 0, 0, tiled=True)  # row s: from source s
-    recv_sizes_P = recv_counts_PL.sum(1)
+    send_offsets_P = _exclusive_cumsum(counts_PL.sum(1))
+    send_sizes_P = jnp.minimum(counts_PL.sum(1), capacity)
+    dropped = jax.lax.psum(jnp.sum(counts_PL) - jnp.sum(send_sizes_P), token_axes)
+    recv_counts_PL = _clip_segments(jax.lax.all_to_all(counts_PL, expert_axis, 0, 0, tiled=True), capacity)
+    recv_sizes_P = recv_counts_PL.sum(1)  # row s: from source s
     recv_offsets_P = _exclusive_cumsum(recv_sizes_P)  # sources land back to back in our buffer
     remote_recv_offsets_P = jax.lax.all_to_all(recv_offsets_P, expert_axis, 0, 0, tiled=True)
     remote_send_offsets_P = jax.lax.all_to_all(send_offsets_P, expert_axis, 0, 0, tiled=True)
 
-    capacity = n_tokens * min(top_k, n_local)  # rows one source sends one destination (distinct experts/token)
-    n_rows = n_shards * capacity
     if transport == "ragged":
         exchange = lambda *a: jax.lax.ragged_all_to_all(*a, axis_name=expert_axis)  # noqa: E731
     else:
@@ -150,16 +178,25 @@ def _ep_shard(x_nD, idx_nK, weight_nK, gate_LDF, up_LDF, down_LFD, *, n_experts:
         y_grouped_MD = jax.lax.psum(y_grouped_MD, tensor_axis)
     y_MD = y_grouped_MD.at[grouped_M].get(mode="fill", fill_value=0)
 
+    # Dropped assignments get no row back: they stay zero in y_AD and add nothing to their token.
     y_AD = exchange(y_MD, jnp.zeros((n_tokens * top_k, y_MD.shape[1]), y_MD.dtype), recv_offsets_P,
                     recv_sizes_P, remote_send_offsets_P, send_sizes_P)
-    return _combine(y_AD, order_A, weight_nK), global_counts_E
+    return _combine(y_AD, order_A, weight_nK), global_counts_E, dropped
 
 
 def ragged_experts_ep(x_ND: jax.Array, topk_idx_NK: jax.Array, topk_weight_NK: jax.Array, gate_EDF: jax.Array,
                       up_EDF: jax.Array, down_EFD: jax.Array, *, mesh: Mesh, expert_axis: str = "expert",
                       token_axes: Sequence[str] = ("data", "expert"), tensor_axis: str | None = None,
-                      transport: str = "auto") -> tuple[jax.Array, jax.Array]:
-    """Expert-parallel `ragged_experts`: (out [N, D] sharded like the tokens, global expert counts [E] int32).
+                      capacity_factor: float | None = None,
+                      transport: str = "auto") -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Expert-parallel `ragged_experts`: (out [N, D] sharded like the tokens, global expert counts [E] int32,
+    global count of dropped assignments int32).
+
+    `capacity_factor` None is dropless: every receive buffer is sized for the worst case, P*n*min(K, L) rows
+    per shard, which at scale is far more memory than the rows a balanced router sends (P*n*K/P). A factor
+    bounds what one token shard sends one expert shard to ceil(factor * n*K / P) rows (`exchange_capacity`);
+    the overflow of a (source, destination) pair is dropped, the destination's last local experts first,
+    and counted. Unlike `capacity` dispatch this bounds exchange pairs, not experts.
 
     Tokens (and routing) are split over `token_axes`, experts over `expert_axis` (each shard holds E/P experts'
     weights); with `tensor_axis` each expert's width F is split over that axis too (tokens are replicated over
@@ -196,6 +233,7 @@ def ragged_experts_ep(x_ND: jax.Array, topk_idx_NK: jax.Array, topk_weight_NK: j
     in_width, out_width = P(expert_axis, None, tensor_axis), P(expert_axis, tensor_axis, None)
     body = jax.shard_map(
         lambda *args: _ep_shard(*args, n_experts=n_experts, expert_axis=expert_axis, token_axes=token_axes,
-                                tensor_axis=tensor_axis, transport=transport),
-        mesh=mesh, in_specs=(tokens, tokens, tokens, in_width, in_width, out_width), out_specs=(tokens, P()))
+                                tensor_axis=tensor_axis, transport=transport, capacity_factor=capacity_factor),
+        mesh=mesh, in_specs=(tokens, tokens, tokens, in_width, in_width, out_width),
+        out_specs=(tokens, P(), P()))
     return body(x_ND, topk_idx_NK, topk_weight_NK, gate_EDF, up_EDF, down_EFD)

@@ -32,8 +32,8 @@ N = B n local tokens, H = heads / tensor, it sums what autodiff keeps for the ba
     - capacity: R = E_l C rows with C = `expert_capacity(G, K, E, capacity_factor)` (dropless: C = G):
       buffer [R, D], gate/up/product [R, F_l], outputs [R, D]; gathered inputs and outputs [A, D];
       fp32 combine [N, D];
-    - ragged (expert-parallel ragged_dot): M = expert x N x min(K, E_l) receive rows (the dropless bound
-      of moe_ragged.py): received, regrouped, output and returned rows [M, D], gate/up/product [M, F_l],
+    - ragged (expert-parallel ragged_dot): M = expert x `exchange_capacity` receive rows (dropless:
+      expert x N x min(K, E_l); with a capacity_factor: expert x ceil(factor N K / expert)): received, regrouped, output and returned rows [M, D], gate/up/product [M, F_l],
       sent and returned assignments [A, D], fp32 combine [N, D];
     - blocked: R = n_blocks x 128 rows (n_blocks = ceil((G K + E_l 127) / 128)): the same row buffers plus
       the per-block gathered weights 3 x [n_blocks, D, F_l];
@@ -69,6 +69,7 @@ from flax import nnx
 
 from dsv3_jax.config import ConfigError, ModelConfig, resolve_moe_dispatch
 from dsv3_jax.moe import expert_capacity
+from dsv3_jax.moe_ragged import exchange_capacity
 from dsv3_jax.sharding import param_logical_axes, path_str, rules_for
 
 AXES = ("data", "expert", "tensor")
@@ -333,10 +334,11 @@ def _dispatch_bytes(cfg: ModelConfig, tokens: int, mesh: Mapping[str, int]) -> i
         rows = e_local * expert_capacity(group, k, cfg.n_routed_experts, cfg.capacity_factor)
         return rows * (2 * d + 3 * f_local) * a + 2 * assignments * d * a + tokens * d * 4
     if cfg.moe_dispatch == "ragged":
-        # moe_ragged's receive buffer: every source may send min(K, E_l) rows per token (dropless bound);
-        # received, regrouped, output and returned rows [M, D], gate/up/product [M, F_l]; sent and
-        # returned assignment rows [A, D]; fp32 combine [N, D].
-        rows = mesh["expert"] * tokens * min(k, e_local)
+        # moe_ragged's receive buffer: `expert` sources x exchange_capacity rows each (dropless: min(K, E_l)
+        # rows per token; with a capacity_factor the bounded fair share); received, regrouped, output and
+        # returned rows [M, D], gate/up/product [M, F_l]; sent and returned assignment rows [A, D]; fp32
+        # combine [N, D].
+        rows = mesh["expert"] * exchange_capacity(tokens, k, e_local, mesh["expert"], cfg.capacity_factor)
         return rows * (4 * d + 3 * f_local) * a + 2 * assignments * d * a + tokens * d * 4
     n_blocks = -(-(group * k + e_local * (BLOCK_ROWS - 1)) // BLOCK_ROWS)
     rows = n_blocks * BLOCK_ROWS

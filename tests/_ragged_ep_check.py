@@ -16,7 +16,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E402
 
-from dsv3_jax.moe_ragged import _padded_ragged_all_to_all, ragged_experts, ragged_experts_ep  # noqa: E402
+from dsv3_jax.moe_ragged import (_padded_ragged_all_to_all, exchange_capacity, ragged_experts,  # noqa: E402
+                                 ragged_experts_ep)
 
 N, D, F, E, K = 64, 16, 8, 16, 4
 MESHES = [(2, 2, 2), (1, 8, 1), (4, 2, 1)]
@@ -45,9 +46,9 @@ def make_inputs(routing: str, ep: int, seed: int = 0):
 
 
 def loss_and_grads(fn, x, idx, w, gate, up, down, ct):
-    """(out, grads wrt x, topk_weight, gate, up, down, counts) of sum(out * ct), where fn -> (out, counts)."""
+    """(out, grads wrt x, topk_weight, gate, up, down, counts) of sum(out * ct), where fn -> (out, counts, ...)."""
     def loss(x, w, gate, up, down):
-        out, counts = fn(x, idx, w, gate, up, down)
+        out, counts = fn(x, idx, w, gate, up, down)[:2]
         return jnp.sum(out * ct), (out, counts)
     (_, (out, counts)), grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True)(x, w, gate, up, down)
     return out, grads, counts
@@ -141,10 +142,46 @@ def check_mesh(shape, results: dict) -> None:
     results[f"{shape}/ragged_lowering_ops"] = text.count("ragged_all_to_all")
 
 
+def kept_assignments(idx: np.ndarray, n_token_shards: int, ep: int, capacity: int) -> np.ndarray:
+    """[N, K] bool: which assignments survive a per-(token shard, expert shard) cap of `capacity` rows, when each
+    token shard sends its assignments sorted by expert (stable) and every destination keeps its first rows."""
+    n, k = idx.shape
+    local = E // ep
+    kept = np.zeros(n * k, bool)
+    per_shard = n // n_token_shards
+    for shard in range(n_token_shards):
+        flat = idx[shard * per_shard:(shard + 1) * per_shard].reshape(-1)
+        order = np.argsort(flat, kind="stable")
+        dest = flat[order] // local
+        rank = np.zeros_like(order)
+        for p in range(ep):
+            rank[dest == p] = np.arange(np.sum(dest == p))
+        kept[shard * per_shard * k + order[rank < capacity]] = True
+    return kept.reshape(n, k)
+
+
+def check_capacity(results: dict) -> None:
+    """capacity_factor=1 on skewed routing: the EP path drops exactly the overflow of each exchange pair and
+    equals the single-device path with those assignments' weights set to zero."""
+    for shape in [(1, 8, 1), (2, 2, 2)]:
+        mesh = jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 3)
+        ep, n_token_shards = shape[1], shape[0] * shape[1]
+        x, idx, w, gate, up, down, ct = make_inputs("skewed", ep, seed=11)
+        cap = exchange_capacity(N // n_token_shards, K, E // ep, ep, 1.0)
+        kept = kept_assignments(np.asarray(idx), n_token_shards, ep, cap)
+        fn = jax.jit(lambda *a: ragged_experts_ep(*a, mesh=mesh, capacity_factor=1.0))
+        out, _, dropped = fn(x, idx, w, gate, up, down)
+        ref = ragged_experts(x, idx, w * jnp.asarray(kept, jnp.float32), gate, up, down)
+        results[f"{shape}/capacity"] = {"out_err": max_err(out, ref), "out_scale": float(np.max(np.abs(np.asarray(ref)))),
+                                        "dropped": int(dropped), "expected_dropped": int((~kept).sum()),
+                                        "capacity": cap, "dropless_capacity": (N // n_token_shards) * min(K, E // ep)}
+
+
 def main() -> None:
     assert jax.device_count() == 8, jax.devices()
     results: dict = {}
     check_padded_transport(results)
+    check_capacity(results)
     for shape in MESHES:
         check_mesh(shape, results)
     sys.stdout.write(json.dumps(results) + "\n")

@@ -87,8 +87,9 @@ def test_ep_on_one_device_mesh():
     """The expert-parallel path degenerates correctly to a 1-device mesh (runs in this process)."""
     mesh = jax.make_mesh((1, 1, 1), ("data", "expert", "tensor"), axis_types=(AxisType.Auto,) * 3)
     idx, a = make_case(16, 8, 4, 6, 2, 5, seed=7)
-    out, counts = jax.jit(lambda *args: ragged_experts_ep(*args, mesh=mesh))(
+    out, counts, dropped = jax.jit(lambda *args: ragged_experts_ep(*args, mesh=mesh))(
         a["x"], idx, a["w"], a["gate"], a["up"], a["down"])
+    assert int(dropped) == 0
     np.testing.assert_allclose(out, ragged_experts(a["x"], idx, a["w"], a["gate"], a["up"], a["down"]),
                                rtol=TOL, atol=TOL)
     np.testing.assert_array_equal(counts, np.bincount(np.asarray(idx).ravel(), minlength=6))
@@ -168,3 +169,13 @@ def test_ep_rejects_tensor_axis_that_is_the_expert_axis():
     idx, a = make_case(4, 8, 4, 2, 1, 2, seed=0)
     with pytest.raises(ValueError, match="must differ"):
         ragged_experts_ep(a["x"], idx, a["w"], a["gate"], a["up"], a["down"], mesh=mesh, tensor_axis="expert")
+
+
+@pytest.mark.parametrize("mesh", ["(1, 8, 1)", "(2, 2, 2)"])
+def test_ep_capacity_factor_drops_exactly_the_pair_overflow(ep_results, mesh):
+    """With capacity_factor=1 and routing skewed towards expert shard 0, each (token shard, expert shard) pair
+    keeps its first ceil(n*K/P) rows: the output equals the one-device path with exactly those assignments."""
+    r = ep_results[f"{mesh}/capacity"]
+    assert r["capacity"] < r["dropless_capacity"]
+    assert r["dropped"] == r["expected_dropped"] > 0
+    assert r["out_err"] <= TOL * max(1.0, r["out_scale"]), r
