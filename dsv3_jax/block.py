@@ -8,6 +8,7 @@ from flax import nnx
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.kv_cache import LayerEntries
 from dsv3_jax.layers import MLP, DotGeneral, RMSNorm
+from dsv3_jax.mha import MHA
 from dsv3_jax.mla import MLA
 from dsv3_jax.moe import MoE, MoEAux
 from dsv3_jax.sharding import constrain
@@ -21,7 +22,8 @@ class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, use_moe: bool,
                  dot_general: DotGeneral = jax.lax.dot_general):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg)
-        self.self_attn = MLA(cfg, rngs, dot_general)
+        # MHA only for the MLA ablation (model.attention="mha"): training and eval, no latent-cache decoding.
+        self.self_attn = MHA(cfg, rngs, dot_general) if cfg.attention == "mha" else MLA(cfg, rngs, dot_general)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg)
         self.use_moe = use_moe
         self.mlp = (MoE(cfg, rngs, dot_general) if use_moe

@@ -18,6 +18,10 @@ MOE_DISPATCH = ("auto", "dense", "capacity", "blocked", "ragged")
 # ModelConfig fields that say how we compute, not what the architecture is (absent from HF config.json).
 COMPUTE_FIELDS = ("dtype", "param_dtype", "moe_dispatch", "capacity_factor", "init_std", "fp8",
                   "fp8_power_of_2_scales", "fp8_accumulation_interval")
+# Ablation switches that change the architecture away from DeepSeek-V3 (no HF equivalent: to_hf refuses them).
+ABLATION_FIELDS = ("attention",)
+ATTENTION_KINDS = ("mla", "mha")  # mha: dsv3_jax/mha.py, the baseline of the MLA experiment
+NON_HF_FIELDS = COMPUTE_FIELDS + ABLATION_FIELDS
 # FP8 GEMM emulation recipes (dsv3_jax/fp8.py); the rest of the model stays in `dtype` either way.
 FP8_RECIPES = ("none", "deepseek", "per_tensor")
 
@@ -77,6 +81,7 @@ class ModelConfig:
     moe_dispatch: str = "auto"
     capacity_factor: float | None = None  # None = dropless (capacity = all tokens)
     init_std: float = 0.006
+    attention: str = "mla"  # ablation only: "mha" swaps MLA for standard multi-head attention
     fp8: str = "none"  # FP8 recipe of the Linear GEMMs: none | deepseek (1x128 / 128x128 tiles) | per_tensor
     fp8_power_of_2_scales: bool = False  # round FP8 scales up to powers of two
     fp8_accumulation_interval: int | None = None  # None: exact FP32 accumulation; N: ~14-bit partial sums
@@ -152,6 +157,8 @@ class ModelConfig:
             raise ConfigError("moe_dispatch", f"must be one of {MOE_DISPATCH}, got {self.moe_dispatch!r}")
         if self.capacity_factor is not None and not self.capacity_factor > 0:
             raise ConfigError("capacity_factor", f"must be positive or None (dropless), got {self.capacity_factor!r}")
+        if self.attention not in ATTENTION_KINDS:
+            raise ConfigError("attention", f"must be one of {ATTENTION_KINDS}, got {self.attention!r}")
         if self.fp8 not in FP8_RECIPES:
             raise ConfigError("fp8", f"must be one of {FP8_RECIPES}, got {self.fp8!r}")
         if not isinstance(self.fp8_power_of_2_scales, bool):
@@ -188,7 +195,7 @@ class ModelConfig:
             with open(path) as f:
                 hf = json.load(f)
         # HF's own `dtype` key is a storage dtype, not our compute setting: read architecture fields only.
-        fields = {f.name for f in dataclasses.fields(cls)} - set(COMPUTE_FIELDS) - {"rope_scaling"}
+        fields = {f.name for f in dataclasses.fields(cls)} - set(NON_HF_FIELDS) - {"rope_scaling"}
         kwargs = {k: hf[k] for k in fields if k in hf}
         if "num_nextn_predict_layers" not in hf and "num_mtp_layers" in hf:
             kwargs["num_nextn_predict_layers"] = hf["num_mtp_layers"]
@@ -208,7 +215,9 @@ class ModelConfig:
 
     def to_hf(self) -> dict[str, Any]:
         """The HF `config.json` dict for this architecture (legacy `rope_scaling` key, which HF 5.x reads)."""
-        skip = {*COMPUTE_FIELDS, "rope_scaling"}
+        if self.attention != "mla":
+            raise ConfigError("attention", f"{self.attention!r} is an ablation; HF's DeepseekV3 has MLA only")
+        skip = {*NON_HF_FIELDS, "rope_scaling"}
         hf: dict[str, Any] = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         hf.update(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3",
                   num_key_value_heads=self.num_attention_heads, hidden_act="silu", scoring_func="sigmoid",

@@ -63,7 +63,7 @@ PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"(^|/)gate/bias$", ("router",)),
     (r"(^|/)q_a_proj/kernel$", ("embed", "q_lora")),
     (r"(^|/)q_b_proj/kernel$", ("q_lora", "heads")),
-    (r"(^|/)q_proj/kernel$", ("embed", "heads")),
+    (r"(^|/)(q_proj|k_proj|v_proj)/kernel$", ("embed", "heads")),  # k/v: the MHA ablation (mha.py)
     (r"(^|/)kv_a_proj_with_mqa/kernel$", ("embed", "kv_lora")),
     (r"(^|/)kv_b_proj/kernel$", ("kv_lora", "heads")),
     (r"(^|/)o_proj/kernel$", ("heads", "embed")),
