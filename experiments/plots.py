@@ -76,7 +76,7 @@ def plot_loss(series: Series, out: str | Path, title: str) -> Path:
                             linestyle="none")
     _zoom(ax_tr, series, "loss")
     ax_tr.set(xlabel="step", ylabel="train cross-entropy (nats/token)",
-              title=f"Train loss, EMA {SMOOTHING} (main token)")
+              title=f"Train loss, EMA {SMOOTHING} (main token; y zoomed on the last 2/3)")
     ax_val.set(xlabel="step", ylabel="validation cross-entropy (nats/token)",
                title="Validation loss (dots: 16 batches; star: whole split)")
     return _finish(fig, (ax_tr, ax_val), out, title)
@@ -110,7 +110,7 @@ def plot_maxvio(series: Series, out: str | Path, title: str) -> Path:
                 ax_g.plot([final["step"]], [final["maxvio_global"]], marker="*", markersize=11, color=s["colour"],
                           linestyle="none")
     for ax in (ax_b, ax_g):
-        ax.set_yscale("log")
+        _log_y(ax)
     ax_b.set(xlabel="step", ylabel="MaxVio_batch (mean over MoE layers)",
              title=f"MaxVio_batch per training batch, EMA {SMOOTHING}")
     ax_g.set(xlabel="step", ylabel="MaxVio_global (mean over MoE layers)",
@@ -118,11 +118,23 @@ def plot_maxvio(series: Series, out: str | Path, title: str) -> Path:
     return _finish(fig, (ax_b, ax_g), out, title)
 
 
+def _log_y(ax: Any) -> None:
+    """Log y axis labelled with plain numbers (0.5, 1, 2) instead of 5x10^-1."""
+    from matplotlib.ticker import FuncFormatter
+
+    ax.set_yscale("log")
+    plain = FuncFormatter(lambda y, _: f"{y:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="y", which="minor", labelsize=7)
+
+
 def plot_expert_load(series: Series, out: str | Path, title: str) -> Path:
     """Per-expert load / mean load of every MoE layer at the last evaluation, one heatmap per variant (seed 0)."""
     plt = _pyplot()
     items = [(label, s["runs"][0]) for label, s in series.items() if eval_records(s["runs"][0][1])]
-    fig, axes = plt.subplots(len(items), 1, figsize=(9, 1.2 + 1.0 * max(1, len(items)) * 1.4), squeeze=False)
+    fig, axes = plt.subplots(len(items), 1, figsize=(9, 1.6 + 1.4 * max(1, len(items))), squeeze=False,
+                             layout="constrained")  # constrained: room for the two-line suptitle
     loads = [np.asarray(eval_records(run[1])[-1]["expert_load"], float) for _, run in items]
     rel = [load / load.mean(axis=1, keepdims=True) for load in loads]
     vmax = max(float(r.max()) for r in rel) if rel else 2.0
@@ -138,7 +150,8 @@ def plot_expert_load(series: Series, out: str | Path, title: str) -> Path:
     axes[-1, 0].set_xlabel("routed expert")
     if image is not None:
         fig.colorbar(image, ax=axes[:, 0].tolist(), label="tokens routed / mean over experts")
-    fig.suptitle(title + " (last evaluation, 16 validation batches; 1.0 = perfectly balanced)", fontsize=10)
+    fig.suptitle(f"{title}\nexpert loads at the last evaluation (16 validation batches); 1.0 = perfectly balanced",
+                 fontsize=10)
     out = Path(out)
     fig.savefig(out, dpi=120, bbox_inches="tight")
     plt.close(fig)
