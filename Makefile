@@ -19,8 +19,10 @@ RUN_DIR ?= runs/small
 train: $(STAMP)
 	$(PY) -m dsv3_jax train --preset small --run-dir $(RUN_DIR)
 
+# Unit tests, then the notebooks executed top to bottom (nbmake; outputs are not written back).
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --nbmake --nbmake-timeout=600 notebooks/
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
