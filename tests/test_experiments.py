@@ -152,3 +152,12 @@ def test_finished_needs_the_last_step_and_its_eval(tmp_path):
     assert collect.finished(tmp_path / "r/metrics.jsonl", 20)
     assert not collect.finished(tmp_path / "r/metrics.jsonl", 30)
     assert not collect.finished(tmp_path / "missing.jsonl", 20)
+
+
+def test_speculative_command_decodes_every_prompt_with_mtp_drafts():
+    from experiments import speculative
+
+    cmd = speculative.generate_command(Path("runs/x"), 1.0, 64, 0)
+    assert cmd[1:4] == ["-m", "dsv3_jax", "generate"] and "--speculative" in cmd and "--json" in cmd
+    assert cmd.count("--prompt") == len(speculative.PROMPTS)
+    assert cmd[cmd.index("--temperature") + 1] == "1.0"
