@@ -1,11 +1,12 @@
 """Decode throughput with the absorbed latent cache vs a cache of expanded per-head K/V, cache bytes per token,
 and the speedup of MTP speculative decoding.
 
-- Decode: a random-init model of `--preset` (default `small`), one prompt of `context` random tokens, then
-  `--steps` greedy decode steps through `Generator.generate` (compiled ahead, so tokens/s is steady-state
-  decoding, host loop included). The cache holds exactly context + steps + 1 slots: with static shapes every
-  step attends over the whole cache, so its size *is* the context a step pays for. Each (context, cache) case
-  is timed `--repeats` times round-robin and the median is reported.
+- Decode: a random-init model of `--preset` (default `small`), one prompt of context - steps - 1 random
+  tokens, then `--steps` greedy decode steps through `Generator.generate` (compiled ahead, so tokens/s is
+  steady-state decoding, host loop included). The cache holds exactly `context` slots: with static shapes
+  every step attends over the whole cache, so its size *is* the context a step pays for (and 4096 stays
+  within the small preset's max_position_embeddings). Each (context, cache) case is timed `--repeats` times
+  round-robin and the median is reported.
 - Cache bytes per token: arithmetic from the config (`dsv3_jax.kv_cache`), also for DeepSeek-V3 671B.
 - Speculative: the trained model in `--run-dir` (default runs/small; skipped if absent) on `--prompts` real
   prompts, plain vs `speculative=True`, greedy and temperature 0.8; speedup = speculative / plain tokens/s.
@@ -62,12 +63,12 @@ def decode_rows(args) -> tuple[dict, list[dict]]:
     generators = {kind: Generator(model, cache_kind=kind) for kind in ("latent", "expanded")}
     rng = np.random.default_rng(0)
     cases = [(c, kind) for c in args.contexts for kind in generators]
-    prompts = {c: [rng.integers(1, cfg.vocab_size, c).tolist()] for c in args.contexts}
+    prompts = {c: [rng.integers(1, cfg.vocab_size, c - args.steps - 1).tolist()] for c in args.contexts}
     times: dict[tuple, list[float]] = {case: [] for case in cases}
     compile_s: dict[tuple, float] = {}
     for rep in range(args.repeats + 1):  # round 0 compiles
         for context, kind in cases:
-            result = generators[kind].generate(prompts[context], args.steps, cache_len=context + args.steps + 1)
+            result = generators[kind].generate(prompts[context], args.steps, cache_len=context)
             if rep == 0:
                 compile_s[(context, kind)] = result.prefill_s + result.compile_s
                 log(f"compiled context {context} {kind}: {compile_s[(context, kind)]:.1f} s")
@@ -76,13 +77,12 @@ def decode_rows(args) -> tuple[dict, list[dict]]:
     rows = []
     for context, kind in cases:
         per_token = statistics.median(times[(context, kind)])
-        slots = context + args.steps + 1
         bytes_per_token = (latent_cache_bytes_per_token if kind == "latent" else expanded_cache_bytes_per_token)(
             cfg, args.dtype)
         rows.append({"context": context, "cache": kind, "tokens_per_s": round(1 / per_token, 1),
                      "ms_per_token": round(1e3 * per_token, 3),
                      "ms_per_token_all_repeats": [round(1e3 * t, 3) for t in times[(context, kind)]],
-                     "cache_mib": round(slots * bytes_per_token / 2**20, 3),
+                     "cache_mib": round(context * bytes_per_token / 2**20, 3),
                      "compile_s": round(compile_s[(context, kind)], 1)})
         log(f"context {context:5d} {kind:8s}: {1 / per_token:8.1f} tokens/s")
     for context in args.contexts:
@@ -114,15 +114,18 @@ def speculative_rows(args) -> dict:
                     runs[mode] = generator.generate([prompt], args.max_new, sampling, stop_ids=(), seed=i,
                                                     speculative=mode == "speculative")
                     if rep:
-                        stats[mode].append((runs[mode].decode_tokens, runs[mode].decode_s))
+                        stats[mode].append((runs[mode].decode_tokens, runs[mode].decode_s, runs[mode].steps))
                 if rep:
                     accepted += runs["speculative"].accepted
                     drafted += runs["speculative"].drafted
                     identical &= runs["plain"].tokens == runs["speculative"].tokens
-        tps = {mode: sum(n for n, _ in v) / sum(s for _, s in v) for mode, v in stats.items()}
+        tps = {mode: sum(n for n, _, _ in v) / sum(s for _, s, _ in v) for mode, v in stats.items()}
+        step_ms = {mode: 1e3 * sum(s for _, s, _ in v) / sum(k for _, _, k in v) for mode, v in stats.items()}
         row = {"sampling": label, "plain_tokens_per_s": round(tps["plain"], 1),
                "speculative_tokens_per_s": round(tps["speculative"], 1),
                "speedup": round(tps["speculative"] / tps["plain"], 2),
+               "plain_ms_per_step": round(step_ms["plain"], 2),
+               "speculative_ms_per_step": round(step_ms["speculative"], 2),
                "acceptance_rate": round(accepted / drafted, 3),
                "tokens_per_verify_step": round(1 + accepted / drafted, 3)}
         if sampling.greedy:

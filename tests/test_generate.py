@@ -16,7 +16,7 @@ from flax import nnx
 
 from dsv3_jax import convert
 from dsv3_jax.config import PRESETS
-from dsv3_jax.generate import GenerationError, Generator, bucket, check_request
+from dsv3_jax.generate import GenerationError, Generator, bucket, check_request, with_dispatch
 from dsv3_jax.kv_cache import (LatentEntries, cache_numbers_per_token, expanded_cache_bytes_per_token, init_cache,
                                latent_cache_bytes_per_token)
 from dsv3_jax.loading import load_run
@@ -154,6 +154,18 @@ def test_speculative_greedy_equals_plain_greedy(friendly_generator):
     # Batch rows are independent: each prompt alone gives the same tokens (per-row positions and masks).
     for prompt, tokens in zip(PROMPTS, plain.tokens):
         assert friendly_generator.generate([prompt], 24).tokens[0] == tokens
+
+
+def test_decode_dispatch_swaps_only_the_moe_strategy():
+    """Prefill runs the model's own dispatch (`blocked` here), steps the decode dispatch: same tokens."""
+    model = init_model(TINY.replace(init_std=0.1, moe_dispatch="blocked"), seed=3)
+    graphdef, state = nnx.split(model)
+    swapped = nnx.merge(with_dispatch(graphdef, state, "dense"), state)
+    assert {m.cfg.moe_dispatch for _, m in nnx.iter_graph(swapped) if hasattr(m, "cfg")} == {"dense"}
+    assert model.layers[1].mlp.experts.cfg.moe_dispatch == "blocked"  # the original is untouched
+    own = Generator(model, decode_dispatch=None).generate(PROMPTS[:2], 8, speculative=True)
+    dense = Generator(model, decode_dispatch="dense").generate(PROMPTS[:2], 8, speculative=True)
+    assert own.tokens == dense.tokens
 
 
 def test_decode_step_compiles_once_per_cache_bucket(friendly_generator):
