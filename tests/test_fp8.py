@@ -1,6 +1,12 @@
 """FP8 training emulation (dsv3_jax/fp8.py): quantisation bounds, the three GEMMs against an independent
 fake-quant reference, outliers, the accumulation model, delayed scaling, and the model integration."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -15,6 +21,7 @@ from dsv3_jax.sharding import MeshPlan, check_model_fits, path_str, rules_for
 from dsv3_jax.train.config import Config, TrainConfig, apply_overrides
 from dsv3_jax.train.step import init_train_state, make_train_step
 
+REPO = Path(__file__).resolve().parent.parent
 LINEAR = (((1,), (0,)), ((), ()))  # [M, K] x [K, N]
 # (format, mantissa bits, smallest normal exponent, largest finite)
 FORMATS = {"e4m3": (fp8.E4M3, 3, -6, 448.0), "e5m2": (fp8.E5M2, 2, -14, 57344.0)}
@@ -365,3 +372,19 @@ def test_tiles_that_would_straddle_shards_are_a_named_error():
     wide = small.replace(num_attention_heads=8, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
                          intermediate_size=1024, moe_intermediate_size=256)
     check_model_fits(_abstract_plan(tensor=2), wide, batch_size=8, every_param=False)
+
+
+def test_fp8_train_steps_on_a_sharded_mesh_match_one_device(tmp_path):
+    """jit + grad + GSPMD on 4 fake devices (data=2, expert=2): tiles never cross the batch split, so the
+    sharded FP8 step computes what the one-device step computes; a tensor split that would cut tiles fails."""
+    out = tmp_path / "report.json"
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "_fp8_mesh_check.py"), str(out)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    for one, sharded in zip(report["single"], report["sharded"]):
+        for key, value in one.items():
+            assert sharded[key] == pytest.approx(value, rel=1e-5), (key, one, sharded)
+    assert report["grad_rel_l2_diff"] < 1e-5  # Adam's first moment after step 1: the clipped gradient
+    assert report["tensor_error"]["field"] == "model.num_attention_heads", report["tensor_error"]
