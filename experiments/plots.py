@@ -78,7 +78,7 @@ def plot_loss(series: Series, out: str | Path, title: str) -> Path:
     ax_tr.set(xlabel="step", ylabel="train cross-entropy (nats/token)",
               title=f"Train loss, EMA {SMOOTHING} (main token; y zoomed on the last 2/3)")
     ax_val.set(xlabel="step", ylabel="validation cross-entropy (nats/token)",
-               title="Validation loss (dots: 16 batches; star: whole split)")
+               title="Validation loss (dots: first 16 val batches; star: whole split)")
     return _finish(fig, (ax_tr, ax_val), out, title)
 
 
@@ -114,7 +114,7 @@ def plot_maxvio(series: Series, out: str | Path, title: str) -> Path:
     ax_b.set(xlabel="step", ylabel="MaxVio_batch (mean over MoE layers)",
              title=f"MaxVio_batch per training batch, EMA {SMOOTHING}")
     ax_g.set(xlabel="step", ylabel="MaxVio_global (mean over MoE layers)",
-             title="MaxVio_global on validation (dots: 16 batches; star: whole split)")
+             title="MaxVio_global, validation (dots: first 16 batches; star: whole split)")
     return _finish(fig, (ax_b, ax_g), out, title)
 
 
@@ -129,29 +129,40 @@ def _log_y(ax: Any) -> None:
     ax.tick_params(axis="y", which="minor", labelsize=7)
 
 
+def _final_loads(run: tuple) -> tuple[np.ndarray, int, float, str] | None:
+    """(loads [layers, E], step, MaxVio_global, where) of a run: the whole-split final evaluation when it kept
+    the loads, else the last in-training evaluation."""
+    _, records, final, _ = run
+    if final is not None and "expert_load" in final:
+        return np.asarray(final["expert_load"], float), final["step"], final["maxvio_global"], "whole validation split"
+    evals = eval_records(records)
+    if not evals:
+        return None
+    last = evals[-1]
+    return (np.asarray(last["expert_load"], float), last["step"], last["maxvio_global"],
+            "first 16 validation batches")
+
+
 def plot_expert_load(series: Series, out: str | Path, title: str) -> Path:
-    """Per-expert load / mean load of every MoE layer at the last evaluation, one heatmap per variant (seed 0)."""
+    """Per-expert load / mean load of every MoE layer at the end of training, one heatmap per variant (seed 0)."""
     plt = _pyplot()
-    items = [(label, s["runs"][0]) for label, s in series.items() if eval_records(s["runs"][0][1])]
+    items = [(label, s["runs"][0][0], _final_loads(s["runs"][0])) for label, s in series.items()]
+    items = [(label, seed, loads) for label, seed, loads in items if loads is not None]
     fig, axes = plt.subplots(len(items), 1, figsize=(9, 1.6 + 1.4 * max(1, len(items))), squeeze=False,
                              layout="constrained")  # constrained: room for the two-line suptitle
-    loads = [np.asarray(eval_records(run[1])[-1]["expert_load"], float) for _, run in items]
-    rel = [load / load.mean(axis=1, keepdims=True) for load in loads]
+    rel = [load / load.mean(axis=1, keepdims=True) for _, _, (load, _, _, _) in items]
     vmax = max(float(r.max()) for r in rel) if rel else 2.0
     image = None
-    for ax, (label, (seed, records, _, _)), r in zip(axes[:, 0], items, rel):
-        last = eval_records(records)[-1]
+    for ax, (label, seed, (_, step, vio, where)), r in zip(axes[:, 0], items, rel):
         image = ax.imshow(r, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax)
-        ax.set_title(f"{label} (seed {seed}), step {last['step']}: MaxVio_global {last['maxvio_global']:.3f}",
-                     fontsize=9)
+        ax.set_title(f"{label} (seed {seed}), step {step}, {where}: MaxVio_global {vio:.3f}", fontsize=9)
         ax.set_yticks(range(r.shape[0]), [f"MoE layer {j + 1}" for j in range(r.shape[0])], fontsize=8)
         ax.set_xticks(range(r.shape[1]))
         ax.tick_params(axis="x", labelsize=7)
     axes[-1, 0].set_xlabel("routed expert")
     if image is not None:
         fig.colorbar(image, ax=axes[:, 0].tolist(), label="tokens routed / mean over experts")
-    fig.suptitle(f"{title}\nexpert loads at the last evaluation (16 validation batches); 1.0 = perfectly balanced",
-                 fontsize=10)
+    fig.suptitle(f"{title}\nexpert loads of the final checkpoint; 1.0 = perfectly balanced", fontsize=10)
     out = Path(out)
     fig.savefig(out, dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -173,7 +184,7 @@ def plot_mtp(series: Series, out: str | Path, title: str) -> Path:
                 ax.plot(steps, [r["val_mtp_loss"] for r in evals], color=s["colour"], marker="s", markersize=3,
                         linestyle=":", label=f"{label} (seed {seed}): MTP depth 1 (token t+2)")
     ax.set(xlabel="step", ylabel="validation cross-entropy (nats/token)",
-           title="Validation loss, 16 batches per evaluation (unsmoothed)")
+           title="Validation loss, first 16 validation batches (unsmoothed)")
     return _finish(fig, (ax,), out, title)
 
 

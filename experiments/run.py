@@ -2,7 +2,8 @@
 
 For every selected variant and seed it calls the real CLI,
     python -m dsv3_jax train --preset P --corpus C --run-dir runs/experiments/NAME/VARIANT/seedS --set ...
-then evaluates the final checkpoint on the whole validation split (`python -m dsv3_jax eval`), copies
+then evaluates the final checkpoint on the whole validation split (`python -m experiments.full_eval`: the CLI's
+eval, keeping the per-expert loads), copies
 metrics.jsonl / config.json / loss.png / final_eval.json / run.json into experiments/results/NAME/VARIANT/seedS/
 and redraws the experiment's comparison plots and summary (results/NAME/summary.{json,md}, *.png).
 A finished run is not trained again (`--force` does); a variant with `same_as` reuses the other run.
@@ -36,8 +37,8 @@ def train_command(preset: str, corpus: str, run_dir: Path, overrides: list[str])
 
 
 def eval_command(run_dir: Path) -> list[str]:
-    """The CLI call that evaluates a run's latest checkpoint on the whole validation split."""
-    return [sys.executable, "-m", "dsv3_jax", "eval", "--run-dir", str(run_dir), "--max-batches", "0"]
+    """The CLI's eval of a run's latest checkpoint on the whole validation split, keeping the expert loads."""
+    return [sys.executable, "-m", "experiments.full_eval", "--run-dir", str(run_dir)]
 
 
 def shell_line(cmd: list[str]) -> str:
@@ -68,7 +69,9 @@ class Code:
         return cmd if self.path is None else [cmd[0], "-P", *cmd[1:]]
 
     def env(self) -> dict[str, str] | None:
-        return None if self.path is None else {**os.environ, "PYTHONPATH": str(self.path.resolve())}
+        # The snapshot first (its dsv3_jax wins), then the repository root for the experiments package.
+        return None if self.path is None else {
+            **os.environ, "PYTHONPATH": os.pathsep.join([str(self.path.resolve()), str(Path.cwd().resolve())])}
 
     def provenance(self) -> dict:
         """Commit and, for the working tree, the library files that differ from it (others edit the tree)."""
@@ -111,49 +114,75 @@ def _last_json_object(text: str) -> dict:
     return obj
 
 
+TRAIN_FIELDS = ("wall_s", "wall_s_source", "load_average_1m_at_end", "finished_at")  # kept when re-collecting
+
+
 def run_variant(exp: spec.Experiment, variant: spec.Variant, scale: str, seed: int, code: Code,
-                force: bool = False) -> Path:
-    """Train + evaluate + collect one (variant, seed); returns its results directory."""
-    src_exp_name, src_var_name = variant.source(exp.name)
+                force: bool = False, train: bool = True) -> Path | None:
+    """Train (unless `train` is False) + evaluate + collect one (variant, seed); returns its results directory."""
     if variant.same_as is not None:  # run (or find) the source run under its own experiment's name
+        src_exp_name, src_var_name = variant.source(exp.name)
         src_exp = spec.load(src_exp_name)
-        return run_variant(src_exp, src_exp.variant(src_var_name), scale, seed, code, force)
+        return run_variant(src_exp, src_exp.variant(src_var_name), scale, seed, code, force, train)
     preset, corpus, overrides = spec.overrides_for(exp, variant, scale, seed)
     key = spec.run_key(exp.name, variant.name, scale, seed)
     run_dir, dest = spec.RUNS_DIR / key, spec.RESULTS_DIR / key
     train_cmd = train_command(preset, corpus, run_dir, overrides)
-    if not force and (dest / "run.json").is_file() and collect.read_json(dest / "run.json").get(
-            "overrides") == overrides:
+    previous = _previous_info(dest, overrides)
+    if not force and previous is not None and _has_loads(dest):
         print(f"{key}: already collected in {dest} (use --force to run it again)")
         return dest
     if force and run_dir.exists():
         shutil.rmtree(run_dir)
-    steps = _steps(preset, overrides)
     metrics_path = run_dir / "metrics.jsonl"
-    wall_s, wall_source = None, "not trained by this invocation"
-    if not collect.finished(metrics_path, steps):
+    if collect.finished(metrics_path, _steps(preset, overrides)):
+        train_info = _earlier_train_info(previous, run_dir)
+    elif not train:
+        print(f"{key}: no finished run in {run_dir}; skipped (training is off)")
+        return None
+    else:
         resumed = metrics_path.is_file()
         rc, wall_s, _ = _run_logged(train_cmd, run_dir / "train.log", code)
         if rc != 0:
             raise SystemExit(f"{key}: training failed (exit {rc}); see {run_dir / 'train.log'}")
-        wall_source = "runner, resumed run" if resumed else "runner"
-    if wall_s is None:  # trained earlier (or by hand with the same command): config.json -> last metrics line
-        wall_s = metrics_path.stat().st_mtime - (run_dir / "config.json").stat().st_mtime
-        wall_source = "file times (config.json written at start -> last metrics line)"
+        train_info = {"wall_s": round(wall_s, 1), "wall_s_source": "runner, resumed run" if resumed else "runner",
+                      "load_average_1m_at_end": round(os.getloadavg()[0], 2),
+                      "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}
     rc, eval_s, out = _run_logged(eval_command(run_dir), run_dir / "eval.log", code)
     if rc != 0:
         raise SystemExit(f"{key}: evaluation failed (exit {rc}); see {run_dir / 'eval.log'}")
     final_eval = _last_json_object(out)
     info = {"experiment": exp.name, "variant": variant.name, "scale": scale, "seed": seed, "preset": preset,
-            "corpus": corpus, "overrides": overrides, "command": shell_line(train_cmd),
-            "eval_command": shell_line(eval_command(run_dir)), "wall_s": round(wall_s, 1),
-            "wall_s_source": wall_source, "eval_wall_s": round(eval_s, 1), "cpu_count": os.cpu_count(),
-            "load_average_1m_at_end": round(os.getloadavg()[0], 2), "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-            **code.provenance()}
+            "corpus": corpus, "overrides": overrides, "command": shell_line(train_cmd), **train_info,
+            "eval_command": shell_line(eval_command(run_dir)), "eval_wall_s": round(eval_s, 1),
+            "cpu_count": os.cpu_count(), "collected_at": time.strftime("%Y-%m-%d %H:%M:%S"), **code.provenance()}
     collect.collect_run(run_dir, dest, info, final_eval)
     print(f"{key}: collected in {dest} (val loss {final_eval['val_loss']:.4f}, "
           f"MaxVio_global {final_eval['maxvio_global']:.3f})")
     return dest
+
+
+def _previous_info(dest: Path, overrides: list[str]) -> dict | None:
+    """The run.json already collected for these exact overrides, if any."""
+    path = dest / "run.json"
+    if not path.is_file():
+        return None
+    info = collect.read_json(path)
+    return info if info.get("overrides") == overrides else None
+
+
+def _has_loads(dest: Path) -> bool:
+    """Collected with the whole-split expert loads (older collections lack them and are re-evaluated)."""
+    path = dest / "final_eval.json"
+    return path.is_file() and "expert_load" in collect.read_json(path)
+
+
+def _earlier_train_info(previous: dict | None, run_dir: Path) -> dict:
+    """Training facts of a run finished before this invocation: from its earlier run.json, else file times."""
+    if previous is not None and previous.get("wall_s") is not None:
+        return {k: previous[k] for k in TRAIN_FIELDS if k in previous}
+    wall_s = (run_dir / "metrics.jsonl").stat().st_mtime - (run_dir / "config.json").stat().st_mtime
+    return {"wall_s": round(wall_s, 1), "wall_s_source": "file times (config.json written at start -> last metrics line)"}
 
 
 def _steps(preset: str, overrides: list[str]) -> int:
@@ -193,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--code", metavar="REF", default=None,
                         help="run the library as committed at this git ref (default: the working tree)")
     parser.add_argument("--plots-only", action="store_true", help="only redraw plots and summary from results")
+    parser.add_argument("--collect-only", action="store_true",
+                        help="train nothing: evaluate and collect the runs already finished under runs/experiments")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     return parser
 
@@ -214,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     src = spec.run_key(*variant.source(exp.name), args.scale, seed)
                     print(shell_line(train_command(preset, corpus, spec.RUNS_DIR / src, overrides)))
                     continue
-                run_variant(exp, variant, args.scale, seed, code, args.force)
+                run_variant(exp, variant, args.scale, seed, code, args.force, train=not args.collect_only)
     if not args.dry_run:
         for path in draw(exp, args.scale):
             print(f"wrote {path}")

@@ -87,6 +87,7 @@ def test_run_keys_and_commands():
     line = run.shell_line(cmd)
     assert line.startswith("python -m dsv3_jax train --preset small --corpus lit --run-dir runs/x")
     assert "--set train.balance=none --set train.seed=0" in line
+    assert run.eval_command(Path("runs/x"))[1:] == ["-m", "experiments.full_eval", "--run-dir", "runs/x"]
     assert run._last_json_object('data: x\n{\n  "val_loss": 1.5\n}\nwarning after\n') == {"val_loss": 1.5}
     assert run._last_json_object('{"a": 1}') == {"a": 1}
 
@@ -145,6 +146,27 @@ def test_summary_and_plots_from_fake_results(tmp_path):
 
     mtp_written = run.draw(spec.load("mtp"), "cpu", results_dir=tmp_path)
     assert (tmp_path / "mtp/mtp.png") in mtp_written
+
+
+def test_heatmap_prefers_the_whole_split_loads(tmp_path):
+    from experiments import plots
+
+    _fake_run(tmp_path / "r")
+    final_path = tmp_path / "r/final_eval.json"
+    run_tuple = (0, collect.read_jsonl(tmp_path / "r/metrics.jsonl"), json.loads(final_path.read_text()), {})
+    assert plots._final_loads(run_tuple)[3] == "first 16 validation batches"
+    final = {**json.loads(final_path.read_text()), "expert_load": [[4.0, 4.0, 4.0, 4.0], [1.0, 7.0, 4.0, 4.0]]}
+    loads, step, _, where = plots._final_loads((0, run_tuple[1], final, {}))
+    assert where == "whole validation split" and step == 20 and loads[1, 1] == 7.0
+    assert not run._has_loads(tmp_path / "r")
+    final_path.write_text(json.dumps(final))
+    assert run._has_loads(tmp_path / "r")
+
+
+def test_recollecting_keeps_the_training_wall_time(tmp_path):
+    previous = {"wall_s": 1803.6, "wall_s_source": "runner", "finished_at": "then", "eval_wall_s": 5.0}
+    assert run._earlier_train_info(previous, tmp_path) == {"wall_s": 1803.6, "wall_s_source": "runner",
+                                                            "finished_at": "then"}
 
 
 def test_finished_needs_the_last_step_and_its_eval(tmp_path):
