@@ -158,6 +158,9 @@ def check_request(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new: i
         bad = [t for t in prompt if not 0 <= int(t) < cfg.vocab_size]
         if bad:
             raise GenerationError(f"prompt {i} has token ids outside [0, {cfg.vocab_size}): {bad[:5]}")
+    if cfg.attention != "mla":
+        raise GenerationError(f"cached decoding needs MLA; this model uses attention={cfg.attention!r} "
+                              "(the MHA ablation baseline has no decode path)")
     if speculative and cfg.mtp_depth < 1:
         raise GenerationError("speculative decoding drafts with the MTP module, and this model has none "
                               "(num_nextn_predict_layers=0)")

@@ -281,6 +281,8 @@ def test_bad_requests_are_refused():
         check_request(cfg, [[1, cfg.vocab_size]], 5)
     with pytest.raises(GenerationError, match="MTP"):
         check_request(cfg.replace(num_nextn_predict_layers=0), [[1]], 5, speculative=True)
+    with pytest.raises(GenerationError, match="needs MLA"):
+        check_request(cfg.replace(attention="mha"), [[1]], 5)
     assert check_request(cfg, [[1] * 20, [2]], 5) == (32, 64)  # prefill bucket, cache slots
     abstract = nnx.eval_shape(lambda: init_model(cfg.replace(capacity_factor=1.25)))
     with pytest.raises(GenerationError, match="capacity"):
