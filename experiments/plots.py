@@ -129,7 +129,7 @@ def _log_y(ax: Any) -> None:
     ax.tick_params(axis="y", which="minor", labelsize=7)
 
 
-def _final_loads(run: tuple) -> tuple[np.ndarray, int, float, str] | None:
+def final_loads(run: tuple) -> tuple[np.ndarray, int, float, str] | None:
     """(loads [layers, E], step, MaxVio_global, where) of a run: the whole-split final evaluation when it kept
     the loads, else the last in-training evaluation."""
     _, records, final, _ = run
@@ -146,7 +146,7 @@ def _final_loads(run: tuple) -> tuple[np.ndarray, int, float, str] | None:
 def plot_expert_load(series: Series, out: str | Path, title: str) -> Path:
     """Per-expert load / mean load of every MoE layer at the end of training, one heatmap per variant (seed 0)."""
     plt = _pyplot()
-    items = [(label, s["runs"][0][0], _final_loads(s["runs"][0])) for label, s in series.items()]
+    items = [(label, s["runs"][0][0], final_loads(s["runs"][0])) for label, s in series.items()]
     items = [(label, seed, loads) for label, seed, loads in items if loads is not None]
     fig, axes = plt.subplots(len(items), 1, figsize=(9, 1.6 + 1.4 * max(1, len(items))), squeeze=False,
                              layout="constrained")  # constrained: room for the two-line suptitle

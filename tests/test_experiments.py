@@ -154,9 +154,9 @@ def test_heatmap_prefers_the_whole_split_loads(tmp_path):
     _fake_run(tmp_path / "r")
     final_path = tmp_path / "r/final_eval.json"
     run_tuple = (0, collect.read_jsonl(tmp_path / "r/metrics.jsonl"), json.loads(final_path.read_text()), {})
-    assert plots._final_loads(run_tuple)[3] == "first 16 validation batches"
+    assert plots.final_loads(run_tuple)[3] == "first 16 validation batches"
     final = {**json.loads(final_path.read_text()), "expert_load": [[4.0, 4.0, 4.0, 4.0], [1.0, 7.0, 4.0, 4.0]]}
-    loads, step, _, where = plots._final_loads((0, run_tuple[1], final, {}))
+    loads, step, _, where = plots.final_loads((0, run_tuple[1], final, {}))
     assert where == "whole validation split" and step == 20 and loads[1, 1] == 7.0
     assert not run._has_loads(tmp_path / "r")
     final_path.write_text(json.dumps(final))
