@@ -4,16 +4,18 @@ Trains the `fp8` experiment's variants (experiments/configs/fp8.json: fp32 basel
 bf16; same seed, initialisation and data windows) through the experiments runner, then compares every
 variant's training loss with the baseline's step by step and writes, under experiments/results/fp8/:
 
-* relative_error.jsonl: one line per (variant, step): raw and EMA(0.9)-smoothed losses of the variant and
-  the baseline, |EMA_v - EMA_ref| / EMA_ref (the paper's curves are EMA-smoothed with 0.9; it does not say
-  how it computes the relative error, this is the plain reading) and the signed raw difference;
-* relative_error.png: the smoothed loss curves and the relative error against the 0.25% line;
-* relative_error_summary.json: per variant, max / mean relative error after warm-up and over the last
-  100 steps, and the relative difference of the final full-split validation loss.
+* relative_error_vs_BASELINE.jsonl: one line per (variant, step): raw and EMA(0.9)-smoothed losses of the
+  variant and the baseline, |EMA_v - EMA_ref| / EMA_ref (the paper's curves are EMA-smoothed with 0.9; it
+  does not say how it computes the relative error, this is the plain reading) and the signed raw difference;
+* relative_error_vs_BASELINE.png: the smoothed loss curves and the relative error against the 0.25% line;
+* relative_error_vs_BASELINE.json: per variant, max / mean relative error after warm-up and over the last
+  100 steps, and the relative difference of the final full-split validation loss;
+* same_params.json (--same-params): the baseline's final checkpoint evaluated with every recipe, i.e. the
+  loss error FP8 GEMMs cause on identical weights, without the divergence of two training trajectories.
 
     python experiments/fp8_compare.py                              # train what is missing, then compare
     python experiments/fp8_compare.py --variant deepseek --code HEAD
-    python experiments/fp8_compare.py --compare-only [--baseline bf16]
+    python experiments/fp8_compare.py --compare-only --baseline bf16 [--same-params]
 
 Run from the repository root. Training goes through `python -m experiments.run fp8 --variant V`, so the
 runs land in experiments/results/fp8/V/seed0 (the fp32 baseline is the `baseline/default` run).
@@ -99,14 +101,52 @@ def compare(exp: spec.Experiment, baseline: str, out_dir: Path) -> dict[str, Any
             "command": collect.read_json(run_dir / "run.json").get("command")
             if (run_dir / "run.json").is_file() else None}
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "relative_error.jsonl", "w") as f:
+    with open(out_dir / f"relative_error_vs_{baseline}.jsonl", "w") as f:
         for line in lines:
             f.write(json.dumps(line) + "\n")
     result = {"baseline": baseline, "baseline_label": exp.variant(baseline).label, "smoothing": SMOOTHING,
               "paper_bound": PAPER_BOUND, "variants": summary}
-    collect.write_json(out_dir / "relative_error_summary.json", result)
-    plot(curves, ref_steps, ref_loss, exp, baseline, warmup, out_dir / "relative_error.png")
+    collect.write_json(out_dir / f"relative_error_vs_{baseline}.json", result)
+    plot(curves, ref_steps, ref_loss, exp, baseline, warmup, out_dir / f"relative_error_vs_{baseline}.png")
     return result
+
+
+# Same-weights evaluation: model config changes per arm ("bf16" for scale: what bf16 compute alone moves).
+SAME_PARAMS_ARMS = {"none": {}, "deepseek": {"fp8": "deepseek"}, "per_tensor": {"fp8": "per_tensor"},
+                    "bf16": {"dtype": "bfloat16"}}
+
+
+def same_params_losses(run_dir: Path, arms: dict[str, dict[str, Any]], max_batches: int) -> dict[str, Any]:
+    """Validation loss of one run's latest checkpoint under each arm's model config (same weights, batches)."""
+    import jax
+
+    from dsv3_jax.checkpoint import RunCheckpointer
+    from dsv3_jax.data import prepare_data
+    from dsv3_jax.train.config import Config
+    from dsv3_jax.train.step import abstract_train_state, jit_eval_step
+    from dsv3_jax.train.trainer import evaluate
+
+    config = Config.from_dict(collect.read_json(run_dir / "config.json"))
+    graphdef, abstract = abstract_train_state(config.model, config.train)
+    checkpointer = RunCheckpointer(str(run_dir), keep=config.train.keep_checkpoints)
+    restored = checkpointer.restore_latest(abstract)
+    checkpointer.close()
+    if restored is None:
+        raise SystemExit(f"error: no restorable checkpoint in {run_dir}/checkpoints")
+    step, state, _, _ = restored
+    data = prepare_data(config.data.corpus, config.model.vocab_size, config.train.seq_len, config.model.mtp_depth,
+                        cache_dir=config.data.cache_dir, verbose=False)
+    out: dict[str, Any] = {"run_dir": str(run_dir), "step": step, "val_batches": max_batches, "val_loss": {}}
+    for arm, changes in arms.items():
+        model_cfg = config.model.replace(**changes)
+        graphdef = abstract_train_state(model_cfg, config.train)[0]  # the recipe lives in the graph definition
+        eval_fn = jit_eval_step(graphdef, model_cfg, config.train)
+        result = evaluate(eval_fn, state.params, state.biases, data.val_batches(config.train.batch_size),
+                          max_batches, jax.numpy.asarray)
+        out["val_loss"][arm] = result["val_loss"]
+    ref = out["val_loss"]["none"]
+    out["rel_diff_vs_none"] = {r: (v - ref) / ref for r, v in out["val_loss"].items() if r != "none"}
+    return out
 
 
 def plot(curves: dict, ref_steps: np.ndarray, ref_loss: np.ndarray, exp: spec.Experiment, baseline: str,
@@ -144,6 +184,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--code", metavar="REF", help="passed to the runner: train with the library at this commit")
     parser.add_argument("--compare-only", action="store_true", help="do not train; compare collected runs")
     parser.add_argument("--baseline", default="fp32", help="variant the others are compared with")
+    parser.add_argument("--same-params", action="store_true",
+                        help="also evaluate the baseline's final checkpoint with every recipe (same_params.json)")
+    parser.add_argument("--val-batches", type=int, default=32, help="validation batches for --same-params")
     args = parser.parse_args(argv)
     exp = spec.load(EXPERIMENT)
     if not args.compare_only:
@@ -154,6 +197,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             subprocess.run(cmd, check=True)
     result = compare(exp, args.baseline, spec.RESULTS_DIR / EXPERIMENT)
     print(json.dumps(result, indent=2))
+    if args.same_params:
+        src_exp, src_var = exp.variant(args.baseline).source(EXPERIMENT)
+        run_dir = spec.RUNS_DIR / spec.run_key(src_exp, src_var, "cpu", 0)
+        same = same_params_losses(run_dir, SAME_PARAMS_ARMS, args.val_batches)
+        collect.write_json(spec.RESULTS_DIR / EXPERIMENT / "same_params.json", same)
+        print(json.dumps(same, indent=2))
     return 0
 
 
