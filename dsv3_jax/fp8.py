@@ -1,9 +1,9 @@
 """FP8 training emulation: DeepSeek-V3's fine-grained recipe, and per-tensor baselines, as a `dot_general`.
 
 Every FP8 GEMM here is emulated: operands are quantised to a real `float8_e4m3fn` / `float8_e5m2` payload
-with float32 scales, dequantised, and multiplied in float32 (products of FP8 values are exact in float32, so
-this equals a scaled FP8 GEMM with FP32 accumulation). It runs on any backend and is bit-reproducible; it
-models the numerics, not the speed, of FP8 tensor cores.
+with float32 scales, dequantised, and multiplied in float32: up to float32 rounding, a scaled FP8 GEMM with FP32
+accumulation. It runs on any backend and is deterministic; it models the numerics, not the speed, of FP8
+tensor cores.
 
 Recipes (V3 §3.3, PAPER_FACTS.md):
 * `deepseek`: E4M3 for every operand of Fprop, Dgrad and Wgrad. Online max-abs scales per 1x128 activation
