@@ -143,12 +143,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_params(args: argparse.Namespace) -> int:
     from dsv3_jax.accounting import count_params
+    from dsv3_jax.kv_cache import latent_cache_bytes_per_token
     from dsv3_jax.train.config import Config, apply_overrides
 
     cfg = apply_overrides(Config(model=get_preset(args.preset)), args.set or []).model
     count = count_params(cfg)
     print(json.dumps({"preset": args.preset, **count.__dict__, "summary": count.summary(),
-                      "kv_cache_bytes_per_token_bf16": cfg.kv_cache_dim * cfg.num_hidden_layers * 2}, indent=2))
+                      "kv_cache_bytes_per_token_bf16": latent_cache_bytes_per_token(cfg, "bfloat16")}, indent=2))
     return 0
 
 

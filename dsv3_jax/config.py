@@ -284,15 +284,19 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
-def resolve_moe_dispatch(dispatch: str, backend: str | None = None) -> str:
+def resolve_moe_dispatch(dispatch: str, backend: str | None = None, fp8: str = "none") -> str:
     """The concrete dispatch for `dispatch` on `backend` (default: JAX's default backend).
 
     `ragged` rests on `jax.lax.ragged_dot` and `ragged_all_to_all`, which GPU/TPU run as grouped GEMMs; XLA:CPU
     lowers ragged_dot to a masked dense matmul over every expert and cannot run ragged_all_to_all, so CPU
-    resolves to `capacity` (exact and dropless by default; the expert axis shards through GSPMD).
+    resolves to `capacity` (exact and dropless by default; the expert axis shards through GSPMD). Under an FP8
+    recipe `auto` is `capacity` everywhere: ragged_dot takes no dot_general to emulate FP8 with (validate()
+    rejects an explicit ragged + fp8).
     """
     if dispatch != "auto":
         return dispatch
+    if fp8 != "none":
+        return "capacity"
     if backend is None:
         import jax  # config.py stays importable without touching a backend until a model is built
 

@@ -114,9 +114,7 @@ class RoutedExperts(nnx.Module):
 
     def __call__(self, x_ND: jax.Array, topk_idx_NK: jax.Array, topk_weight_NK: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Weighted sum of each token's chosen experts: (out [N, D], dropped fraction)."""
-        dispatch = resolve_moe_dispatch(self.cfg.moe_dispatch)
-        if dispatch == "ragged" and self.cfg.fp8 != "none":
-            dispatch = "capacity"  # ragged_dot takes no dot_general; validate() rejects an explicit ragged + fp8
+        dispatch = resolve_moe_dispatch(self.cfg.moe_dispatch, fp8=self.cfg.fp8)
         if dispatch in ("capacity", "ragged"):  # the two that may drop under a capacity_factor
             return getattr(self, dispatch)(x_ND, topk_idx_NK, topk_weight_NK)
         exact = {"dense": self.dense, "blocked": self.blocked}[dispatch]

@@ -68,6 +68,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsv3_jax.config import ConfigError, ModelConfig, resolve_moe_dispatch
+from dsv3_jax.kv_cache import latent_cache_bytes_per_token
 from dsv3_jax.moe import expert_capacity
 from dsv3_jax.moe_ragged import exchange_capacity
 from dsv3_jax.sharding import param_logical_axes, path_str, rules_for
@@ -277,7 +278,7 @@ def kv_cache_bytes_per_token(model_cfg: ModelConfig) -> int:
 
     The latent is shared by all heads, so tensor parallelism does not split it (every device holds it).
     """
-    return model_cfg.kv_cache_dim * model_cfg.num_hidden_layers * jnp.dtype(model_cfg.dtype).itemsize
+    return latent_cache_bytes_per_token(model_cfg, model_cfg.dtype)
 
 
 # ---- the plan ------------------------------------------------------------------------------------------------
@@ -287,7 +288,8 @@ def estimate_memory(model_cfg: ModelConfig, train_cfg, mesh_shape: Mapping[str, 
 
     `backend` ("cpu", "gpu", "tpu"; default: this machine's) only decides what `moe_dispatch="auto"` becomes.
     """
-    model_cfg = model_cfg.replace(moe_dispatch=resolve_moe_dispatch(model_cfg.moe_dispatch, backend))
+    model_cfg = model_cfg.replace(moe_dispatch=resolve_moe_dispatch(model_cfg.moe_dispatch, backend,
+                                                                         model_cfg.fp8))
     from dsv3_jax.train.optim import make_optimizer  # local: keeps `import dsv3_jax.plan` light
 
     model_cfg.validate()

@@ -60,20 +60,26 @@ def _label(label: str, seed: int) -> str:
     return f"{label} (seed {seed})"
 
 
+def _train_and_eval_panels(series: Series, ax_train: Any, ax_eval: Any, train_field: str, eval_field: str) -> None:
+    """Per variant and seed: `train_field` per step (EMA) on the left, `eval_field` at each evaluation on the
+    right, plus a star at the final whole-split value."""
+    for label, s in series.items():
+        for i, (seed, records, final, _) in enumerate(s["runs"]):
+            train, evals = train_records(records), eval_records(records)
+            ax_train.plot([r["step"] for r in train], ema([r[train_field] for r in train]), color=s["colour"],
+                          label=_label(label, seed), **_style(i))
+            ax_eval.plot([r["step"] for r in evals], [r[eval_field] for r in evals], marker="o", markersize=3,
+                         color=s["colour"], label=_label(label, seed), **_style(i))
+            if final is not None:
+                ax_eval.plot([final["step"]], [final[eval_field]], marker="*", markersize=11, color=s["colour"],
+                             linestyle="none")
+
+
 def plot_loss(series: Series, out: str | Path, title: str) -> Path:
     """Train loss (EMA) and validation loss per variant; a star marks the final full-split validation loss."""
     plt = _pyplot()
     fig, (ax_tr, ax_val) = plt.subplots(1, 2, figsize=(13, 4.8))
-    for label, s in series.items():
-        for i, (seed, records, final, _) in enumerate(s["runs"]):
-            train, evals = train_records(records), eval_records(records)
-            ax_tr.plot([r["step"] for r in train], ema([r["loss"] for r in train]), color=s["colour"],
-                       label=_label(label, seed), **_style(i))
-            ax_val.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], marker="o", markersize=3,
-                        color=s["colour"], label=_label(label, seed), **_style(i))
-            if final is not None:
-                ax_val.plot([final["step"]], [final["val_loss"]], marker="*", markersize=11, color=s["colour"],
-                            linestyle="none")
+    _train_and_eval_panels(series, ax_tr, ax_val, "loss", "val_loss")
     _zoom(ax_tr, series, "loss")
     ax_tr.set(xlabel="step", ylabel="train cross-entropy (nats/token)",
               title=f"Train loss, EMA {SMOOTHING} (main token; y zoomed on the last 2/3)")
@@ -99,16 +105,7 @@ def plot_maxvio(series: Series, out: str | Path, title: str) -> Path:
     """MaxVio_batch per step (EMA) and MaxVio_global at each evaluation, log scale (balance spans 100x)."""
     plt = _pyplot()
     fig, (ax_b, ax_g) = plt.subplots(1, 2, figsize=(13, 4.8))
-    for label, s in series.items():
-        for i, (seed, records, final, _) in enumerate(s["runs"]):
-            train, evals = train_records(records), eval_records(records)
-            ax_b.plot([r["step"] for r in train], ema([r["maxvio_batch"] for r in train]), color=s["colour"],
-                      label=_label(label, seed), **_style(i))
-            ax_g.plot([r["step"] for r in evals], [r["maxvio_global"] for r in evals], marker="o", markersize=3,
-                      color=s["colour"], label=_label(label, seed), **_style(i))
-            if final is not None:
-                ax_g.plot([final["step"]], [final["maxvio_global"]], marker="*", markersize=11, color=s["colour"],
-                          linestyle="none")
+    _train_and_eval_panels(series, ax_b, ax_g, "maxvio_batch", "maxvio_global")
     for ax in (ax_b, ax_g):
         _log_y(ax)
     ax_b.set(xlabel="step", ylabel="MaxVio_batch (mean over MoE layers)",
