@@ -165,6 +165,10 @@ def markdown_table(summary: dict[str, Any]) -> str:
                               ("train_loss_last10", 4)):
             cells.append(_fmt(agg.get(field), digits))
         lines.append("| " + " | ".join(cells) + " |")
+    if summary.get("paper"):
+        lines += ["", "Paper's numbers for the same comparison (their models and metrics, not ours):", "",
+                  "| variant | metric | paper value | source |", "|---|---|---|---|"]
+        lines += [f"| `{p['variant']}` | {p['metric']} | {p['value']} | {p['source']} |" for p in summary["paper"]]
     return "\n".join(lines) + "\n"
 
 

@@ -143,6 +143,7 @@ def test_summary_and_plots_from_fake_results(tmp_path):
     assert seed0["train_seconds"] == pytest.approx(20 * 10 / 1000.0)
     table = (tmp_path / "balance/summary.md").read_text()
     assert "`aux_loss_seq` | not run" in table and "7.1000 ± 0.1414 (n=2)" in table
+    assert "| `aux_free` | maxvio_global | 0.04 | LFB Table 2" in table  # the paper's numbers sit beside ours
 
     mtp_written = run.draw(spec.load("mtp"), "cpu", results_dir=tmp_path)
     assert (tmp_path / "mtp/mtp.png") in mtp_written
