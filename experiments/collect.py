@@ -88,7 +88,7 @@ def summarize_run(result_dir: str | Path) -> dict[str, Any]:
     run_path = result_dir / "run.json"
     if run_path.is_file():
         run = read_json(run_path)
-        out.update(wall_s=run.get("wall_s"), command=run.get("command"))
+        out.update(wall_s=run.get("wall_s"), command=run.get("command"), commit=run.get("commit"))
     return out
 
 
@@ -148,15 +148,30 @@ def summarize_experiment(exp: Experiment, scale: str = "cpu", results_dir: Path 
                 agg[field] = {"mean": _mean(values), "n": len(values),
                               "std": statistics.stdev(values) if len(values) > 1 else None}
         variants[v.name] = {"label": v.label, "same_as": v.same_as, "overrides": list(v.overrides),
-                            "seeds": per_seed, "aggregate": agg}
+                            "seeds": per_seed, "aggregate": agg,
+                            "regenerate": regenerate_command(exp, v, scale, per_seed)}
     return {"experiment": exp.name, "title": exp.title, "scale": scale, "variants": variants,
             "paper": list(exp.paper)}
+
+
+def regenerate_command(exp: Experiment, variant: Any, scale: str, per_seed: dict[str, dict[str, Any]]) -> str:
+    """The runner call(s) that train this row again: its source run and seeds, one call per commit they ran at."""
+    src_exp, src_var = variant.source(exp.name)
+    by_commit: dict[str, list[int]] = {}
+    for seed, run in sorted(per_seed.items(), key=lambda kv: int(kv[0])):
+        by_commit.setdefault((run.get("commit") or "")[:7], []).append(int(seed))
+    calls = []
+    for commit, seeds in (by_commit or {"": [0]}).items():
+        cmd = f"python -m experiments.run {src_exp} --variant {src_var} --seed {' '.join(map(str, seeds))}"
+        cmd += f" --scale {scale}" if scale != "cpu" else ""
+        calls.append(cmd + (f" --code {commit}" if commit else ""))
+    return "; ".join(calls)
 
 
 def markdown_table(summary: dict[str, Any]) -> str:
     """A Markdown table of the experiment summary: mean (+- std, n seeds) per field."""
     header = ["variant", "seeds", "val loss (full split)", "MaxVio_global (full split)",
-              "MaxVio_batch (last 50 steps)", "train loss (last 10 steps)"]
+              "MaxVio_batch (last 50 steps)", "train loss (last 10 steps)", "command"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, v in summary["variants"].items():
         agg = v["aggregate"]
@@ -164,6 +179,7 @@ def markdown_table(summary: dict[str, Any]) -> str:
         for field, digits in (("val_loss", 4), ("maxvio_global", 3), ("maxvio_batch_last50", 3),
                               ("train_loss_last10", 4)):
             cells.append(_fmt(agg.get(field), digits))
+        cells.append(f"`{v['regenerate']}`" if v.get("regenerate") else "-")
         lines.append("| " + " | ".join(cells) + " |")
     if summary.get("paper"):
         lines += ["", "Paper's numbers for the same comparison (their models and metrics, not ours):", "",

@@ -144,6 +144,9 @@ def test_summary_and_plots_from_fake_results(tmp_path):
     table = (tmp_path / "balance/summary.md").read_text()
     assert "`aux_loss_seq` | not run" in table and "7.1000 ± 0.1414 (n=2)" in table
     assert "| `aux_free` | maxvio_global | 0.04 | LFB Table 2" in table  # the paper's numbers sit beside ours
+    # every row says how to train it again (aux_free is the baseline run; _fake_run records no commit)
+    assert "`python -m experiments.run baseline --variant default --seed 0 1` |" in table
+    assert "`python -m experiments.run balance --variant none --seed 0` |" in table
 
     mtp_written = run.draw(spec.load("mtp"), "cpu", results_dir=tmp_path)
     assert (tmp_path / "mtp/mtp.png") in mtp_written
@@ -184,3 +187,13 @@ def test_speculative_command_decodes_every_prompt_with_mtp_drafts():
     assert cmd[1:4] == ["-m", "dsv3_jax", "generate"] and "--speculative" in cmd and "--json" in cmd
     assert cmd.count("--prompt") == len(speculative.PROMPTS)
     assert cmd[cmd.index("--temperature") + 1] == "1.0"
+
+
+def test_regenerate_command_groups_seeds_by_commit():
+    exp = spec.load("mla")
+    per_seed = {"1": {"commit": "f7e9d713915659c9"}, "0": {"commit": "f7e9d713915659c9"}, "2": {"commit": "abcdef0123"}}
+    cmd = collect.regenerate_command(exp, exp.variant("mha"), "cpu", per_seed)
+    assert cmd == ("python -m experiments.run mla --variant mha --seed 0 1 --code f7e9d71; "
+                   "python -m experiments.run mla --variant mha --seed 2 --code abcdef0")
+    same_as = collect.regenerate_command(exp, exp.variant("mla"), "gpu", {})
+    assert same_as == "python -m experiments.run baseline --variant default --seed 0 --scale gpu"
