@@ -134,10 +134,20 @@ def variant_runs(exp: Experiment, scale: str, results_dir: Path | None = None) -
 SUMMARY_FIELDS = ("val_loss", "maxvio_global", "maxvio_batch_last50", "train_loss_last10", "val_mtp_loss")
 
 
+def _stat(values: list[float]) -> dict[str, Any]:
+    """Mean, sample std (None for one value) and count."""
+    return {"mean": _mean(values), "n": len(values), "std": statistics.stdev(values) if len(values) > 1 else None}
+
+
 def summarize_experiment(exp: Experiment, scale: str = "cpu", results_dir: Path | None = None) -> dict[str, Any]:
-    """Per variant: every seed's summary plus mean and sample std over seeds of the table's fields."""
+    """Per variant: every seed's summary, mean and sample std over seeds of the table's fields, and the val-loss
+    difference to the first (reference) variant paired by seed.
+
+    Arms of one seed share initialisation and data order, so the paired difference removes most of the
+    seed-to-seed spread that the unpaired means carry."""
     results_dir = spec.RESULTS_DIR if results_dir is None else results_dir
-    variants = {}
+    variants: dict[str, Any] = {}
+    reference = exp.variants[0].name
     for v in exp.variants:
         runs = variant_runs(exp, scale, results_dir)[v.name]
         per_seed = {str(seed): summarize_run(path) for seed, path in runs}
@@ -145,13 +155,17 @@ def summarize_experiment(exp: Experiment, scale: str = "cpu", results_dir: Path 
         for field in SUMMARY_FIELDS:
             values = [s[field] for s in per_seed.values() if field in s]
             if values:
-                agg[field] = {"mean": _mean(values), "n": len(values),
-                              "std": statistics.stdev(values) if len(values) > 1 else None}
+                agg[field] = _stat(values)
+        ref_seeds = variants[reference]["seeds"] if v.name != reference else {}
+        diffs = [run["val_loss"] - ref_seeds[seed]["val_loss"] for seed, run in per_seed.items()
+                 if seed in ref_seeds and "val_loss" in run and "val_loss" in ref_seeds[seed]]
+        if diffs:
+            agg["val_loss_diff_vs_reference"] = _stat(diffs)
         variants[v.name] = {"label": v.label, "same_as": v.same_as, "overrides": list(v.overrides),
                             "seeds": per_seed, "aggregate": agg,
                             "regenerate": regenerate_command(exp, v, scale, per_seed)}
-    return {"experiment": exp.name, "title": exp.title, "scale": scale, "variants": variants,
-            "paper": list(exp.paper)}
+    return {"experiment": exp.name, "title": exp.title, "scale": scale, "reference": reference,
+            "variants": variants, "paper": list(exp.paper)}
 
 
 def regenerate_command(exp: Experiment, variant: Any, scale: str, per_seed: dict[str, dict[str, Any]]) -> str:
@@ -170,15 +184,15 @@ def regenerate_command(exp: Experiment, variant: Any, scale: str, per_seed: dict
 
 def markdown_table(summary: dict[str, Any]) -> str:
     """A Markdown table of the experiment summary: mean (+- std, n seeds) per field."""
-    header = ["variant", "seeds", "val loss (full split)", "MaxVio_global (full split)",
-              "MaxVio_batch (last 50 steps)", "train loss (last 10 steps)", "command"]
+    header = ["variant", "seeds", "val loss (full split)", f"Δ val loss vs `{summary.get('reference')}` (same seeds)",
+              "MaxVio_global (full split)", "MaxVio_batch (last 50 steps)", "train loss (last 10 steps)", "command"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, v in summary["variants"].items():
         agg = v["aggregate"]
         cells = [f"`{name}`", ",".join(v["seeds"]) or "not run"]
-        for field, digits in (("val_loss", 4), ("maxvio_global", 3), ("maxvio_batch_last50", 3),
-                              ("train_loss_last10", 4)):
-            cells.append(_fmt(agg.get(field), digits))
+        for field, digits in (("val_loss", 4), ("val_loss_diff_vs_reference", 4), ("maxvio_global", 3),
+                              ("maxvio_batch_last50", 3), ("train_loss_last10", 4)):
+            cells.append(_fmt(agg.get(field), digits, signed=field.endswith("_vs_reference")))
         cells.append(f"`{v['regenerate']}`" if v.get("regenerate") else "-")
         lines.append("| " + " | ".join(cells) + " |")
     if summary.get("paper"):
@@ -188,10 +202,10 @@ def markdown_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _fmt(stat: dict[str, Any] | None, digits: int) -> str:
+def _fmt(stat: dict[str, Any] | None, digits: int, signed: bool = False) -> str:
     if not stat:
         return "-"
-    text = f"{stat['mean']:.{digits}f}"
+    text = f"{stat['mean']:{'+' if signed else ''}.{digits}f}"
     if stat["std"] is not None:
         text += f" ± {stat['std']:.{digits}f} (n={stat['n']})"
     return text

@@ -124,7 +124,7 @@ def _fake_run(dest: Path, steps: int = 20, loss0: float = 9.0, vio: float = 1.0)
 def test_summary_and_plots_from_fake_results(tmp_path):
     _fake_run(tmp_path / "baseline/default/seed0")
     _fake_run(tmp_path / "baseline/default/seed1", loss0=9.2)
-    _fake_run(tmp_path / "balance/none/seed0", vio=3.0)
+    _fake_run(tmp_path / "balance/none/seed0", vio=3.0, loss0=9.5)
     exp = spec.load("balance")
     written = run.draw(exp, "cpu", results_dir=tmp_path)
     names = {p.name for p in written}
@@ -138,11 +138,17 @@ def test_summary_and_plots_from_fake_results(tmp_path):
     assert aux_free["aggregate"]["val_loss"]["std"] == pytest.approx(0.1414, abs=1e-3)
     assert summary["variants"]["none"]["aggregate"]["maxvio_global"]["mean"] == pytest.approx(0.3)
     assert summary["variants"]["aux_loss_seq"]["seeds"] == {}
+    # paired by seed: `none` has seed 0 only, so its difference is to the reference's seed 0 alone
+    none_diff = summary["variants"]["none"]["aggregate"]["val_loss_diff_vs_reference"]
+    ref0 = aux_free["seeds"]["0"]["val_loss"]
+    assert ref0 == pytest.approx(7.0) and none_diff["n"] == 1 and none_diff["mean"] == pytest.approx(0.5)
+    assert "val_loss_diff_vs_reference" not in aux_free["aggregate"]
     seed0 = aux_free["seeds"]["0"]
     assert seed0["train_loss_last10"] == pytest.approx(9.0 - 0.1 * 15.5)
     assert seed0["train_seconds"] == pytest.approx(20 * 10 / 1000.0)
     table = (tmp_path / "balance/summary.md").read_text()
     assert "`aux_loss_seq` | not run" in table and "7.1000 ± 0.1414 (n=2)" in table
+    assert "| `none` | 0 | 7.5000 | +0.5000 |" in table
     assert "| `aux_free` | maxvio_global | 0.04 | LFB Table 2" in table  # the paper's numbers sit beside ours
     # every row says how to train it again (aux_free is the baseline run; _fake_run records no commit)
     assert "`python -m experiments.run baseline --variant default --seed 0 1` |" in table
