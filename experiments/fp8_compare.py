@@ -15,10 +15,11 @@ variant's training loss with the baseline's step by step and writes, under exper
 
     python experiments/fp8_compare.py                              # train what is missing, then compare
     python experiments/fp8_compare.py --variant deepseek --code HEAD
-    python experiments/fp8_compare.py --compare-only --baseline bf16 [--same-params]
+    python experiments/fp8_compare.py --compare-only --baseline bf16 [--seed 1] [--same-params]
 
 Run from the repository root. Training goes through `python -m experiments.run fp8 --variant V`, so the
-runs land in experiments/results/fp8/V/seed0 (the fp32 baseline is the `baseline/default` run).
+runs land in experiments/results/fp8/V/seedS (the fp32 baseline is the `baseline/default` run); the comparison
+files of seed S > 0 carry a `_seedS` suffix.
 """
 
 from __future__ import annotations
@@ -60,20 +61,26 @@ def warmup_steps(result_dir: Path) -> int:
     return int(round(train_cfg["warmup_frac"] * train_cfg["steps"]))
 
 
-def compare(exp: spec.Experiment, baseline: str, out_dir: Path) -> dict[str, Any]:
-    """Write relative_error.jsonl / .png / _summary.json for every collected variant against `baseline`."""
-    runs = collect.variant_runs(exp, "cpu")
-    if not runs.get(baseline):
-        raise SystemExit(f"error: baseline variant {baseline!r} has no collected run; train it first")
-    ref_dir = dict(runs[baseline])[0]
+def output_stem(baseline: str, seed: int) -> str:
+    """File name stem of one comparison (seed 0 keeps the historical names without a seed suffix)."""
+    return f"relative_error_vs_{baseline}" + (f"_seed{seed}" if seed else "")
+
+
+def compare(exp: spec.Experiment, baseline: str, out_dir: Path, seed: int = 0,
+            results_dir: Path | None = None) -> dict[str, Any]:
+    """Write relative_error.jsonl / .png / .json for every variant collected at `seed` against `baseline`."""
+    runs = {name: dict(pairs) for name, pairs in collect.variant_runs(exp, "cpu", results_dir).items()}
+    if seed not in runs.get(baseline, {}):
+        raise SystemExit(f"error: baseline variant {baseline!r} has no collected run for seed {seed}; train it first")
+    ref_dir = runs[baseline][seed]
     ref_steps, ref_loss = train_losses(ref_dir)
     warmup = warmup_steps(ref_dir)
     ref_final = collect.read_json(ref_dir / "final_eval.json")["val_loss"]
     lines, summary, curves = [], {}, {}
     for variant in exp.variants:
-        if variant.name == baseline or not runs.get(variant.name):
+        if variant.name == baseline or seed not in runs.get(variant.name, {}):
             continue
-        run_dir = dict(runs[variant.name])[0]
+        run_dir = runs[variant.name][seed]
         steps, loss = train_losses(run_dir)
         n = min(len(steps), len(ref_steps))
         if not np.array_equal(steps[:n], ref_steps[:n]):
@@ -101,13 +108,14 @@ def compare(exp: spec.Experiment, baseline: str, out_dir: Path) -> dict[str, Any
             "command": collect.read_json(run_dir / "run.json").get("command")
             if (run_dir / "run.json").is_file() else None}
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / f"relative_error_vs_{baseline}.jsonl", "w") as f:
+    stem = output_stem(baseline, seed)
+    with open(out_dir / f"{stem}.jsonl", "w") as f:
         for line in lines:
             f.write(json.dumps(line) + "\n")
-    result = {"baseline": baseline, "baseline_label": exp.variant(baseline).label, "smoothing": SMOOTHING,
-              "paper_bound": PAPER_BOUND, "variants": summary}
-    collect.write_json(out_dir / f"relative_error_vs_{baseline}.json", result)
-    plot(curves, ref_steps, ref_loss, exp, baseline, warmup, out_dir / f"relative_error_vs_{baseline}.png")
+    result = {"baseline": baseline, "baseline_label": exp.variant(baseline).label, "seed": seed,
+              "smoothing": SMOOTHING, "paper_bound": PAPER_BOUND, "variants": summary}
+    collect.write_json(out_dir / f"{stem}.json", result)
+    plot(curves, ref_steps, ref_loss, exp, baseline, warmup, out_dir / f"{stem}.png", seed)
     return result
 
 
@@ -150,7 +158,7 @@ def same_params_losses(run_dir: Path, arms: dict[str, dict[str, Any]], max_batch
 
 
 def plot(curves: dict, ref_steps: np.ndarray, ref_loss: np.ndarray, exp: spec.Experiment, baseline: str,
-         warmup: int, out: Path) -> Path:
+         warmup: int, out: Path, seed: int = 0) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -171,7 +179,7 @@ def plot(curves: dict, ref_steps: np.ndarray, ref_loss: np.ndarray, exp: spec.Ex
     for ax in (ax_loss, ax_err):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(exp.title, fontsize=10)
+    fig.suptitle(f"{exp.title} (seed {seed})", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
@@ -184,6 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--code", metavar="REF", help="passed to the runner: train with the library at this commit")
     parser.add_argument("--compare-only", action="store_true", help="do not train; compare collected runs")
     parser.add_argument("--baseline", default="fp32", help="variant the others are compared with")
+    parser.add_argument("--seed", type=int, default=0, help="compare the runs of this seed (trains it if missing)")
     parser.add_argument("--same-params", action="store_true",
                         help="also evaluate the baseline's final checkpoint with every recipe (same_params.json)")
     parser.add_argument("--val-batches", type=int, default=32, help="validation batches for --same-params")
@@ -191,11 +200,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     exp = spec.load(EXPERIMENT)
     if not args.compare_only:
         for name in args.variant or [v.name for v in exp.variants]:
-            cmd = [sys.executable, "-m", "experiments.run", EXPERIMENT, "--variant", name]
+            cmd = [sys.executable, "-m", "experiments.run", EXPERIMENT, "--variant", name, "--seed", str(args.seed)]
             if args.code:
                 cmd += ["--code", args.code]
             subprocess.run(cmd, check=True)
-    result = compare(exp, args.baseline, spec.RESULTS_DIR / EXPERIMENT)
+    result = compare(exp, args.baseline, spec.RESULTS_DIR / EXPERIMENT, args.seed)
     print(json.dumps(result, indent=2))
     if args.same_params:
         src_exp, src_var = exp.variant(args.baseline).source(EXPERIMENT)

@@ -203,3 +203,30 @@ def test_regenerate_command_groups_seeds_by_commit():
                    "python -m experiments.run mla --variant mha --seed 2 --code abcdef0")
     same_as = collect.regenerate_command(exp, exp.variant("mla"), "gpu", {})
     assert same_as == "python -m experiments.run baseline --variant default --seed 0 --scale gpu"
+
+
+def test_fp8_compare_pairs_runs_of_one_seed(tmp_path):
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "experiments" / "fp8_compare.py"
+    module_spec = importlib.util.spec_from_file_location("fp8_compare", path)
+    fp8_compare = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(fp8_compare)
+
+    for seed, loss0 in ((0, 9.0), (1, 8.0)):
+        _fake_run(tmp_path / f"fp8/bf16/seed{seed}", loss0=loss0)
+        _fake_run(tmp_path / f"fp8/deepseek/seed{seed}", loss0=loss0 * 1.01)
+    for run in tmp_path.glob("fp8/*/seed*"):  # the trainer's warm-up fraction, which the comparison reads
+        cfg = json.loads((run / "config.json").read_text())
+        cfg["train"].update(warmup_frac=0.1, steps=20)
+        (run / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    result = fp8_compare.compare(spec.load("fp8"), "bf16", out, seed=1, results_dir=tmp_path)
+    assert result["seed"] == 1 and set(result["variants"]) == {"deepseek"}  # fp32 and per_tensor: no runs
+    deepseek = result["variants"]["deepseek"]
+    # deepseek's fake curve starts 1% above bf16's, so it breaks the 0.25% bound; final losses are loss0 - 2
+    assert deepseek["final_val_loss"] == pytest.approx(8.08 - 2.0) and deepseek["final_val_loss_ref"] == pytest.approx(6.0)
+    assert deepseek["rel_error_ema_max_after_warmup"] > 0.0025 and not deepseek["below_paper_bound_after_warmup"]
+    assert {p.name for p in out.iterdir()} == {f"relative_error_vs_bf16_seed1.{ext}" for ext in ("json", "jsonl", "png")}
+    with pytest.raises(SystemExit, match="no collected run for seed 2"):
+        fp8_compare.compare(spec.load("fp8"), "bf16", out, seed=2, results_dir=tmp_path)
