@@ -209,3 +209,14 @@ def _fmt(stat: dict[str, Any] | None, digits: int, signed: bool = False) -> str:
     if stat["std"] is not None:
         text += f" ± {stat['std']:.{digits}f} (n={stat['n']})"
     return text
+
+
+def replace_marked_block(text: str, marker: str, body: str) -> str:
+    """`text` with whatever sits between `<!-- MARKER -->` and `<!-- /MARKER -->` replaced by `body`
+    (unchanged when the markers are absent)."""
+    start, end = f"<!-- {marker} -->", f"<!-- /{marker} -->"
+    i = text.find(start)
+    j = text.find(end, i + len(start)) if i >= 0 else -1
+    if i < 0 or j < 0:
+        return text
+    return text[:i + len(start)] + "\n" + body.rstrip("\n") + "\n" + text[j:]

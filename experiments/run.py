@@ -193,14 +193,27 @@ def _steps(preset: str, overrides: list[str]) -> int:
     return apply_overrides(Config(model=get_preset(preset), train=train_preset(preset)), overrides).train.steps
 
 
-def draw(exp: spec.Experiment, scale: str = "cpu", results_dir: Path | None = None) -> list[Path]:
-    """Summary (json + md) and every comparison plot of the experiment from whatever results exist."""
+def draw(exp: spec.Experiment, scale: str = "cpu", results_dir: Path | None = None,
+         readme: Path | None = None) -> list[Path]:
+    """Summary (json + md) and every comparison plot of the experiment from whatever results exist.
+
+    The table is also written into `readme` (default: experiments/README.md when drawing the committed
+    results) between its `<!-- summary:NAME[:SCALE] -->` markers, so the README never shows stale numbers."""
+    if readme is None and results_dir is None:
+        readme = spec.EXPERIMENTS_DIR / "README.md"
     results_dir = spec.RESULTS_DIR if results_dir is None else results_dir
     out_dir = results_dir / exp.name / ("" if scale == "cpu" else scale)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = collect.summarize_experiment(exp, scale, results_dir)
     collect.write_json(out_dir / "summary.json", summary)
-    (out_dir / "summary.md").write_text(f"# {exp.title} ({scale} scale)\n\n" + collect.markdown_table(summary))
+    table = collect.markdown_table(summary)
+    (out_dir / "summary.md").write_text(f"# {exp.title} ({scale} scale)\n\n" + table)
+    if readme is not None and readme.is_file():
+        marker = exp.name if scale == "cpu" else f"{exp.name}:{scale}"
+        text = readme.read_text()
+        updated = collect.replace_marked_block(text, f"summary:{marker}", table)
+        if updated != text:
+            readme.write_text(updated)
     runs = collect.variant_runs(exp, scale, results_dir)
     series = load_series(runs, {v.name: v.label for v in exp.variants})
     written = [out_dir / "summary.json", out_dir / "summary.md"]

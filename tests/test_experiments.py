@@ -230,3 +230,16 @@ def test_fp8_compare_pairs_runs_of_one_seed(tmp_path):
     assert {p.name for p in out.iterdir()} == {f"relative_error_vs_bf16_seed1.{ext}" for ext in ("json", "jsonl", "png")}
     with pytest.raises(SystemExit, match="no collected run for seed 2"):
         fp8_compare.compare(spec.load("fp8"), "bf16", out, seed=2, results_dir=tmp_path)
+
+
+def test_draw_rewrites_the_readme_table_between_markers(tmp_path):
+    _fake_run(tmp_path / "results/baseline/default/seed0")
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- summary:baseline -->\nold table\n<!-- /summary:baseline -->\nprose after\n"
+                      "<!-- summary:balance -->\nuntouched\n<!-- /summary:balance -->\n")
+    run.draw(spec.load("baseline"), "cpu", results_dir=tmp_path / "results", readme=readme)
+    text = readme.read_text()
+    assert "old table" not in text and "| `default` | 0 | 7.0000 |" in text
+    assert text.startswith("intro\n<!-- summary:baseline -->\n| variant |") and "prose after" in text
+    assert "untouched" in text  # other experiments' blocks are left alone
+    assert collect.replace_marked_block("no markers", "summary:x", "t") == "no markers"
