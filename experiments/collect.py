@@ -176,7 +176,7 @@ def regenerate_command(exp: Experiment, variant: Any, scale: str, per_seed: dict
         by_commit.setdefault((run.get("commit") or "")[:7], []).append(int(seed))
     calls = []
     for commit, seeds in (by_commit or {"": [0]}).items():
-        cmd = f"python -m experiments.run {src_exp} --variant {src_var} --seed {' '.join(map(str, seeds))}"
+        cmd = f"python -m experiments.run {src_exp} --variant {src_var} " + " ".join(f"--seed {s}" for s in seeds)
         cmd += f" --scale {scale}" if scale != "cpu" else ""
         calls.append(cmd + (f" --code {commit}" if commit else ""))
     return "; ".join(calls)

@@ -151,7 +151,7 @@ def test_summary_and_plots_from_fake_results(tmp_path):
     assert "| `none` | 0 | 7.5000 | +0.5000 |" in table
     assert "| `aux_free` | maxvio_global | 0.04 | LFB Table 2" in table  # the paper's numbers sit beside ours
     # every row says how to train it again (aux_free is the baseline run; _fake_run records no commit)
-    assert "`python -m experiments.run baseline --variant default --seed 0 1` |" in table
+    assert "`python -m experiments.run baseline --variant default --seed 0 --seed 1` |" in table
     assert "`python -m experiments.run balance --variant none --seed 0` |" in table
 
     mtp_written = run.draw(spec.load("mtp"), "cpu", results_dir=tmp_path)
@@ -199,8 +199,10 @@ def test_regenerate_command_groups_seeds_by_commit():
     exp = spec.load("mla")
     per_seed = {"1": {"commit": "f7e9d713915659c9"}, "0": {"commit": "f7e9d713915659c9"}, "2": {"commit": "abcdef0123"}}
     cmd = collect.regenerate_command(exp, exp.variant("mha"), "cpu", per_seed)
-    assert cmd == ("python -m experiments.run mla --variant mha --seed 0 1 --code f7e9d71; "
+    assert cmd == ("python -m experiments.run mla --variant mha --seed 0 --seed 1 --code f7e9d71; "
                    "python -m experiments.run mla --variant mha --seed 2 --code abcdef0")
+    args = run.build_parser().parse_args(cmd.split("; ")[0].split()[3:])
+    assert args.name == "mla" and args.variant == ["mha"] and args.seed == [0, 1] and args.code == "f7e9d71"
     same_as = collect.regenerate_command(exp, exp.variant("mla"), "gpu", {})
     assert same_as == "python -m experiments.run baseline --variant default --seed 0 --scale gpu"
 
