@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments import spec
-from experiments.spec import Experiment, run_key
+from experiments.spec import Experiment, Variant, run_key
 
 RUN_FILES = ("metrics.jsonl", "config.json", "loss.png")
 LAST_STEPS = 50  # MaxVio_batch is averaged over the last 50 steps: per-batch values are noisy
@@ -148,9 +148,9 @@ def summarize_experiment(exp: Experiment, scale: str = "cpu", results_dir: Path 
     results_dir = spec.RESULTS_DIR if results_dir is None else results_dir
     variants: dict[str, Any] = {}
     reference = exp.variants[0].name
+    runs_by_variant = variant_runs(exp, scale, results_dir)  # one directory scan for all variants
     for v in exp.variants:
-        runs = variant_runs(exp, scale, results_dir)[v.name]
-        per_seed = {str(seed): summarize_run(path) for seed, path in runs}
+        per_seed = {str(seed): summarize_run(path) for seed, path in runs_by_variant[v.name]}
         agg = {}
         for field in SUMMARY_FIELDS:
             values = [s[field] for s in per_seed.values() if field in s]
@@ -168,7 +168,7 @@ def summarize_experiment(exp: Experiment, scale: str = "cpu", results_dir: Path 
             "variants": variants, "paper": list(exp.paper)}
 
 
-def regenerate_command(exp: Experiment, variant: Any, scale: str, per_seed: dict[str, dict[str, Any]]) -> str:
+def regenerate_command(exp: Experiment, variant: Variant, scale: str, per_seed: dict[str, dict[str, Any]]) -> str:
     """The runner call(s) that train this row again: its source run and seeds, one call per commit they ran at."""
     src_exp, src_var = variant.source(exp.name)
     by_commit: dict[str, list[int]] = {}
