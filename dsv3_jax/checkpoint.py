@@ -3,23 +3,51 @@
 Every process of a multi-host run calls save/restore (each writes/reads its own shards; process 0 writes the
 metadata); the directory must be on storage all hosts share.
 
-Restoring walks back from the newest step: a checkpoint that is incomplete or fails to restore is skipped
-with a warning and the previous one is used, so a crash mid-save never strands a run.
+Restoring walks back from the newest step. Each step is checked before any tensor is read: its metadata must
+parse, and every array's saved shape and dtype must match the model being restored (a mismatch is reported
+by tensor name, instead of failing deep inside orbax). A step that fails any check, fails to restore, or holds
+non-finite values is skipped with its reason and the previous one is tried. The caller decides what a fallback
+means: `train` moves the skipped steps aside (`set_aside`) so that they are recomputed and saved again, and
+refuses to start at all when checkpoints exist but none restores (`NoRestorableCheckpoint`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import warnings
+import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+BROKEN_DIR = "checkpoints_broken"  # beside checkpoints/: steps that failed to restore, kept for inspection
+
 
 class CheckpointSaveError(RuntimeError):
     """Refused to write a checkpoint (e.g. it would hold non-finite values)."""
+
+
+class NoRestorableCheckpoint(RuntimeError):
+    """Checkpoints exist but none restores; `failures` lists (step, reason) newest first."""
+
+    def __init__(self, directory: str, failures: list[tuple[int, str]]):
+        self.directory, self.failures = directory, failures
+        tried = "; ".join(f"step {step}: {reason}" for step, reason in failures)
+        super().__init__(f"no checkpoint in {directory} restores ({tried}). Nothing was changed; fix or move "
+                         "the run directory, or start a new --run-dir")
+
+
+@dataclasses.dataclass
+class Restored:
+    """A restored checkpoint, and the newer steps skipped on the way to it (newest first)."""
+
+    step: int
+    state: Any
+    data_state: dict
+    config: dict
+    skipped: list[tuple[int, str]]
 
 
 @jax.jit
@@ -33,57 +61,164 @@ def _all_finite(tree: Any) -> bool:
     return bool(_finite(leaves)) if leaves else True
 
 
-class RunCheckpointer:
-    """Keeps the last `keep` checkpoints of a run under `<run_dir>/checkpoints/<step>/`."""
+def _path_name(path: tuple) -> str:
+    """'params.layers.1.mlp.gate.bias' from a jax key path (the names orbax's metadata tree uses too)."""
+    parts = []
+    for key in path:
+        for attr in ("name", "key", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+    return ".".join(parts)
 
-    def __init__(self, run_dir: str | os.PathLike, keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(os.path.join(os.fspath(run_dir), "checkpoints"))
+
+def _leaf_specs(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+    return {_path_name(path): (tuple(leaf.shape), str(jnp.dtype(leaf.dtype)))
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def layout_mismatch(saved_tree: Any, abstract_state: Any, limit: int = 3) -> str | None:
+    """How a checkpoint's array metadata differs from the state to restore (names, shapes, dtypes), or None."""
+    saved, wanted = _leaf_specs(saved_tree), _leaf_specs(abstract_state)
+    problems = [f"{name}: saved {saved[name][0]} {saved[name][1]}, expected {spec[0]} {spec[1]}"
+                for name, spec in wanted.items() if name in saved and saved[name] != spec]
+    missing = sorted(set(wanted) - set(saved))
+    extra = sorted(set(saved) - set(wanted))
+    if missing:
+        problems.append(f"{len(missing)} arrays missing from the checkpoint (e.g. {missing[0]})")
+    if extra:
+        problems.append(f"{len(extra)} arrays the model does not have (e.g. {extra[0]})")
+    if not problems:
+        return None
+    more = f" and {len(problems) - limit} more" if len(problems) > limit else ""
+    return "it holds another model: " + "; ".join(problems[:limit]) + more
+
+
+def _handler_registry() -> Any:
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    for args in (ocp.args.StandardSave, ocp.args.StandardRestore):
+        registry.add("state", args, ocp.StandardCheckpointHandler)
+    for args in (ocp.args.JsonSave, ocp.args.JsonRestore):
+        registry.add("meta", args, ocp.JsonCheckpointHandler)
+    return registry
+
+
+def _reason(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:200]}{'...' if len(text) > 200 else ''}"
+
+
+class RunCheckpointer:
+    """Keeps the last `keep` checkpoints of a run under `<run_dir>/checkpoints/<step>/`.
+
+    `writable=False` (eval, generate) never creates, deletes or cleans anything: a trainer may be writing the
+    same directory. A writable checkpointer (train) removes orbax's temporary directories left by a crash.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, keep: int = 3, async_save: bool = True, writable: bool = True):
+        self.run_dir = os.path.abspath(os.fspath(run_dir))
+        self.directory = os.path.join(self.run_dir, "checkpoints")
+        self.writable = writable
+        if not writable and not os.path.isdir(self.directory):
+            raise FileNotFoundError(f"{self.run_dir} has no checkpoints/ directory: train it first")
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                               create=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+                                               create=writable, cleanup_tmp_directories=writable,
+                                               save_root_metadata=writable)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=_handler_registry())
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, state: Any, data_state: dict, config: dict) -> None:
         """Start an (async) save; the previous async save is awaited first by orbax."""
+        if not self.writable:
+            raise CheckpointSaveError(f"{self.directory} was opened read-only")
         if not _all_finite(state):
             raise CheckpointSaveError(f"refusing to save step {step}: the train state holds non-finite values")
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             meta=ocp.args.JsonSave({"data_state": data_state, "config": config, "step": int(step)})))
 
-    def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict, dict] | None:
-        """(step, state, data_state, config) of the newest restorable checkpoint, or None if there is none.
+    def read_meta(self, step: int) -> dict:
+        """A step's JSON metadata (data state, config, step); no tensor is read."""
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict) or "data_state" not in meta:
+            raise ValueError("its metadata is not a dsv3_jax checkpoint record")
+        return meta
+
+    def read_config(self) -> tuple[int, dict] | None:
+        """(step, config) of the newest checkpoint whose metadata is readable (no tensors are read)."""
+        for step in reversed(self.steps()):
+            try:
+                return step, self.read_meta(step)["config"]
+            except Exception:  # noqa: BLE001 - unreadable metadata: restore_latest reports it
+                continue
+        return None
+
+    def _check_layout(self, step: int, abstract_state: Any) -> str | None:
+        metadata = self.manager.item_metadata(step)["state"]
+        tree = getattr(metadata, "tree", metadata)
+        if tree is None:
+            return "its array metadata is missing"
+        return layout_mismatch(tree, abstract_state)
+
+    def restore_latest(self, abstract_state: Any, config_problem: Any = None) -> Restored | None:
+        """The newest restorable checkpoint, None if there is no checkpoint at all, NoRestorableCheckpoint if
+        there are some and none restores.
 
         `abstract_state` is a tree of jax.ShapeDtypeStruct; when they carry shardings (see
         `train.step.abstract_train_state(..., plan)`) every array is read straight into that layout, so a
-        checkpoint written on one mesh (or number of hosts) restores onto any other.
+        checkpoint written on one mesh (or number of hosts) restores onto any other. `config_problem(config)`
+        may return a reason why a step's saved config is unacceptable (that step is then skipped).
         """
+        failures: list[tuple[int, str]] = []
         for step in reversed(self.steps()):
             try:
-                restored = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-            except Exception as err:  # noqa: BLE001 - any failure means "unusable", we fall back
-                warnings.warn(f"checkpoint at step {step} in {self.directory} could not be restored "
-                              f"({type(err).__name__}: {str(err)[:200]}); trying the previous one", stacklevel=2)
+                meta = self.read_meta(step)
+            except Exception as err:  # noqa: BLE001 - any failure means "unusable"
+                failures.append((step, f"unreadable metadata ({_reason(err)})"))
                 continue
-            if not _all_finite(restored.state):
-                warnings.warn(f"checkpoint at step {step} holds non-finite values; trying the previous one",
-                              stacklevel=2)
+            problem = config_problem(meta["config"]) if config_problem is not None else None
+            if problem is None:
+                try:
+                    problem = self._check_layout(step, abstract_state)
+                except Exception as err:  # noqa: BLE001
+                    problem = f"unreadable array metadata ({_reason(err)})"
+            if problem is None:
+                try:
+                    restored = self.manager.restore(step, args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+                    if not _all_finite(restored.state):
+                        problem = "it holds non-finite values"
+                except Exception as err:  # noqa: BLE001
+                    problem = f"restore failed ({_reason(err)})"
+            if problem is not None:
+                failures.append((step, problem))
                 continue
-            meta = restored.meta
-            return step, restored.state, meta["data_state"], meta["config"]
+            return Restored(step, restored.state, meta["data_state"], meta["config"], failures)
+        if failures:
+            raise NoRestorableCheckpoint(self.directory, failures)
         return None
 
-    def read_config(self) -> dict | None:
-        """The config saved with the newest checkpoint whose metadata is readable (no tensors are read)."""
-        for step in reversed(self.steps()):
-            try:
-                return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta["config"]
-            except Exception:  # noqa: BLE001
+    def set_aside(self, steps: list[int]) -> list[str]:
+        """Move these steps' directories to RUN/checkpoints_broken/<step>-<time> (kept, never deleted), so the
+        steps can be saved again; returns the new paths."""
+        if not steps:
+            return []
+        self.wait()
+        target_root = os.path.join(self.run_dir, BROKEN_DIR)
+        os.makedirs(target_root, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        moved = []
+        for step in steps:
+            source = os.path.join(self.directory, str(step))
+            if not os.path.isdir(source):
                 continue
-        return None
+            target = os.path.join(target_root, f"{step}-{stamp}")
+            os.replace(source, target)
+            moved.append(target)
+        self.manager.reload()
+        return moved
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

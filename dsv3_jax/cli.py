@@ -16,13 +16,15 @@ from dsv3_jax.config import PRESETS, ConfigError, get_preset
 
 
 def _load_run_config(run_dir: str):
-    from dsv3_jax.train.config import Config
+    """The run's saved config, None if `run_dir` holds no run yet; RunDirError if it is not a directory or its
+    config.json is unreadable (never silently ignored: that would start the run over)."""
+    from dsv3_jax import rundir
 
-    path = os.path.join(run_dir, "config.json")
-    if not os.path.isfile(path):
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise rundir.RunDirError(f"--run-dir {run_dir!r} exists and is not a directory")
+    if not os.path.isfile(os.path.join(run_dir, "config.json")):
         return None
-    with open(path) as f:
-        return Config.from_dict(json.load(f))
+    return rundir.read_run_config(run_dir)
 
 
 def _build_config(args: argparse.Namespace):
@@ -71,25 +73,47 @@ def _prepare_data_in_turn(config, **kwargs):
     return data
 
 
+def _has_checkpoints(run_dir: str) -> bool:
+    path = os.path.join(run_dir, "checkpoints")
+    return os.path.isdir(path) and any(name.isdigit() for name in os.listdir(path))
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from dsv3_jax import sharding
-    from dsv3_jax.train.trainer import ConfigMismatch, config_differences
+    import jax
+
+    from dsv3_jax import rundir, sharding
+    from dsv3_jax.checkpoint import RunCheckpointer
+    from dsv3_jax.train.trainer import ConfigMismatch, check_checkpoint_config, config_differences
 
     config = _build_config(args)  # validated: bad overrides fail here, before data or compilation
     saved = _load_run_config(args.run_dir)
-    if saved is not None and os.path.isdir(os.path.join(args.run_dir, "checkpoints")):
+    if saved is not None and _has_checkpoints(args.run_dir):
         diffs = config_differences(saved.to_dict(), config.to_dict())  # the mesh may change on resume
         if diffs:
             raise ConfigMismatch(f"{args.run_dir} holds a run with another configuration (" + "; ".join(diffs[:5])
                                  + "). Use a new --run-dir, or omit --preset/--set/--corpus to resume it.")
+        reader = RunCheckpointer(args.run_dir, writable=False)
+        try:
+            check_checkpoint_config(reader, config)  # config.json edited by hand: refuse before any data work
+        finally:
+            reader.close()
+    if args.break_lock:
+        holder = rundir.break_lock(args.run_dir)
+        print(f"removed the lock of {holder}" if holder else f"{args.run_dir} was not locked", file=sys.stderr)
     _maybe_distributed(args)
     # An impossible mesh fails here, before data or compilation (every parameter is checked by `train`).
     plan = sharding.plan_from_config(config, every_param=False)
     from dsv3_jax.train.trainer import train
 
-    _, slice_count = plan.process_batch_slice(config.train.batch_size)
-    data = _prepare_data_in_turn(config, batch_size=config.train.batch_size, process_count=slice_count)
-    result = train(config, args.run_dir, data, show_progress=not args.no_progress)
+    # An existing run is locked before its data is prepared (a second trainer fails in a second, not after
+    # minutes of preparation); a new directory is created and locked by train() itself.
+    with rundir.locked(args.run_dir, enabled=jax.process_index() == 0 and os.path.isdir(args.run_dir)):
+        resuming = _has_checkpoints(args.run_dir)
+        own_tokenizer = rundir.run_tokenizer_path(args.run_dir) if resuming else None
+        _, slice_count = plan.process_batch_slice(config.train.batch_size)
+        data = _prepare_data_in_turn(config, batch_size=config.train.batch_size, process_count=slice_count,
+                                     tokenizer_path=own_tokenizer)
+        result = train(config, args.run_dir, data, show_progress=not args.no_progress)
     if result.last_eval is not None:
         print(f"final validation loss {result.last_eval['val_loss']:.4f}, "
               f"MaxVio_global {result.last_eval['maxvio_global']:.3f}")
@@ -99,41 +123,46 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from dsv3_jax import sharding
-    from dsv3_jax.checkpoint import RunCheckpointer
+    from dsv3_jax import rundir, sharding
+    from dsv3_jax.loading import restore_for_reading
     from dsv3_jax.train.config import apply_overrides
     from dsv3_jax.train.step import abstract_train_state, jit_eval_step, with_shardings
     from dsv3_jax.train.trainer import evaluate
 
-    if not os.path.isdir(args.run_dir):
-        raise SystemExit(f"error: run directory {args.run_dir!r} does not exist")
-    config = _load_run_config(args.run_dir)
-    if config is None:
-        raise SystemExit(f"error: {args.run_dir!r} has no config.json: is it a dsv3_jax run directory?")
+    if args.max_batches < 0:
+        raise ConfigError("--max-batches", f"must be >= 0 (0 = the whole validation split), got {args.max_batches}")
     for item in args.set or []:
         if not item.strip().startswith("mesh."):
             raise ConfigError(item.split("=")[0], "eval only takes mesh.* overrides; the rest is the run's config")
-    config = apply_overrides(config, args.set or [])
+    rundir.require_run_dir(args.run_dir)
+    if not _has_checkpoints(args.run_dir):
+        raise rundir.RunDirError(f"{args.run_dir!r} has no checkpoint under checkpoints/: train it first")
+    config = apply_overrides(_load_run_config(args.run_dir), args.set or [])
     _maybe_distributed(args)
     plan = sharding.plan_from_config(config, every_param=False)
     graphdef, abstract = abstract_train_state(config.model, config.train)
     plan.check_divisible(abstract.params)
     abstract = with_shardings(abstract, plan)
-    checkpointer = RunCheckpointer(args.run_dir, keep=config.train.keep_checkpoints)
-    restored = checkpointer.restore_latest(abstract)
-    checkpointer.close()
+    restored = restore_for_reading(args.run_dir, config, abstract)
     if restored is None:
-        raise SystemExit(f"error: no restorable checkpoint in {args.run_dir}/checkpoints")
-    step, state, _, _ = restored
-    data = _prepare_data_in_turn(config)
+        raise rundir.RunDirError(f"no restorable checkpoint in {args.run_dir}/checkpoints")
+    own_tokenizer = rundir.run_tokenizer_path(args.run_dir)
+    if own_tokenizer is None:
+        print(f"note: {args.run_dir} has no tokenizer.json (it predates runs carrying their tokenizer); the "
+              "tokenizer is rebuilt from the corpus", file=sys.stderr)
+    data = _prepare_data_in_turn(config, tokenizer_path=own_tokenizer)
+    change = rundir.corpus_change(rundir.read_data_record(args.run_dir), data.corpus_name, data.corpus_hash)
+    if change is not None:
+        print(f"note: {change}; evaluating on its current validation split with the run's tokenizer",
+              file=sys.stderr)
     eval_fn = jit_eval_step(graphdef, config.model, config.train, plan)
     batch = config.train.batch_size
     index, count = plan.process_batch_slice(batch)
-    result = evaluate(eval_fn, state.params, state.biases, data.val_batches(batch, index, count), args.max_batches,
-                      lambda local: plan.put_batch(local, batch))
-    out = {"step": step, "val_loss": result["val_loss"], "val_mtp_loss": result["val_mtp_loss"],
+    result = evaluate(eval_fn, restored.state.params, restored.state.biases, data.val_batches(batch, index, count),
+                      args.max_batches, lambda local: plan.put_batch(local, batch))
+    out = {"step": restored.step, "val_loss": result["val_loss"], "val_mtp_loss": result["val_mtp_loss"],
            "maxvio_global": result["maxvio_global"], "maxvio_global_layers": result["maxvio_global_layers"],
-           "val_batches": result["val_batches"]}
+           "val_batches": result["val_batches"], "corpus_changed": change is not None}
     import jax
 
     if jax.process_index() == 0:
@@ -146,6 +175,10 @@ def cmd_params(args: argparse.Namespace) -> int:
     from dsv3_jax.kv_cache import latent_cache_bytes_per_token
     from dsv3_jax.train.config import Config, apply_overrides
 
+    for item in args.set or []:
+        if not item.strip().startswith("model."):
+            raise ConfigError(item.split("=")[0], "params only takes model.* overrides (parameter counts do not "
+                              "depend on train, data or mesh settings)")
     cfg = apply_overrides(Config(model=get_preset(args.preset)), args.set or []).model
     count = count_params(cfg)
     print(json.dumps({"preset": args.preset, **count.__dict__, "summary": count.summary(),
@@ -159,6 +192,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from dsv3_jax.train.config import Config, apply_overrides
     from dsv3_jax.train.presets import train_preset
 
+    if args.devices is not None and args.devices < 1:
+        raise ConfigError("--devices", f"must be >= 1, got {args.devices}")
     config = apply_overrides(Config(model=get_preset(args.preset), train=train_preset(args.preset)), args.set or [])
     mesh_cfg = config.mesh.validate()
     sizes = {"data": mesh_cfg.data, "expert": mesh_cfg.expert, "tensor": mesh_cfg.tensor}
@@ -207,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                        help="override any config field, e.g. --set train.steps=2000 --set model.n_routed_experts=32")
     train.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    train.add_argument("--break-lock", action="store_true",
+                       help="remove the run directory's lock left by a training process that is dead (e.g. a "
+                            "crashed host); refused while a process on this machine still holds it")
     _add_cluster_flags(train)
     train.set_defaults(func=cmd_train)
 
@@ -245,16 +283,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from dsv3_jax.train.trainer import ConfigMismatch, TrainingDiverged
+    """Run one command. Expected failures (bad configuration, arguments, data, checkpoints, run directories)
+    print one `error: ...` line and exit 2; a signal stops training cleanly with 128 + its number. Anything
+    else is a bug and keeps its traceback (DSV3_DEBUG=1 shows tracebacks for the expected ones too)."""
+    from dsv3_jax.checkpoint import CheckpointSaveError, NoRestorableCheckpoint
+    from dsv3_jax.data import DownloadError
+    from dsv3_jax.distributed import DistributedError
+    from dsv3_jax.train.interrupt import TrainingInterrupted
+    from dsv3_jax.train.trainer import TrainingDiverged
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except TrainingInterrupted as stop:
+        if stop.step is None:
+            print(f"{stop}; nothing was changed", file=sys.stderr)
+        else:
+            print(f"{stop}; resume with: python -m dsv3_jax train --run-dir {stop.run_dir}", file=sys.stderr)
+        return stop.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     except ConfigError as err:
+        if os.environ.get("DSV3_DEBUG"):
+            raise
         print(f"error: invalid configuration: {err}", file=sys.stderr)
         return 2
-    except (ConfigMismatch, TrainingDiverged, ValueError, OSError, RuntimeError) as err:
-        # Bad data, checkpoints or arguments: one clear line. DSV3_DEBUG=1 shows the traceback instead.
+    except (TrainingDiverged, NoRestorableCheckpoint, CheckpointSaveError, DownloadError, DistributedError,
+            ValueError, OSError) as err:
+        # Bad data, checkpoints, run directories or arguments: one clear line.
         if os.environ.get("DSV3_DEBUG"):
             raise
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr)

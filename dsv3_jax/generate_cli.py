@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # the parser is built on every CLI call: JAX is imported only
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `generate` subcommand's flags."""
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--run-dir", help="a training run: its latest checkpoint and its corpus tokenizer")
+    source.add_argument("--run-dir", help="a training run: its latest checkpoint and its own tokenizer")
     source.add_argument("--hf", metavar="PATH", help="an HF DeepSeek-V3 safetensors directory")
     parser.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
     parser.add_argument("--prompt-ids", action="append", default=[], metavar="1,2,3",
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     if args.run_dir is not None:
         config = run_config(args.run_dir)
         cfg = inference_config(config.model)
-        tokenizer = run_tokenizer(config)
+        tokenizer = run_tokenizer(args.run_dir, config, log=lambda msg: print(msg, file=sys.stderr))
         stop_ids = (tokenizer.eos_id,)
     else:
         path = check_hf_dir(args.hf)

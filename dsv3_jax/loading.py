@@ -37,7 +37,10 @@ class HFTokenizer:
     def __init__(self, path: Path):
         import tokenizers
 
-        self.inner = tokenizers.Tokenizer.from_file(str(path))
+        try:
+            self.inner = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as err:  # noqa: BLE001 - the Rust library raises a bare Exception
+            raise GenerationError(f"{path}: not a valid tokenizer.json ({' '.join(str(err).split())[:200]})") from None
 
     def encode(self, text: str) -> list[int]:
         return self.inner.encode(text, add_special_tokens=False).ids
@@ -48,11 +51,12 @@ class HFTokenizer:
 
 def check_run_dir(run_dir: str | os.PathLike) -> Path:
     """The run directory if it holds a config and at least one checkpoint step, else GenerationError."""
-    path = Path(run_dir)
-    if not path.is_dir():
-        raise GenerationError(f"run directory {str(path)!r} does not exist")
-    if not (path / "config.json").is_file():
-        raise GenerationError(f"{str(path)!r} has no config.json: is it a dsv3_jax run directory?")
+    from dsv3_jax.rundir import RunDirError, require_run_dir
+
+    try:
+        path = require_run_dir(run_dir)
+    except RunDirError as err:
+        raise GenerationError(str(err)) from None
     ckpts = path / "checkpoints"
     if not ckpts.is_dir() or not any(p.name.isdigit() for p in ckpts.iterdir()):
         raise GenerationError(f"{str(path)!r} has no checkpoint under checkpoints/: train it first")
@@ -81,11 +85,18 @@ def _cache_dir(configured: str) -> Path:
     return REPO_ROOT / path
 
 
-def run_tokenizer(config: Any) -> Any:
-    """The tokenizer the run trained with: its corpus's BPE, cached by corpus hash (retrained identically if the
-    cache was deleted)."""
-    from dsv3_jax.data import get_tokenizer, prepare_corpus
+def run_tokenizer(run_dir: str | os.PathLike, config: Any, log: Any = None) -> Any:
+    """The tokenizer the run trained with: its own RUN/tokenizer.json. Runs made before runs carried their
+    tokenizer get the corpus's BPE rebuilt from the corpus (identical only if the corpus has not changed)."""
+    from dsv3_jax.data import get_tokenizer, load_tokenizer, prepare_corpus
+    from dsv3_jax.rundir import run_tokenizer_path
 
+    own = run_tokenizer_path(run_dir)
+    if own is not None:
+        return load_tokenizer(own)
+    if log is not None:
+        log(f"note: {run_dir} has no tokenizer.json (it predates runs carrying their tokenizer); rebuilding "
+            f"the tokenizer from corpus {config.data.corpus!r}")
     cache = _cache_dir(config.data.cache_dir)
     corpus = prepare_corpus(config.data.corpus, cache)
     return get_tokenizer(corpus, config.model.vocab_size, cache)
@@ -93,10 +104,9 @@ def run_tokenizer(config: Any) -> Any:
 
 def run_config(run_dir: str | os.PathLike) -> Any:
     """The run's saved `train.config.Config` (after checking the directory holds a run with a checkpoint)."""
-    from dsv3_jax.train.config import Config
+    from dsv3_jax.rundir import read_run_config
 
-    path = check_run_dir(run_dir)
-    return Config.from_dict(json.loads((path / "config.json").read_text()))
+    return read_run_config(check_run_dir(run_dir))
 
 
 def load_run(run_dir: str | os.PathLike, with_tokenizer: bool = True) -> LoadedModel:
@@ -111,24 +121,37 @@ def load_run(run_dir: str | os.PathLike, with_tokenizer: bool = True) -> LoadedM
 
     config = run_config(run_dir)
     path = Path(run_dir)
-    tokenizer = run_tokenizer(config) if with_tokenizer else None
+    tokenizer = run_tokenizer(path, config) if with_tokenizer else None
     # Restore onto this process's first device whatever mesh the run trained on.
     _, abstract = abstract_train_state(config.model, config.train)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
-    checkpointer = RunCheckpointer(path, keep=config.train.keep_checkpoints)
-    try:
-        restored = checkpointer.restore_latest(abstract)
-    finally:
-        checkpointer.close()
+    restored = restore_for_reading(path, config, abstract)
     if restored is None:
         raise GenerationError(f"no restorable checkpoint in {path / 'checkpoints'}")
-    step, state, _, _ = restored
+    step, state = restored.step, restored.state
     cfg = inference_config(config.model)
     graphdef = nnx.split(nnx.eval_shape(lambda: init_model(cfg)), nnx.Param, RouterBias)[0]
     model = nnx.merge(graphdef, state.params, state.biases)
     stop = (tokenizer.eos_id,) if tokenizer is not None else ()
     return LoadedModel(cfg=cfg, model=model, tokenizer=tokenizer, stop_ids=stop, source=f"{path} step {step}")
+
+
+def restore_for_reading(run_dir: str | os.PathLike, config: Any, abstract_state: Any) -> Any:
+    """The newest restorable checkpoint of a run, read-only (eval, generate): nothing in the run directory is
+    created or changed, and a skipped newer checkpoint is reported in one line on stderr."""
+    import sys
+
+    from dsv3_jax.checkpoint import RunCheckpointer
+
+    checkpointer = RunCheckpointer(run_dir, keep=config.train.keep_checkpoints, writable=False)
+    try:
+        restored = checkpointer.restore_latest(abstract_state)
+    finally:
+        checkpointer.close()
+    for step, reason in restored.skipped if restored is not None else ():
+        print(f"note: checkpoint {step} does not restore ({reason}); using step {restored.step}", file=sys.stderr)
+    return restored
 
 
 def hf_config(hf_dir: str | os.PathLike, dtype: str = "float32") -> Any:
@@ -150,9 +173,19 @@ def hf_stop_ids(path: str | os.PathLike) -> tuple[int, ...]:
     for name in ("generation_config.json", "config.json"):
         file = Path(path) / name
         if file.is_file():
-            eos = json.loads(file.read_text()).get("eos_token_id")
-            if eos is not None:
-                return tuple(eos) if isinstance(eos, list) else (int(eos),)
+            try:
+                content = json.loads(file.read_text())
+            except (ValueError, UnicodeDecodeError) as err:
+                raise GenerationError(f"{file}: not valid JSON ({err})") from None
+            if not isinstance(content, dict):
+                raise GenerationError(f"{file}: expected a JSON object, got {type(content).__name__}")
+            eos = content.get("eos_token_id")
+            if eos is None:
+                continue
+            ids = eos if isinstance(eos, list) else [eos]
+            if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+                raise GenerationError(f"{file}: eos_token_id must be a token id or a list of them, got {eos!r}")
+            return tuple(ids)
     return ()
 
 

@@ -136,12 +136,12 @@ def same_params_losses(run_dir: Path, arms: dict[str, dict[str, Any]], max_batch
 
     config = Config.from_dict(collect.read_json(run_dir / "config.json"))
     graphdef, abstract = abstract_train_state(config.model, config.train)
-    checkpointer = RunCheckpointer(str(run_dir), keep=config.train.keep_checkpoints)
+    checkpointer = RunCheckpointer(str(run_dir), keep=config.train.keep_checkpoints, writable=False)
     restored = checkpointer.restore_latest(abstract)
     checkpointer.close()
     if restored is None:
         raise SystemExit(f"error: no restorable checkpoint in {run_dir}/checkpoints")
-    step, state, _, _ = restored
+    step, state = restored.step, restored.state
     data = prepare_data(config.data.corpus, config.model.vocab_size, config.train.seq_len, config.model.mtp_depth,
                         cache_dir=config.data.cache_dir, verbose=False)
     out: dict[str, Any] = {"run_dir": str(run_dir), "step": step, "val_batches": max_batches, "val_loss": {}}

@@ -174,9 +174,10 @@ def main(out_path: str, tmp: str) -> None:
     for name, (target_plan, target_fn) in {"1x8x1": (plans["1x8x1"], step_fns["1x8x1"]),
                                            "1dev": (one, (ref_step, None))}.items():
         _, target_abstract = abstract_train_state(MODEL, TRAIN, target_plan)
-        reader = RunCheckpointer(os.path.join(tmp, "ckpt_run"), keep=2)
-        step_no, restored, restored_data, _ = reader.restore_latest(target_abstract)
+        reader = RunCheckpointer(os.path.join(tmp, "ckpt_run"), keep=2, writable=False)
+        latest = reader.restore_latest(target_abstract)
         reader.close()
+        step_no, restored, restored_data = latest.step, latest.state, latest.data_state
         leaf = restored.params["layers"][1]["mlp"]["experts"]["gate_proj"][...]
         _, hist = steps(target_fn[0], target_plan, restored, WINDOWS[1:])
         report["checkpoint"]["restored"][name] = {

@@ -9,14 +9,18 @@ import time
 from dsv3_jax.data.corpus import DEFAULT_VAL_FRACTION, prepare_corpus
 from dsv3_jax.data.fetch import resolve_cache_dir
 from dsv3_jax.data.pipeline import DataError, TokenDataset, build_dataset, local_batch_size, resolve_process
-from dsv3_jax.data.tokenizer import DEFAULT_VOCAB_SIZE, MIN_VOCAB_SIZE, get_tokenizer, tokenizer_dir
+from dsv3_jax.data.tokenizer import (DEFAULT_VOCAB_SIZE, MIN_VOCAB_SIZE, get_tokenizer, load_tokenizer,
+                                     tokenizer_dir)
 
 
 def prepare_data(corpus_name: str = "shakespeare", vocab_size: int = DEFAULT_VOCAB_SIZE, seq_len: int = 256,
                  mtp_depth: int = 1, cache_dir: str | os.PathLike | None = None, *, batch_size: int | None = None,
                  process_count: int | None = None, val_fraction: float = DEFAULT_VAL_FRACTION,
-                 verbose: bool = True) -> TokenDataset:
+                 tokenizer_path: str | os.PathLike | None = None, verbose: bool = True) -> TokenDataset:
     """Load/download the corpus, train/load its tokenizer, write/load its windows; print one line per step.
+
+    `tokenizer_path` uses that tokenizer file (a run's own `tokenizer.json`) instead of the one trained on the
+    corpus, so a resumed or evaluated run encodes exactly as it did when it trained.
 
     With `batch_size`, also check that both splits hold a global batch divisible among the processes, so a
     bad setting fails here rather than after the model is built.
@@ -41,10 +45,13 @@ def prepare_data(corpus_name: str = "shakespeare", vocab_size: int = DEFAULT_VOC
         f"hash {corpus.hash[:12]} ({time.perf_counter() - t0:.1f} s)")
 
     t0 = time.perf_counter()
-    cached = (tokenizer_dir(corpus, vocab_size, cache) / "tokenizer.json").is_file()
-    tokenizer = get_tokenizer(corpus, vocab_size, cache)
+    if tokenizer_path is not None:
+        tokenizer, origin = load_tokenizer(tokenizer_path), "the run's own"
+    else:
+        cached = (tokenizer_dir(corpus, vocab_size, cache) / "tokenizer.json").is_file()
+        tokenizer, origin = get_tokenizer(corpus, vocab_size, cache), "cached" if cached else "trained"
     log(f"tokenizer: byte-level BPE, {tokenizer.vocab_size} ids, eos id {tokenizer.eos_id}, "
-        f"{'cached' if cached else 'trained'} ({time.perf_counter() - t0:.1f} s) {tokenizer.path}")
+        f"{origin} ({time.perf_counter() - t0:.1f} s) {tokenizer.path}")
 
     t0 = time.perf_counter()
     dataset = build_dataset(corpus, tokenizer, seq_len, mtp_depth, cache, vocab_size=vocab_size)

@@ -35,7 +35,10 @@ class Tokenizer:
         self.path = Path(path)
         data = self.path.read_bytes()
         self.hash = hashlib.sha256(data).hexdigest()
-        self.inner = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
+        try:
+            self.inner = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
+        except Exception as err:  # noqa: BLE001 - the Rust library raises a bare Exception
+            raise ValueError(f"{self.path}: not a valid tokenizer.json ({' '.join(str(err).split())[:200]})") from None
         eos = self.inner.token_to_id(EOS_TOKEN)
         if eos is None:
             raise ValueError(f"{self.path} has no {EOS_TOKEN} token: not a dsv3_jax tokenizer")

@@ -22,16 +22,15 @@ def to_python(value: Any) -> Any:
 class MetricsWriter:
     """Appends records to RUN_DIR/metrics.jsonl and mirrors scalars to TensorBoard (process 0 only)."""
 
-    def __init__(self, run_dir: str | os.PathLike, enabled: bool = True, resume_step: int | None = None):
+    def __init__(self, run_dir: str | os.PathLike, enabled: bool = True, resume_step: int = 0):
+        """`resume_step`: the step the run continues from (0 for a fresh start); records logged after it
+        belong to steps about to be redone, so they move to metrics.discarded.jsonl (nothing is deleted)."""
         self.path = os.path.join(os.fspath(run_dir), "metrics.jsonl")
         self.enabled = enabled
         self._tb = None
         if not enabled:
             return
-        if resume_step is not None:
-            truncate_after(self.path, resume_step)
-        elif os.path.exists(self.path):
-            os.remove(self.path)  # a fresh run in a reused directory without checkpoints starts a fresh log
+        truncate_after(self.path, resume_step)
         from tensorboardX import SummaryWriter  # local: heavy import, only where we write
 
         self._tb = SummaryWriter(os.path.join(os.fspath(run_dir), "tensorboard"))
@@ -58,23 +57,37 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def truncate_after(path: str, step: int) -> None:
-    """Drop records logged after `step` (they belong to the part of an interrupted run being redone)."""
+def discarded_path(path: str) -> str:
+    """Where `truncate_after` keeps the records it removes from `path`."""
+    root, ext = os.path.splitext(path)
+    return f"{root}.discarded{ext}"
+
+
+def truncate_after(path: str, step: int) -> int:
+    """Move records logged after `step` (they belong to the part of an interrupted run being redone) from
+    `path` to its `.discarded` sibling, keeping their order; returns how many moved. Lines cut by a crash move
+    too. The rewrite is atomic: a crash during it leaves the old file."""
     if not os.path.exists(path):
-        return
-    kept = []
+        return 0
+    kept, dropped = [], []
     with open(path) as f:
         for line in f:
+            line = line if line.endswith("\n") else line + "\n"
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by the crash
-                continue
-            if record.get("step", 0) <= step:
-                kept.append(line if line.endswith("\n") else line + "\n")
+                keep = isinstance(record, dict) and record.get("step", 0) <= step
+            except json.JSONDecodeError:
+                keep = False
+            (kept if keep else dropped).append(line)
+    if not dropped:
+        return 0
+    with open(discarded_path(path), "a") as f:
+        f.writelines(dropped)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.writelines(kept)
     os.replace(tmp, path)
+    return len(dropped)
 
 
 def ema(values: list[float], decay: float) -> np.ndarray:

@@ -13,10 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from dsv3_jax import sharding
+from dsv3_jax import rundir, sharding
 from dsv3_jax.checkpoint import RunCheckpointer
 from dsv3_jax.train.balance import max_violation
 from dsv3_jax.train.config import Config
+from dsv3_jax.train.interrupt import StopSignals, TrainingInterrupted
 from dsv3_jax.train.metrics import MetricsWriter, plot_run
 from dsv3_jax.train.step import (abstract_train_state, init_train_state, jit_eval_step, jit_train_step,
                                  state_shardings, with_shardings)
@@ -83,40 +84,92 @@ def train(config: Config, run_dir: str | os.PathLike, data: Any, *, show_progres
     """Train (or resume) a run in `run_dir` on `data` (a prepared dataset from `dsv3_jax.data`).
 
     The mesh comes from `config.mesh` over `devices` (default: every device of every process). Each process
-    feeds its rows of every global batch; only the writer (process 0) writes metrics, config and plots, and
-    every process takes part in checkpointing. `stop_after` ends the loop early after that many steps of this
-    invocation (used by tests and benchmarks).
+    feeds its rows of every global batch; only the writer (process 0) holds the run directory's lock and writes
+    metrics, config, tokenizer and plots, and every process takes part in checkpointing. `stop_after` ends the
+    loop early after that many steps of this invocation (used by tests and benchmarks).
+
+    Nothing already saved is lost: every check (lock, configuration, checkpoints, data) runs before the run
+    directory is changed, a run whose checkpoints all fail to restore is refused (never restarted from
+    scratch), and checkpoints skipped on the way to an older one are moved to `checkpoints_broken/`.
+    SIGINT/SIGTERM stop after the current step with a checkpoint (`TrainingInterrupted`).
     """
     config.validate()
     plan = sharding.plan_from_config(config, devices, every_param=False)  # impossible meshes fail here
     run_dir = os.path.abspath(os.fspath(run_dir))
-    os.makedirs(run_dir, exist_ok=True)
     is_writer = jax.process_index() == 0 if is_writer is None else is_writer
+    with rundir.locked(run_dir, enabled=is_writer), StopSignals() as stop:
+        return _train_locked(config, plan, run_dir, data, stop, show_progress=show_progress, is_writer=is_writer,
+                             stop_after=stop_after)
+
+
+def check_checkpoint_config(checkpointer: RunCheckpointer, config: Config) -> None:
+    """Raise ConfigMismatch if the newest checkpoint with readable metadata was saved with another configuration
+    than `config` (the mesh aside); reads no tensor, so it is cheap enough to run before data preparation."""
+    newest = checkpointer.read_config()
+    if newest is not None:
+        diffs = config_differences(newest[1], config.to_dict())
+        if diffs:
+            raise ConfigMismatch(f"{checkpointer.run_dir}: checkpoint {newest[0]} was saved with another "
+                                 "configuration (" + "; ".join(diffs[:5]) + "). If config.json was edited by hand, "
+                                 "restore it; otherwise use a new --run-dir or resume with the saved settings")
+
+
+def _restore_or_refuse(checkpointer: RunCheckpointer, abstract: Any, config: Config):
+    """The checkpoint to resume from (None for a fresh run); raises before anything is changed when the
+    checkpoints were saved with another configuration or none of them restores."""
+    check_checkpoint_config(checkpointer, config)
+
+    def config_problem(saved: dict) -> str | None:
+        diffs = config_differences(saved, config.to_dict())
+        return f"saved with another configuration ({'; '.join(diffs[:3])})" if diffs else None
+    return checkpointer.restore_latest(abstract, config_problem)
+
+
+def _check_same_data(run_dir: str, data: Any) -> None:
+    """A resumed run must read the data it started on, tokenized by its own tokenizer."""
+    record = rundir.read_data_record(run_dir)
+    change = rundir.corpus_change(record, data.corpus_name, data.corpus_hash)
+    if change is not None:
+        raise rundir.RunDirError(f"cannot resume {run_dir}: {change}. Resuming would continue on other data; "
+                                 "restore the corpus, or start a new --run-dir")
+    if record is not None and record.get("tokenizer_hash") != data.tokenizer.hash:
+        raise rundir.RunDirError(f"cannot resume {run_dir}: the data was tokenized with another tokenizer than "
+                                 f"the run's own {rundir.TOKENIZER_NAME}")
+
+
+def _train_locked(config: Config, plan: Any, run_dir: str, data: Any, stop: StopSignals, *, show_progress: bool,
+                  is_writer: bool, stop_after: int | None) -> RunResult:
     mc, tc = config.model, config.train
     if is_writer:
         print(sharding.describe(plan), file=sys.stderr)
-
     graphdef, abstract = abstract_train_state(mc, tc)
     plan.check_divisible(abstract.params)  # every parameter, before anything compiles
     abstract = with_shardings(abstract, plan)
     shardings = state_shardings(plan, abstract)
     checkpointer = RunCheckpointer(run_dir, keep=tc.keep_checkpoints)
-    restored = checkpointer.restore_latest(abstract)  # straight into this mesh's layout
+    try:
+        restored = _restore_or_refuse(checkpointer, abstract, config)  # into this mesh's layout
+        if restored is not None:
+            _check_same_data(run_dir, data)
+    except BaseException:
+        checkpointer.close()
+        raise
+    # ---- every check passed: from here on the run directory changes --------------------------------------------
     data_state = None
     if restored is not None:
-        step0, state, data_state, saved_config = restored
-        diffs = config_differences(saved_config, config.to_dict())
-        if diffs:
-            checkpointer.close()
-            raise ConfigMismatch(f"{run_dir} holds checkpoints of another configuration ("
-                                 + "; ".join(diffs[:5]) + "). Use a new --run-dir or the saved settings.")
+        step0, state, data_state = restored.step, restored.state, restored.data_state
+        if restored.skipped:
+            moved = checkpointer.set_aside([step for step, _ in restored.skipped]) if is_writer else []
+            for (step, reason), path in zip(restored.skipped, moved):
+                print(f"checkpoint {step} does not restore ({reason}); moved to {path}, its steps will be redone",
+                      file=sys.stderr)
         print(f"resuming {run_dir} from step {step0}", file=sys.stderr)
     else:
         step0 = 0
         state = init_train_state(mc, tc, plan, shardings)[1]
     if is_writer:
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            f.write(config.to_json())
+        rundir.atomic_write_text(os.path.join(run_dir, "config.json"), config.to_json())
+        rundir.save_run_data(run_dir, data)
 
     # This process's rows of every global batch (hosts holding the same rows read the same slice).
     slice_index, slice_count = plan.process_batch_slice(tc.batch_size)
@@ -127,13 +180,15 @@ def train(config: Config, run_dir: str | os.PathLike, data: Any, *, show_progres
     put = lambda local: plan.put_batch(local, tc.batch_size)  # noqa: E731
     step_fn = jit_train_step(graphdef, mc, tc, plan, shardings)
     eval_fn = jit_eval_step(graphdef, mc, tc, plan, shardings)
-    writer = MetricsWriter(run_dir, enabled=is_writer, resume_step=step0 if restored is not None else None)
+    writer = MetricsWriter(run_dir, enabled=is_writer, resume_step=step0)
 
     tokens_per_step = tc.batch_size * tc.seq_len
     last_eval = None
     end = tc.steps if stop_after is None else min(tc.steps, step0 + stop_after)
     bar = tqdm(range(step0, end), initial=step0, total=tc.steps, disable=not (show_progress and is_writer),
                dynamic_ncols=True, desc="train")
+    saved_step, done, signum = step0, step0, None
+    stop.graceful()
     try:
         t_last = time.perf_counter()
         for step in bar:
@@ -161,15 +216,21 @@ def train(config: Config, run_dir: str | os.PathLike, data: Any, *, show_progres
                 bar.write(f"step {done}: val_loss {last_eval['val_loss']:.4f}  "
                           f"MaxVio_global {last_eval['maxvio_global']:.3f}")
                 t_last = time.perf_counter()  # eval time is not training throughput
-            if done % tc.checkpoint_every == 0 or done == tc.steps:
+            signum = stop.requested()
+            if done % tc.checkpoint_every == 0 or done == tc.steps or (signum is not None and saved_step != done):
                 checkpointer.save(done, state, train_iter.get_state(), config.to_dict())
+                saved_step = done
                 t_last = time.perf_counter()
+            if signum is not None:
+                break
     finally:
         bar.close()
-        checkpointer.close()
+        checkpointer.close()  # waits for the in-flight async save
         writer.close()
         close = getattr(train_iter, "close", None)
         if close is not None:
             close()
+    if signum is not None:
+        raise TrainingInterrupted(signum, done, run_dir)
     plot_path = plot_run(run_dir) if is_writer else None
     return RunResult(run_dir=run_dir, final_step=end, plot_path=plot_path, last_eval=last_eval)
