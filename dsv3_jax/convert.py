@@ -1,4 +1,4 @@
-"""HF / official DeepSeek-V3 safetensors checkpoints <-> our parameter tree (SEMANTICS.md §6-§8).
+"""HF / official DeepSeek-V3 safetensors checkpoints <-> our parameter tree (docs/semantics.md §6-§8).
 
 Import (`from_hf`) builds the model abstractly and fills it one tensor at a time, so host memory stays near the
 size of the result; FP8 block-scaled weights (`<name>_scale_inv`) are dequantised on the way in. Export
@@ -550,7 +550,8 @@ def to_hf(model: DeepSeekV3, path: str | os.PathLike, dtype: str = "bfloat16", f
     """Write `config.json` and HF-named safetensors (optionally FP8 block-quantised and sharded with an index).
 
     Every tensor is produced and written one at a time. MTP module k goes to `model.layers.{L+k}` with copies of
-    the embedding and head. FP8 quantises exactly the tensors the official checkpoint quantises (SEMANTICS §7).
+    the embedding and head. FP8 quantises exactly the tensors the official checkpoint quantises
+    (docs/semantics.md §7).
     `overwrite` first deletes existing `*.safetensors` and the index in `path`.
     """
     if sys.byteorder != "little":

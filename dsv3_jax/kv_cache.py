@@ -24,7 +24,7 @@ CACHE_KINDS = ("latent", "expanded")
 
 
 class LatentEntries(NamedTuple):
-    """Absorbed MLA (SEMANTICS.md §3.7): the normalised latent and the rotated shared rope key per token."""
+    """Absorbed MLA (docs/semantics.md §3.7): the normalised latent and the rotated shared rope key per token."""
 
     c_kv: jax.Array  # [(L,) B, S, C]
     k_pe: jax.Array  # [(L,) B, S, R]

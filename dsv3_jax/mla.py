@@ -1,4 +1,5 @@
-"""Multi-head Latent Attention (SEMANTICS.md §3): low-rank queries and keys/values with a decoupled rope key.
+"""Multi-head Latent Attention (docs/semantics.md §3): low-rank queries and keys/values with a
+decoupled rope key.
 
 Shape suffixes: B batch, T query positions, S key positions, H heads, N nope dim, R rope dim, V value dim,
 C kv latent (kv_lora_rank), D hidden.

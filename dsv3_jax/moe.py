@@ -1,5 +1,5 @@
-"""DeepSeekMoE (SEMANTICS.md §5): sigmoid router with a selection-only bias and group-limited top-k, routed
-experts with interchangeable dispatch strategies, and always-on shared experts.
+"""DeepSeekMoE (docs/semantics.md §5): sigmoid router with a selection-only bias and group-limited top-k,
+routed experts with interchangeable dispatch strategies, and always-on shared experts.
 
 Shape suffixes: N tokens, E routed experts, G groups, K experts per token, D hidden, F expert width,
 C expert capacity, A = N*K token-expert assignments.

@@ -1,5 +1,6 @@
-"""`ragged` MoE dispatch (DESIGN.md "MoE dispatch strategies"): sort assignments by expert + `jax.lax.ragged_dot`,
-dropless and exact; expert-parallel through `jax.shard_map` with a ragged all-to-all exchange.
+"""`ragged` MoE dispatch (docs/design.md (MoE dispatch strategies)): sort assignments by expert +
+`jax.lax.ragged_dot`, dropless and exact; expert-parallel through `jax.shard_map` with a ragged all-to-all
+exchange.
 
 Shape suffixes as in moe.py: N tokens, E routed experts, K experts per token, D hidden, F expert width,
 A = N*K assignments. In the expert-parallel path lower-case n is one shard's tokens, L = E/P the experts of one

@@ -1,4 +1,4 @@
-"""Multi-token prediction modules (SEMANTICS.md §6).
+"""Multi-token prediction modules (docs/semantics.md §6).
 
 Module k (1-based) at position i combines the previous depth's representation h^{k-1}_i with the embedding of
 token t_{i+k} and predicts t_{i+k+1}. h^0 is the main model's *post-norm* final hidden state, the embedding

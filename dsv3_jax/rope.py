@@ -1,4 +1,4 @@
-"""Interleaved rotary position embeddings with YaRN frequency scaling (SEMANTICS.md §4).
+"""Interleaved rotary position embeddings with YaRN frequency scaling (docs/semantics.md §4).
 
 DeepSeek weights rotate *adjacent* channel pairs (x[2j], x[2j+1]); LLaMA's half-split `rotate_half` gives
 plausible but wrong outputs on them. We keep the official interleaved output layout: the HF layout is a fixed
