@@ -135,9 +135,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if not item.strip().startswith("mesh."):
             raise ConfigError(item.split("=")[0], "eval only takes mesh.* overrides; the rest is the run's config")
     rundir.require_run_dir(args.run_dir)
+    saved = _load_run_config(args.run_dir)
     if not _has_checkpoints(args.run_dir):
         raise rundir.RunDirError(f"{args.run_dir!r} has no checkpoint under checkpoints/: train it first")
-    config = apply_overrides(_load_run_config(args.run_dir), args.set or [])
+    config = apply_overrides(saved, args.set or [])
     _maybe_distributed(args)
     plan = sharding.plan_from_config(config, every_param=False)
     graphdef, abstract = abstract_train_state(config.model, config.train)

@@ -5,7 +5,7 @@ with float32 scales, dequantised, and multiplied in float32: up to float32 round
 accumulation. It runs on any backend and is deterministic; it models the numerics, not the speed, of FP8
 tensor cores.
 
-Recipes (V3 §3.3, PAPER_FACTS.md):
+Recipes (V3 §3.3; docs/semantics.md §11):
 * `deepseek`: E4M3 for every operand of Fprop, Dgrad and Wgrad. Online max-abs scales per 1x128 activation
   tile (per token, per 128 channels of the contraction dim) and per 128x128 weight block. The backward pass
   keeps the FP8 activation and regroups it into 128x1 tiles (128 tokens of one channel) for Wgrad, which

@@ -1,4 +1,4 @@
-"""Load-balance bookkeeping: the aux-loss-free bias update and MaxVio (PAPER_FACTS.md definitions)."""
+"""Load-balance bookkeeping: the aux-loss-free bias update and MaxVio (definitions: docs/semantics.md §10.3-§10.4)."""
 
 from __future__ import annotations
 
