@@ -1,15 +1,103 @@
 """Parameter accounting from abstract shapes (`jax.eval_shape`): nothing is allocated, so the 671B preset
-counts in a second on a laptop."""
+counts in a second on a laptop.
+
+Every dense decoder layer has the same parameters, as has every MoE layer and every MTP module, so only one of
+each kind is traced (`layer_templates`) and its counts are multiplied by how many the real model has. The work
+does not depend on `num_hidden_layers` or the MTP depth. Tracing the whole model instead costs time quadratic in
+depth: every RNG draw of nnx's init updates a counter Variable, whose `set_value` reads `.sharding` off the
+traced value, and a tracer answers that with an AttributeError whose message (`_origin_msg`) walks every
+equation traced so far (jax `find_progenitors`); ~12 draws per layer x a trace that grows with the layers.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from fractions import Fraction
+from typing import Iterator
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from dsv3_jax.config import ModelConfig
+
+REPEATED = ("layers", "mtp")  # top-level lists of identical modules, indexed by path[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class TemplateLeaf:
+    """One variable of the reduced model, standing for `len(indices)` identical variables of the real one.
+
+    `path` is the reduced model's flat-state path. For a leaf under `layers` or `mtp`, `indices` are the real
+    model's indices of that list the leaf stands for (its dense layers, its MoE layers, or all MTP modules);
+    for any other leaf, `indices` is None and the leaf stands for itself.
+    """
+
+    path: tuple
+    shape: tuple[int, ...]
+    dtype: str
+    indices: range | None = None
+
+    @property
+    def copies(self) -> int:
+        return 1 if self.indices is None else len(self.indices)
+
+    @property
+    def size(self) -> int:
+        """Elements of one copy."""
+        return math.prod(self.shape)
+
+    def paths(self) -> Iterator[tuple]:
+        """The real model's paths of every copy (O(copies): only for callers that need each leaf)."""
+        if self.indices is None:
+            yield self.path
+        else:
+            for i in self.indices:
+                yield (self.path[0], i, *self.path[2:])
+
+
+def reduced_config(cfg: ModelConfig) -> ModelConfig:
+    """`cfg` with at most one dense layer, one MoE layer and one MTP module: one of every kind it has."""
+    n_layers, n_dense = cfg.num_hidden_layers, cfg.first_k_dense_replace
+    kept_dense, kept_moe = min(n_dense, 1), min(n_layers - n_dense, 1)
+    return cfg.replace(num_hidden_layers=kept_dense + kept_moe, first_k_dense_replace=kept_dense,
+                       num_nextn_predict_layers=min(cfg.mtp_depth, 1))
+
+
+def _template_indices(cfg: ModelConfig, path: tuple) -> range | None:
+    if path[0] == "layers":
+        kept_dense = min(cfg.first_k_dense_replace, 1)
+        if path[1] < kept_dense:
+            return range(cfg.first_k_dense_replace)
+        return range(cfg.first_k_dense_replace, cfg.num_hidden_layers)
+    if path[0] == "mtp":
+        return range(cfg.mtp_depth)
+    return None
+
+
+@functools.lru_cache(maxsize=16)
+def layer_templates(cfg: ModelConfig) -> tuple[tuple[TemplateLeaf, ...], tuple[TemplateLeaf, ...]]:
+    """(trainable params, router biases) of `DeepSeekV3(cfg)` as templates, from one `jax.eval_shape` of
+    `reduced_config(cfg)`: a constant amount of work whatever the depth."""
+    from dsv3_jax.model import init_model  # local: model imports are heavy and cyclic-prone
+    from dsv3_jax.moe import RouterBias
+
+    cfg.validate()
+    reduced = reduced_config(cfg)
+
+    def build():
+        _, params, biases = nnx.split(init_model(reduced), nnx.Param, RouterBias)
+        return params, biases
+
+    def templates(state) -> tuple[TemplateLeaf, ...]:
+        return tuple(TemplateLeaf(tuple(path), tuple(leaf.shape), jnp.dtype(leaf.dtype).name,
+                                  _template_indices(cfg, path))
+                     for path, leaf in nnx.to_flat_state(state))
+
+    params, biases = jax.eval_shape(build)
+    return templates(params), templates(biases)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,13 +123,11 @@ def _is_routed_expert(path: tuple) -> bool:
 
 
 def count_params(cfg: ModelConfig) -> ParamCount:
-    """Count parameters of `DeepSeekV3(cfg)` without allocating them."""
-    from dsv3_jax.model import init_model  # local: model imports are heavy and cyclic-prone
-
-    abstract = jax.eval_shape(lambda: nnx.state(init_model(cfg), nnx.Param))
+    """Count parameters of `DeepSeekV3(cfg)` without allocating them (per-kind templates x their copies)."""
     total = routed = mtp_total = mtp_routed = embedding = 0
-    for path, leaf in nnx.to_flat_state(abstract):
-        size = math.prod(leaf.shape)
+    for leaf in layer_templates(cfg)[0]:
+        path = leaf.path
+        size = leaf.size * leaf.copies
         in_mtp = path[0] == "mtp"
         total += size
         mtp_total += size if in_mtp else 0
@@ -50,7 +136,8 @@ def count_params(cfg: ModelConfig) -> ParamCount:
             mtp_routed += size if in_mtp else 0
         if path[0] in ("embed_tokens", "lm_head"):
             embedding += size
-    inactive_fraction = 1 - cfg.num_experts_per_tok / cfg.n_routed_experts
+    # Exact rational arithmetic: a float fraction loses whole parameters once counts pass 2**53 (deep models).
+    inactive_fraction = Fraction(cfg.n_routed_experts - cfg.num_experts_per_tok, cfg.n_routed_experts)
     active = total - round(routed * inactive_fraction)
     main_total = total - mtp_total
     main_active = main_total - round((routed - mtp_routed) * inactive_fraction)

@@ -1,8 +1,10 @@
 """Per-device memory plan for one training step on a (data, expert, tensor) mesh, without allocating anything.
 
-Parameter shapes come from `jax.eval_shape` on the real model, so the plan follows the code (MTP modules,
-shared experts, norms, router kernels included). Each parameter's per-device size follows the mesh's sharding
-rules, which `partition_spec` returns as a tuple usable as `jax.sharding.PartitionSpec(*spec)`:
+Parameter shapes come from `jax.eval_shape` on the real model code (MTP modules, shared experts, norms, router
+kernels included), traced for one layer of each kind and counted once per layer of that kind
+(`dsv3_jax.accounting.layer_templates`), so planning takes the same time at any depth. Each parameter's
+per-device size follows the mesh's sharding rules, which `partition_spec` returns as a tuple usable as
+`jax.sharding.PartitionSpec(*spec)`:
 
 * routed experts ([E, D, F] gate/up, [E, F, D] down): E over `expert`, F over `tensor`;
 * attention: `q_b_proj` / `q_proj` and `kv_b_proj` outputs (heads x head dims) and the `o_proj` input over
@@ -61,12 +63,13 @@ import dataclasses
 import functools
 import json
 import math
+from fractions import Fraction
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
+from dsv3_jax.accounting import layer_templates
 from dsv3_jax.config import ConfigError, ModelConfig, resolve_moe_dispatch
 from dsv3_jax.kv_cache import latent_cache_bytes_per_token
 from dsv3_jax.moe import expert_capacity
@@ -227,37 +230,18 @@ class AbstractLeaf:
 
 @functools.lru_cache(maxsize=16)
 def abstract_state(model_cfg: ModelConfig) -> tuple[tuple[AbstractLeaf, ...], tuple[AbstractLeaf, ...]]:
-    """(trainable params, router biases) of `DeepSeekV3(model_cfg)` as shapes, from `jax.eval_shape`.
+    """(trainable params, router biases) of `DeepSeekV3(model_cfg)` as shapes, one leaf per variable.
 
-    Tracing all 61 layers of the 671B preset takes ~15 s (nnx's RNG bookkeeping grows with the trace), and
-    every dense layer (every MoE layer) has the same parameters, so one layer of each kind is traced and its
-    leaves are repeated under every layer index of that kind. tests/test_plan.py checks the result against
-    a full trace.
+    Built from `dsv3_jax.accounting.layer_templates` (one traced layer of each kind, one MTP module), whose
+    leaves are repeated under every index of their kind; tests/test_plan.py checks the result against a full
+    trace. The answer has one leaf per parameter, so it grows with the depth: `estimate_memory` works on the
+    templates instead and does not build it.
     """
-    from dsv3_jax.model import init_model  # local: heavy import
-    from dsv3_jax.moe import RouterBias
+    params, biases = layer_templates(model_cfg)
 
-    n_layers, n_dense = model_cfg.num_hidden_layers, model_cfg.first_k_dense_replace
-    kept_dense, kept_moe = min(n_dense, 1), min(n_layers - n_dense, 1)
-    reduced = model_cfg.replace(num_hidden_layers=kept_dense + kept_moe, first_k_dense_replace=kept_dense)
+    def expand(templates) -> tuple[AbstractLeaf, ...]:
+        return tuple(AbstractLeaf(path, t.shape, t.dtype) for t in templates for path in t.paths())
 
-    def build():
-        _, params, biases = nnx.split(init_model(reduced), nnx.Param, RouterBias)
-        return params, biases
-
-    def expand(state) -> tuple[AbstractLeaf, ...]:
-        leaves = []
-        for path, leaf in nnx.to_flat_state(state):
-            if path[0] == "layers":
-                dense = path[1] < kept_dense
-                indices = range(n_dense) if dense else range(n_dense, n_layers)
-                paths = [("layers", i, *path[2:]) for i in indices]
-            else:
-                paths = [path]
-            leaves += [AbstractLeaf(tuple(p), tuple(leaf.shape), jnp.dtype(leaf.dtype).name) for p in paths]
-        return tuple(leaves)
-
-    params, biases = jax.eval_shape(build)
     return expand(params), expand(biases)
 
 
@@ -294,25 +278,36 @@ def estimate_memory(model_cfg: ModelConfig, train_cfg, mesh_shape: Mapping[str, 
 
     model_cfg.validate()
     mesh = validate_mesh(model_cfg, mesh_shape or {}, train_cfg.batch_size, fsdp)
-    params, biases = abstract_state(model_cfg)
-    shards = [_shard(leaf, mesh, fsdp) for leaf in params]
-    param_bytes = sum(s.local_bytes for s in shards)
-    global_param_bytes = sum(s.global_bytes for s in shards)
-    bias_bytes = sum(leaf.nbytes for leaf in biases)
+    # One template per kind of variable (a dense layer's, a MoE layer's, an MTP module's, the rest), each
+    # counted `copies` times: nothing here grows with the depth. Sharding specs depend on the parameter's
+    # name, not on its layer index, so a template's shard is every copy's.
+    params, biases = layer_templates(model_cfg)
+    shards = [(_shard(AbstractLeaf(t.path, t.shape, t.dtype), mesh, fsdp), t.copies) for t in params]
+    param_bytes = sum(s.local_bytes * copies for s, copies in shards)
+    global_param_bytes = sum(s.global_bytes * copies for s, copies in shards)
+    bias_bytes = sum(t.size * jnp.dtype(t.dtype).itemsize * t.copies for t in biases)
 
     # Optimizer: moments mirror their parameters (same shape, dtype and sharding); scalars are replicated.
-    # A flat dict of shape structs stands in for the nnx.State: optax only maps over the leaves.
-    structs = {"/".join(_names(leaf.path)): jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) for leaf in params}
-    opt_leaves = jax.tree.leaves(jax.eval_shape(make_optimizer(train_cfg).init, structs))
-    scalar_bytes = sum(leaf.dtype.itemsize for leaf in opt_leaves if leaf.ndim == 0)
-    moment_bytes = sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in opt_leaves if leaf.ndim > 0)
-    moments_per_param = moment_bytes / global_param_bytes if global_param_bytes else 0.0
+    # A flat dict of shape structs (the templates) stands in for the nnx.State: optax only maps over the
+    # leaves, so each state leaf under a template's key stands for that template's copies.
+    structs = {"/".join(_names(t.path)): jax.ShapeDtypeStruct(t.shape, t.dtype) for t in params}
+    copies = {"/".join(_names(t.path)): t.copies for t in params}
+
+    def weight(key_path) -> int:
+        return next((copies[k.key] for k in key_path
+                     if isinstance(k, jax.tree_util.DictKey) and k.key in copies), 1)
+
+    opt_leaves = jax.tree_util.tree_leaves_with_path(jax.eval_shape(make_optimizer(train_cfg).init, structs))
+    scalar_bytes = sum(weight(kp) * leaf.dtype.itemsize for kp, leaf in opt_leaves if leaf.ndim == 0)
+    moment_bytes = sum(weight(kp) * math.prod(leaf.shape) * leaf.dtype.itemsize
+                       for kp, leaf in opt_leaves if leaf.ndim > 0)
+    moments_per_param = Fraction(moment_bytes, global_param_bytes) if global_param_bytes else 0  # exact
     optimizer_bytes = round(moments_per_param * param_bytes) + scalar_bytes
 
     local_batch = train_cfg.batch_size // (mesh["data"] * mesh["expert"])
     positions = train_cfg.seq_len + model_cfg.mtp_depth
     breakdown = activation_breakdown(model_cfg, local_batch, positions, mesh,
-                                     sum(math.prod(s.local_shape) for s in shards))
+                                     sum(math.prod(s.local_shape) * copies for s, copies in shards))
     return MemoryPlan(
         mesh=dict(mesh), fsdp=fsdp, n_devices=math.prod(mesh.values()), local_batch=local_batch,
         positions=positions, moe_dispatch=model_cfg.moe_dispatch, params=param_bytes, optimizer=optimizer_bytes,
@@ -368,28 +363,35 @@ def activation_breakdown(model_cfg: ModelConfig, local_batch: int, positions: in
         out["weight_casts"] = local_param_elements * a
     transient = 0
 
-    def block(n: int, moe: bool) -> None:
+    def block(n: int, moe: bool, copies: int = 1) -> None:
+        """Add `copies` identical blocks over n positions (all dense or all MoE)."""
         nonlocal transient
+        if copies <= 0:
+            return
+        add = {}
         tokens = local_batch * n
         per_token = (2 * d + 2 * q_lora + heads * cfg.qk_head_dim + cfg.kv_cache_dim + cfg.kv_lora_rank
                      + cfg.qk_rope_head_dim + heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)
                      + heads * cfg.v_head_dim)
         scores = local_batch * heads * n * n
-        out["attention"] += tokens * per_token * a + scores * (4 + a)
+        add["attention"] = tokens * per_token * a + scores * (4 + a)
         transient = max(transient, 2 * scores * 4)
         if moe:
-            out["moe_router"] += 2 * d * tokens * a + 2 * tokens * cfg.n_routed_experts * 4
+            add["moe_router"] = 2 * d * tokens * a + 2 * tokens * cfg.n_routed_experts * 4
             dispatch = _dispatch_bytes(cfg, tokens, mesh)
-            out["moe_dispatch"] += dispatch
+            add["moe_dispatch"] = dispatch
             transient = max(transient, dispatch)
             if cfg.n_shared_experts:
                 width = cfg.n_shared_experts * cfg.moe_intermediate_size // t
-                out["shared_experts"] += tokens * (3 * width + d) * a
+                add["shared_experts"] = tokens * (3 * width + d) * a
         else:
-            out["dense_mlp"] += 2 * d * tokens * a + tokens * (3 * cfg.intermediate_size // t + d) * a
+            add["dense_mlp"] = 2 * d * tokens * a + tokens * (3 * cfg.intermediate_size // t + d) * a
+        for name, value in add.items():
+            out[name] += copies * value
 
-    for i in range(cfg.num_hidden_layers):
-        block(positions, cfg.is_moe_layer(i))
+    # Every main layer of a kind keeps the same tensors: one formula per kind, times the number of layers.
+    block(positions, moe=False, copies=cfg.first_k_dense_replace)
+    block(positions, moe=True, copies=cfg.n_moe_layers)
     head_tokens = [local_batch * positions]
     for depth in range(1, cfg.mtp_depth + 1):
         n = positions - depth

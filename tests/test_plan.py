@@ -13,6 +13,7 @@ and compares `compiled.memory_analysis()`:
 import dataclasses
 import json
 import math
+import time
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,7 @@ from dsv3_jax.model import init_model
 from dsv3_jax.moe import RouterBias
 from dsv3_jax.plan import (MeshError, abstract_state, estimate_memory, format_plan, kv_cache_bytes_per_token,
                            param_shards, partition_spec, validate_mesh)
+from dsv3_jax.train.optim import make_optimizer
 from dsv3_jax.train.config import TrainConfig
 from dsv3_jax.train.presets import train_preset
 from dsv3_jax.train.step import init_train_state, make_train_step
@@ -47,7 +49,9 @@ def test_single_device_state_bytes_are_exact(name):
 def test_layer_templating_matches_a_full_trace():
     """abstract_state traces one layer per kind and repeats it; it must equal tracing the whole model."""
     for cfg in (get_preset("small"), get_preset("tiny").replace(first_k_dense_replace=0),
-                get_preset("tiny").replace(first_k_dense_replace=3)):
+                get_preset("tiny").replace(first_k_dense_replace=3),
+                get_preset("tiny").replace(num_nextn_predict_layers=0),
+                get_preset("tiny").replace(num_nextn_predict_layers=3, num_hidden_layers=5, first_k_dense_replace=2)):
         full = jax.eval_shape(lambda: nnx.split(init_model(cfg), nnx.Param, RouterBias)[1:])
         for state, leaves in zip(full, abstract_state(cfg)):
             expected = sorted((tuple(map(str, p)), tuple(x.shape), jnp.dtype(x.dtype).name)
@@ -212,3 +216,64 @@ def test_plan_cli_rejects_bad_meshes(capsys, argv, message):
 
     assert cli.main(["plan", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+# ---- depth: per-kind templates, counted once per layer ------------------------------------------------------
+@pytest.mark.parametrize("changes, mesh, fsdp", [
+    (dict(), dict(data=2, expert=2, tensor=2), True),
+    (dict(num_hidden_layers=6, first_k_dense_replace=2, num_nextn_predict_layers=2, dtype="bfloat16"),
+     dict(data=2, expert=2, tensor=2), True),
+    (dict(first_k_dense_replace=0, moe_dispatch="ragged"), dict(expert=2), False),
+    (dict(first_k_dense_replace=3, num_nextn_predict_layers=0, moe_dispatch="dense"), dict(tensor=2), False),
+])
+def test_plan_from_templates_equals_per_leaf_sums(changes, mesh, fsdp):
+    """estimate_memory weighs one template per kind by its number of copies; the same figures summed leaf by
+    leaf over every parameter (abstract_state, param_shards, optax on the full tree) agree exactly."""
+    cfg = get_preset("tiny").replace(**changes)
+    train = TrainConfig(batch_size=8, seq_len=16)
+    plan = estimate_memory(cfg, train, mesh, fsdp=fsdp, backend="cpu")
+    shards = param_shards(cfg, mesh, fsdp=fsdp)
+    params, biases = abstract_state(cfg)
+    assert plan.params == sum(s.local_bytes for s in shards)
+    assert plan.router_biases == sum(leaf.nbytes for leaf in biases)
+    structs = {"/".join(map(str, x.path)): jax.ShapeDtypeStruct(x.shape, x.dtype) for x in params}
+    opt = jax.tree.leaves(jax.eval_shape(make_optimizer(train).init, structs))
+    moments = sum(math.prod(x.shape) * x.dtype.itemsize for x in opt if x.ndim > 0)
+    scalars = sum(x.dtype.itemsize for x in opt if x.ndim == 0)
+    assert plan.optimizer == round(moments / sum(s.global_bytes for s in shards) * plan.params) + scalars
+    weight_casts = sum(math.prod(s.local_shape) for s in shards) * jnp.dtype(cfg.dtype).itemsize
+    assert plan.activation_breakdown["weight_casts"] == (weight_casts if cfg.dtype != cfg.param_dtype else 0)
+
+
+def test_a_million_layer_plan_in_constant_work(monkeypatch):
+    """Planning a 1,000,000-layer model builds one layer of each kind (not a million), and its figures are
+    the 4-layer plan's plus exactly (n - 4) MoE layers' worth; bound on time: 30 s (it takes well under 1)."""
+    import dsv3_jax.model as model_module
+    from dsv3_jax.accounting import layer_templates
+
+    built, real = [], model_module.init_model
+    monkeypatch.setattr(model_module, "init_model",
+                        lambda cfg, *a, **k: built.append(cfg.num_hidden_layers) or real(cfg, *a, **k))
+    layer_templates.cache_clear()
+    small = get_preset("small").replace(dtype="bfloat16")  # bf16 compute: weight casts scale with depth too
+    train = TrainConfig(batch_size=8, seq_len=64)
+    mesh = dict(data=2, expert=2, tensor=2)
+    start = time.perf_counter()
+    plans = {n: estimate_memory(small.replace(num_hidden_layers=n), train, mesh, fsdp=True, backend="cpu")
+             for n in (4, 5, 1_000_000)}
+    assert time.perf_counter() - start < 30
+    assert max(built) <= 2 and len(built) == 3  # one reduced model per depth, whatever the depth
+
+    def figures(plan) -> dict:
+        ints = {k: v for k, v in plan.to_dict().items() if isinstance(v, int) and not isinstance(v, bool)}
+        return {**ints, **plan.activation_breakdown}
+
+    small_plan, step, deep = figures(plans[4]), figures(plans[5]), figures(plans[1_000_000])
+    for name, value in small_plan.items():
+        assert deep[name] == value + (1_000_000 - 4) * (step[name] - value), name
+    grows = ("params", "optimizer", "gradients", "router_biases", "activations", "kv_cache_bytes_per_token",
+             "weight_casts", "attention", "moe_router", "moe_dispatch", "shared_experts")
+    assert all(step[name] > small_plan[name] for name in grows)  # a MoE layer adds to each (and 1M x as much)
+    assert all(step[name] == small_plan[name] for name in ("dense_mlp", "mtp", "logits", "transient"))
+    single = estimate_memory(small.replace(num_hidden_layers=1_000_000, dtype="float32"), train, {}, backend="cpu")
+    assert single.params == 4 * count_params(small.replace(num_hidden_layers=1_000_000)).total
