@@ -17,9 +17,19 @@ from jax.sharding import AxisType
 from dsv3_jax.config import PRESETS
 from dsv3_jax.moe import RoutedExperts
 from dsv3_jax.moe_ragged import ragged_experts, ragged_experts_ep
+from tolerances import F32_EPS, assert_close_f32
 
 ROOT = Path(__file__).resolve().parent.parent
-TOL = 1e-5
+# ragged_dot, the dense oracle and the expert-parallel path run the same float32 reductions (D for gate/up, F for
+# down, the top-k combine, and the token sums of the weight gradients) in other orders and groupings; the terms
+# are about as large as the results, so they differ by a few ulps of the largest |value| of each output or
+# gradient (measured up to 2.5 on one device, 3.7 across the 8-device meshes). A misrouted row is off by O(1).
+ULPS = 16
+
+
+def _within(err: float, scale: float) -> bool:
+    """A max |difference| reported by _ragged_ep_check.py, against ULPS ulps of its tensor's max |value|."""
+    return err <= ULPS * F32_EPS * scale
 
 
 def dense_oracle(x_ND, topk_idx_NK, topk_weight_NK, gate_EDF, up_EDF, down_EFD):
@@ -65,9 +75,9 @@ def test_ragged_matches_dense_oracle(name):
     out, grads = out_and_grads(ragged_experts, idx, a)
     ref_out, ref_grads = out_and_grads(dense_oracle, idx, a)
     assert out.shape == (n, d) and out.dtype == jnp.float32
-    np.testing.assert_allclose(out, ref_out, rtol=TOL, atol=TOL)
-    for param in grads:
-        np.testing.assert_allclose(grads[param], ref_grads[param], rtol=TOL, atol=TOL, err_msg=param)
+    assert_close_f32(out, ref_out, atol_ulps=ULPS)
+    for param in grads:  # each gradient against its own max |value|
+        assert_close_f32(grads[param], ref_grads[param], atol_ulps=ULPS, err_msg=param)
     unused = np.setdiff1d(np.arange(e), np.asarray(idx))
     assert unused.size and not np.any(np.asarray(grads["gate"])[unused])  # empty experts get no gradient
 
@@ -80,7 +90,7 @@ def test_ragged_matches_routed_experts_dense():
     got = ragged_experts(a["x"], idx, a["w"], *experts._weights())
     want = experts.dense(a["x"], idx, a["w"])
     assert got.dtype == want.dtype == jnp.float32  # the tiny preset computes in float32
-    np.testing.assert_allclose(got, want, rtol=TOL, atol=TOL)
+    assert_close_f32(got, want, atol_ulps=ULPS)  # outputs ~6e-5 here (init_std): an absolute 1e-5 was 17% of them
 
 
 def test_ep_on_one_device_mesh():
@@ -90,8 +100,7 @@ def test_ep_on_one_device_mesh():
     out, counts, dropped = jax.jit(lambda *args: ragged_experts_ep(*args, mesh=mesh))(
         a["x"], idx, a["w"], a["gate"], a["up"], a["down"])
     assert int(dropped) == 0
-    np.testing.assert_allclose(out, ragged_experts(a["x"], idx, a["w"], a["gate"], a["up"], a["down"]),
-                               rtol=TOL, atol=TOL)
+    assert_close_f32(out, ragged_experts(a["x"], idx, a["w"], a["gate"], a["up"], a["down"]), atol_ulps=ULPS)
     np.testing.assert_array_equal(counts, np.bincount(np.asarray(idx).ravel(), minlength=6))
 
 
@@ -136,9 +145,9 @@ def test_padded_transport_follows_ragged_all_to_all_semantics(ep_results):
 @pytest.mark.parametrize("mesh", MESHES)
 def test_ep_matches_single_device(ep_results, mesh, routing):
     r = ep_results[f"{mesh}/{routing}"]
-    assert r["out_err"] <= TOL * max(1.0, r["out_scale"]), r
+    assert _within(r["out_err"], r["out_scale"]), r
     for param, err in r["grad_err"].items():
-        assert err <= TOL * max(1.0, r["grad_scale"][param]), (param, r)
+        assert _within(err, r["grad_scale"][param]), (param, r)
     assert r["counts"] == r["bincount"]  # global (psum'd) loads, not one shard's
 
 
@@ -158,9 +167,9 @@ def test_ep_splits_expert_width_over_tensor(ep_results):
     single-device path (partial down projections are psum'd over tensor, not gathered)."""
     r = ep_results["(2, 2, 2)/tensor"]
     assert r["weight_shard_shape"] == [E_TOTAL // 2, D_MODEL, F_WIDTH // 2]
-    assert r["out_err"] <= TOL * max(1.0, r["out_scale"]), r
+    assert _within(r["out_err"], r["out_scale"]), r
     for param, err in r["grad_err"].items():
-        assert err <= TOL * max(1.0, r["grad_scale"][param]), (param, r)
+        assert _within(err, r["grad_scale"][param]), (param, r)
     assert not r["hlo_all_gather"]
 
 
@@ -178,4 +187,4 @@ def test_ep_capacity_factor_drops_exactly_the_pair_overflow(ep_results, mesh):
     r = ep_results[f"{mesh}/capacity"]
     assert r["capacity"] < r["dropless_capacity"]
     assert r["dropped"] == r["expected_dropped"] > 0
-    assert r["out_err"] <= TOL * max(1.0, r["out_scale"]), r
+    assert _within(r["out_err"], r["out_scale"]), r

@@ -1,4 +1,4 @@
-"""Interleaved RoPE and YaRN against SEMANTICS.md §4 numbers and an independent complex-number reference."""
+"""Interleaved RoPE and YaRN against docs/semantics.md §4 numbers and an independent complex-number reference."""
 
 import math
 
@@ -9,6 +9,7 @@ import pytest
 from dsv3_jax.config import PRESETS, YarnConfig, get_preset
 from dsv3_jax.rope import (apply_rope, rope_attention_factor, rope_cos_sin, rope_inv_freq, softmax_scale,
                            yarn_correction_range)
+from tolerances import F32_EPS, assert_close_f32
 
 V3 = get_preset("deepseek-v3-671b")
 
@@ -20,18 +21,20 @@ def test_v3_yarn_numbers():
 
 
 def test_v3_yarn_frequencies_blend():
+    # rope_inv_freq blends in float64 and rounds once to float32: within half an ulp of the float64 formula
     base = 1.0 / 10000.0 ** (np.arange(0, 64, 2) / 64)
     inv = rope_inv_freq(64, 10000.0, V3.rope_scaling)
-    np.testing.assert_allclose(inv[:11], base[:11], rtol=1e-6)  # j <= 10 unchanged
-    np.testing.assert_allclose(inv[23:], base[23:] / 40, rtol=1e-6)  # j >= 23 interpolated by the factor
+    assert_close_f32(inv[:11], base[:11], rtol_ulps=1, atol_ulps=0)  # j <= 10 unchanged
+    assert_close_f32(inv[23:], base[23:] / 40, rtol_ulps=1, atol_ulps=0)  # j >= 23 interpolated by the factor
     ramp = (np.arange(11, 23) - 10) / 13
-    np.testing.assert_allclose(inv[11:23], base[11:23] * (1 - ramp) + base[11:23] / 40 * ramp, rtol=1e-6)
+    assert_close_f32(inv[11:23], base[11:23] * (1 - ramp) + base[11:23] / 40 * ramp, rtol_ulps=1, atol_ulps=0)
 
 
 def test_no_yarn_is_plain_rope():
     cfg = PRESETS["small"]
     assert softmax_scale(cfg) == cfg.qk_head_dim ** -0.5
-    np.testing.assert_allclose(rope_inv_freq(16, 10000.0, None), 1.0 / 10000.0 ** (np.arange(0, 16, 2) / 16), rtol=1e-6)
+    assert_close_f32(rope_inv_freq(16, 10000.0, None), 1.0 / 10000.0 ** (np.arange(0, 16, 2) / 16), rtol_ulps=1,
+                     atol_ulps=0)  # float64 rounded once to float32
 
 
 def test_attention_factor_from_mscales():
@@ -64,8 +67,15 @@ def test_interleaved_rotation_matches_complex_reference(ndim):
     positions = np.stack([np.arange(7), np.arange(7) + 100])
     cos, sin = rope_cos_sin(jnp.asarray(positions), cfg)
     out = np.asarray(apply_rope(jnp.asarray(x), cos, sin))
-    ref = _complex_reference(x, positions, rope_inv_freq(8, cfg.rope_theta, cfg.rope_scaling))
-    np.testing.assert_allclose(out, ref * rope_attention_factor(cfg.rope_scaling), atol=2e-5)
+    inv_freq = rope_inv_freq(8, cfg.rope_theta, cfg.rope_scaling)
+    ref = _complex_reference(x, positions, inv_freq)
+    # The float32 angle pos * w is off by up to half an ulp of itself (eps/2 * angle radians: ~53 eps at 106),
+    # which moves each output by that much times its pair's norm; cos/sin (~1 ulp each), the 2-term rotation and
+    # the attention factor add a few ulps more.
+    factor = rope_attention_factor(cfg.rope_scaling)
+    max_angle = float(positions.max() * inv_freq.max())
+    pair_norm = float(np.sqrt(x[..., 0::2] ** 2 + x[..., 1::2] ** 2).max())
+    assert_close_f32(out, ref * factor, rtol_ulps=0, atol_ulps=max_angle / 2 + 4, scale=pair_norm * factor)
 
 
 def test_half_split_rotation_would_differ():
@@ -90,4 +100,8 @@ def test_relative_position_property():
         ck, sk = rope_cos_sin(jnp.array([[n]]), cfg)
         return float((apply_rope(jnp.asarray(q), cq, sq) * apply_rope(jnp.asarray(k), ck, sk)).sum())
 
-    assert score(5, 2) == pytest.approx(score(105, 102), abs=1e-4)
+    # Each float32 angle pos * w (w <= 1) is off by up to half an ulp of itself: the two scores differ by up to
+    # eps * (105 + 102 + 5 + 2) / 2 times sum_pairs |q_p||k_p| <= |q||k|, plus ~1 ulp per cos/sin and the 8-term
+    # dot's roundings. A position-dependent score is off by O(1).
+    assert_close_f32(score(105, 102), score(5, 2), rtol_ulps=0, atol_ulps=(105 + 102 + 5 + 2) / 2 + 16,
+                     scale=float(np.linalg.norm(q) * np.linalg.norm(k)))
