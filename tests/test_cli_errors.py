@@ -143,3 +143,8 @@ def get_small_moe_layer_params() -> int:
     two = count_params(small.replace(num_hidden_layers=small.first_k_dense_replace + 2)).total
     one = count_params(small.replace(num_hidden_layers=small.first_k_dense_replace + 1)).total
     return two - one
+
+
+def test_sizes_beyond_int32_are_refused_by_name(capsys):
+    assert cli.main(["plan", "--preset", "small", "--set", "model.vocab_size=10000000000000000000"]) == 2
+    assert "model.vocab_size: must be at most 2**31 - 1" in _one_error_line(capsys)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import typing
-from typing import Any
+from typing import Any, Mapping
 
-from dsv3_jax.config import ConfigError, ModelConfig, YarnConfig, get_preset
+from dsv3_jax.config import (ConfigError, ModelConfig, base_type, check_field_types, coerce_float, get_preset,
+                             is_optional, read_json_object)
 
 BALANCE_MODES = ("aux_free", "aux_loss", "none")
 BALANCE_SCOPES = ("sequence", "batch")
@@ -53,12 +55,12 @@ class TrainConfig:
         return {"aux_free": 1e-4, "aux_loss": 1e-3, "none": 0.0}[self.balance]
 
     def validate(self) -> "TrainConfig":
+        check_field_types(self, "train.")  # types first: the rules below compare these values
         for name in ("steps", "batch_size", "seq_len", "eval_every", "checkpoint_every", "keep_checkpoints",
                      "log_every", "max_consecutive_nonfinite"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"train.{name}", f"must be an integer >= 1, got {value!r}")
-        if not isinstance(self.eval_batches, int) or self.eval_batches < 0:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}", f"must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.eval_batches < 0:
             raise ConfigError("train.eval_batches", f"must be an integer >= 0, got {self.eval_batches!r}")
         for name in ("peak_lr", "eps", "grad_clip"):
             if not getattr(self, name) > 0:
@@ -104,15 +106,14 @@ class MeshConfig:
 
     def validate(self) -> "MeshConfig":
         """Structural checks only; sizes against devices and model dims: `sharding.check_mesh`."""
+        check_field_types(self, "mesh.")
         sizes = {"data": self.data, "expert": self.expert, "tensor": self.tensor}
         for name, size in sizes.items():
-            if not isinstance(size, int) or isinstance(size, bool) or (size < 1 and size != -1):
+            if size < 1 and size != -1:
                 raise ConfigError(f"mesh.{name}", f"must be a positive integer or -1 (the rest), got {size!r}")
         if sum(size == -1 for size in sizes.values()) > 1:
             raise ConfigError("mesh", f"only one axis may be -1, got data={self.data}, expert={self.expert}, "
                               f"tensor={self.tensor}")
-        if not isinstance(self.fsdp, bool):
-            raise ConfigError("mesh.fsdp", f"must be true or false, got {self.fsdp!r}")
         return self
 
 
@@ -126,7 +127,12 @@ class Config:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 
     def validate(self) -> "Config":
-        self.model.validate()
+        """ConfigError naming the first bad field from the root (`train.peak_lr`, `model.rope_scaling.factor`)."""
+        check_field_types(self)  # every section's types, named from the root, before any rule reads them
+        try:
+            self.model.validate()
+        except ConfigError as err:  # ModelConfig names its fields bare; here they live under `model.`
+            raise err.within("model") from None
         self.train.validate()
         self.mesh.validate()
         if self.data.vocab_size is not None and self.data.vocab_size != self.model.vocab_size:
@@ -141,60 +147,111 @@ class Config:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Config":
-        return _build(cls, d)
+    def from_dict(cls, d: Mapping[str, Any]) -> "Config":
+        """The validated Config of `to_dict` output (e.g. a run's config.json, perhaps edited by hand).
+
+        A missing section or field takes its default; an unknown key, a wrong type or an impossible value is a
+        ConfigError naming the field.
+        """
+        return _build(cls, d, "").validate()
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Config":
+        """`from_dict` of a JSON file; bad JSON is a ConfigError naming the file and where it breaks."""
+        path = os.fspath(path)
+        sections = read_json_object(path, "a run's config sections")
+        try:
+            return cls.from_dict(sections)
+        except ConfigError as err:
+            raise ConfigError(err.field, f"{err.message} (in {path})") from None
 
 
-def _build(cls: type, values: dict[str, Any]) -> Any:
-    """Rebuild a (nested) frozen dataclass from `dataclasses.asdict` output."""
+def _build(cls: type, values: Any, path: str) -> Any:
+    """Rebuild a (nested) frozen dataclass from `dataclasses.asdict` output; `path` is its dotted name."""
+    if not isinstance(values, Mapping):
+        raise ConfigError(path.rstrip(".") or "config", f"must be an object of {cls.__name__} fields, "
+                          f"got {values!r:.80}")
     hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in values:
-            continue
-        value, hint = values[f.name], hints[f.name]
-        target = _dataclass_in(hint)
-        kwargs[f.name] = _build(target, value) if target is not None and isinstance(value, dict) else value
-    return cls(**kwargs)
+    unknown = [key for key in values if key not in hints]
+    if unknown:
+        raise ConfigError(f"{path}{unknown[0]}", f"unknown field {unknown[0]!r} in {cls.__name__}; "
+                          f"known: {sorted(hints)}")
+    return cls(**{name: _field_value(values[name], hints[name], f"{path}{name}") for name in values})
+
+
+def _field_value(value: Any, hint: Any, name: str) -> Any:
+    """`value` for a field typed `hint`: a dict for a dataclass field is built into one, ints become floats
+    for float fields; all else is left to `check_field_types`, which names what is wrong."""
+    target = _dataclass_in(hint)
+    if target is not None and value is not None:
+        return _build(target, value, name + ".")
+    return coerce_float(value, hint)
 
 
 def _dataclass_in(hint: Any) -> type | None:
-    for candidate in (hint, *typing.get_args(hint)):
-        if dataclasses.is_dataclass(candidate):
-            return candidate
-    return None
+    """The dataclass a field typed `hint` (`Section` or `Section | None`) holds, if any."""
+    target = base_type(hint)
+    return target if dataclasses.is_dataclass(target) else None
 
 
 def apply_overrides(config: Config, overrides: list[str]) -> Config:
-    """Apply `section.field=value` strings (values parsed as JSON, else taken as strings), then validate."""
+    """Apply `section.field=value` strings, then validate.
+
+    A value is read as JSON when the field wants a number, bool or section (so `Infinity` and `NaN` parse, and
+    are then rejected as not finite); text that is not JSON stays a string, which validation names as the wrong
+    type. A string field takes the text as is (`data.corpus=files:*.txt`), or a JSON string literal decoded.
+    """
     for item in overrides:
         if "=" not in item:
             raise ConfigError(item, "an override must look like section.field=value, e.g. train.steps=2000")
         key, raw = item.split("=", 1)
-        parts = key.strip().split(".")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        config = _replace_path(config, parts, value, key)
+        key = key.strip()
+        config = _replace_path(config, key.split("."), raw, key)
     return config.validate()
 
 
-def _replace_path(obj: Any, parts: list[str], value: Any, key: str) -> Any:
-    names = {f.name: f for f in dataclasses.fields(obj)}
+def _replace_path(obj: Any, parts: list[str], raw: str, key: str) -> Any:
+    hints = typing.get_type_hints(type(obj))
     head = parts[0]
-    if head not in names:
-        raise ConfigError(key, f"unknown field {head!r} in {type(obj).__name__}; known: {sorted(names)}")
+    if head not in hints:
+        raise ConfigError(key, f"unknown field {head!r} in {type(obj).__name__}; known: {sorted(hints)}")
     if len(parts) == 1:
-        current = getattr(obj, head)
-        if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if head == "rope_scaling" and isinstance(value, dict):
-            value = YarnConfig(**value)
-        return dataclasses.replace(obj, **{head: value})
+        return dataclasses.replace(obj, **{head: _parse_override(raw, hints[head], key)})
     child = getattr(obj, head)
-    if child is None and head == "rope_scaling":
-        child = YarnConfig()
+    target = _dataclass_in(hints[head])
+    if child is None and target is not None:  # e.g. model.rope_scaling.factor=4 when rope_scaling is None
+        child = target()
     if not dataclasses.is_dataclass(child):
         raise ConfigError(key, f"{head!r} has no sub-fields")
-    return dataclasses.replace(obj, **{head: _replace_path(child, parts[1:], value, key)})
+    return dataclasses.replace(obj, **{head: _replace_path(child, parts[1:], raw, key)})
+
+
+def _parse_override(raw: str, hint: Any, key: str) -> Any:
+    """The value of `--set key=raw` for a field typed `hint`."""
+    text = raw.strip()
+    section = _dataclass_in(hint)
+    if section is not None:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as err:
+            none = " or null" if is_optional(hint) else ""
+            raise ConfigError(key, f"not valid JSON: {err.msg} at column {err.colno} of {text!r}; give a JSON "
+                              f"object of {section.__name__} fields{none}") from None
+        return _field_value(value, hint, key)
+    if base_type(hint) is str:
+        if text == "null" and is_optional(hint):
+            return None
+        return _json_string(text) if text.startswith('"') else raw
+    try:
+        return coerce_float(json.loads(text), hint)
+    except json.JSONDecodeError:
+        return raw  # validation says "must be a number, got '1e-3,'" (or integer / true or false)
+
+
+def _json_string(text: str) -> str:
+    """A quoted value decoded as a JSON string (escapes and all); quoted text that is not one stays as is."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return text
+    return value if isinstance(value, str) else text
