@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from dsv3_jax.sharding import path_str
+
 BROKEN_DIR = "checkpoints_broken"  # beside checkpoints/: steps that failed to restore, kept for inspection
 
 
@@ -61,19 +63,8 @@ def _all_finite(tree: Any) -> bool:
     return bool(_finite(leaves)) if leaves else True
 
 
-def _path_name(path: tuple) -> str:
-    """'params.layers.1.mlp.gate.bias' from a jax key path (the names orbax's metadata tree uses too)."""
-    parts = []
-    for key in path:
-        for attr in ("name", "key", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-    return ".".join(parts)
-
-
 def _leaf_specs(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
-    return {_path_name(path): (tuple(leaf.shape), str(jnp.dtype(leaf.dtype)))
+    return {path_str(path): (tuple(leaf.shape), str(jnp.dtype(leaf.dtype)))
             for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 

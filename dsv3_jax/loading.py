@@ -8,7 +8,6 @@ wrong path fails in milliseconds. Models are built with `generate.inference_conf
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any, Protocol, Sequence
@@ -114,7 +113,6 @@ def load_run(run_dir: str | os.PathLike, with_tokenizer: bool = True) -> LoadedM
     import jax
     from flax import nnx
 
-    from dsv3_jax.checkpoint import RunCheckpointer
     from dsv3_jax.model import init_model
     from dsv3_jax.moe import RouterBias
     from dsv3_jax.train.step import abstract_train_state
@@ -170,16 +168,12 @@ def hf_tokenizer(hf_dir: str | os.PathLike) -> HFTokenizer | None:
 
 def hf_stop_ids(path: str | os.PathLike) -> tuple[int, ...]:
     """eos_token_id from generation_config.json, else config.json (an int or a list)."""
+    from dsv3_jax.config import read_json_object
+
     for name in ("generation_config.json", "config.json"):
         file = Path(path) / name
         if file.is_file():
-            try:
-                content = json.loads(file.read_text())
-            except (ValueError, UnicodeDecodeError) as err:
-                raise GenerationError(f"{file}: not valid JSON ({err})") from None
-            if not isinstance(content, dict):
-                raise GenerationError(f"{file}: expected a JSON object, got {type(content).__name__}")
-            eos = content.get("eos_token_id")
+            eos = read_json_object(str(file), "an HF model or generation config").get("eos_token_id")
             if eos is None:
                 continue
             ids = eos if isinstance(eos, list) else [eos]

@@ -66,18 +66,6 @@ def require_run_dir(run_dir: str | os.PathLike) -> Path:
     return path
 
 
-def read_json_file(path: str | os.PathLike, what: str) -> Any:
-    """The JSON content of `path`; a RunDirError naming the file (and the position) if it is not valid JSON."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as err:
-        raise RunDirError(f"{path}: {what} is not valid JSON ({err.msg} at line {err.lineno} column "
-                          f"{err.colno})") from None
-    except UnicodeDecodeError:
-        raise RunDirError(f"{path}: {what} is not UTF-8 text") from None
-
-
 def read_run_config(run_dir: str | os.PathLike) -> Any:
     """RUN/config.json as a validated `train.config.Config`; a RunDirError naming the file and field if the
     file is not valid JSON or not a valid configuration (e.g. edited by hand)."""
@@ -85,13 +73,10 @@ def read_run_config(run_dir: str | os.PathLike) -> Any:
     from dsv3_jax.train.config import Config
 
     path = Path(run_dir) / "config.json"
-    raw = read_json_file(path, "the run's configuration")
-    if not isinstance(raw, dict):
-        raise RunDirError(f"{path}: expected a JSON object, got {type(raw).__name__}")
     try:
-        return Config.from_dict(raw).validate()
-    except ConfigError as err:
-        raise RunDirError(f"{path}: {err}") from None
+        return Config.load(path)
+    except ConfigError as err:  # bad JSON names the file already; a bad field gets it here
+        raise RunDirError(str(err) if str(path) in str(err) else f"{path}: {err}") from None
 
 
 # ---- the lock ------------------------------------------------------------------------------------------------
@@ -238,10 +223,12 @@ def read_data_record(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     path = Path(run_dir) / DATA_RECORD_NAME
     if not path.is_file():
         return None
-    record = read_json_file(path, "the run's data record")
-    if not isinstance(record, dict):
-        raise RunDirError(f"{path}: expected a JSON object, got {type(record).__name__}")
-    return record
+    from dsv3_jax.config import ConfigError, read_json_object
+
+    try:
+        return read_json_object(str(path), "the run's data record")
+    except ConfigError as err:
+        raise RunDirError(str(err)) from None
 
 
 def data_record(dataset: Any) -> dict[str, Any]:

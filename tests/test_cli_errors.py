@@ -94,7 +94,7 @@ def test_eval_argument_and_run_dir_errors(tmp_path, capsys):
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.json"]  # eval created nothing
     (run_dir / "config.json").write_text('{"train": ')
     assert cli.main(["eval", "--run-dir", str(run_dir)]) == 2
-    assert f"{run_dir / 'config.json'}: the run's configuration is not valid JSON" in _one_error_line(capsys)
+    assert f"{run_dir / 'config.json'}: invalid JSON" in _one_error_line(capsys)
 
 
 def test_train_on_a_file_or_a_corrupt_config_is_refused(tmp_path, capsys):
