@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from dsv3_jax.rundir import RunDirLocked, RunLock
 from experiments import collect, spec
 from experiments.plots import PLOTTERS, load_series
 
@@ -133,7 +134,8 @@ def run_variant(exp: spec.Experiment, variant: spec.Variant, scale: str, seed: i
         print(f"{key}: already collected in {dest} (use --force to run it again)")
         return dest
     if force and run_dir.exists():
-        shutil.rmtree(run_dir)
+        with RunLock(run_dir):  # RunDirLocked while a trainer is still writing it: never delete a live run
+            shutil.rmtree(run_dir)
     metrics_path = run_dir / "metrics.jsonl"
     if collect.finished(metrics_path, _steps(preset, overrides)):
         train_info = _earlier_train_info(previous, run_dir)
@@ -258,7 +260,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     src = spec.run_key(*variant.source(exp.name), args.scale, seed)
                     print(shell_line(train_command(preset, corpus, spec.RUNS_DIR / src, overrides)))
                     continue
-                run_variant(exp, variant, args.scale, seed, code, args.force, train=not args.collect_only)
+                try:
+                    run_variant(exp, variant, args.scale, seed, code, args.force, train=not args.collect_only)
+                except RunDirLocked as err:  # --force on a run another process is training
+                    print(f"error: {err}", file=sys.stderr)
+                    return 2
     if not args.dry_run:
         for path in draw(exp, args.scale):
             print(f"wrote {path}")
