@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from dsv3_jax import distributed
 from dsv3_jax.sharding import path_str
 
 BROKEN_DIR = "checkpoints_broken"  # beside checkpoints/: steps that failed to restore, kept for inspection
@@ -48,7 +49,6 @@ class Restored:
     step: int
     state: Any
     data_state: dict
-    config: dict
     skipped: list[tuple[int, str]]
 
 
@@ -186,28 +186,29 @@ class RunCheckpointer:
             if problem is not None:
                 failures.append((step, problem))
                 continue
-            return Restored(step, restored.state, meta["data_state"], meta["config"], failures)
+            return Restored(step, restored.state, meta["data_state"], failures)
         if failures:
             raise NoRestorableCheckpoint(self.directory, failures)
         return None
 
-    def set_aside(self, steps: list[int]) -> list[str]:
+    def set_aside(self, steps: list[int], mover: bool = True) -> list[str]:
         """Move these steps' directories to RUN/checkpoints_broken/<step>-<time> (kept, never deleted), so the
-        steps can be saved again; returns the new paths."""
+        steps can be saved again; returns the new paths. Every process calls it (all must forget the steps
+        before the next save); only the `mover` (process 0, on storage all hosts share) moves anything."""
         if not steps:
             return []
         self.wait()
-        target_root = os.path.join(self.run_dir, BROKEN_DIR)
-        os.makedirs(target_root, exist_ok=True)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
         moved = []
-        for step in steps:
-            source = os.path.join(self.directory, str(step))
-            if not os.path.isdir(source):
-                continue
-            target = os.path.join(target_root, f"{step}-{stamp}")
-            os.replace(source, target)
-            moved.append(target)
+        if mover:
+            target_root = os.path.join(self.run_dir, BROKEN_DIR)
+            os.makedirs(target_root, exist_ok=True)
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            for step in steps:
+                source = os.path.join(self.directory, str(step))
+                if os.path.isdir(source):
+                    moved.append(os.path.join(target_root, f"{step}-{stamp}"))
+                    os.replace(source, moved[-1])
+        distributed.barrier("dsv3_jax.checkpoints_set_aside")
         self.manager.reload()
         return moved
 

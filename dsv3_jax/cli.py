@@ -73,11 +73,6 @@ def _prepare_data_in_turn(config, **kwargs):
     return data
 
 
-def _has_checkpoints(run_dir: str) -> bool:
-    path = os.path.join(run_dir, "checkpoints")
-    return os.path.isdir(path) and any(name.isdigit() for name in os.listdir(path))
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     import jax
 
@@ -87,7 +82,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = _build_config(args)  # validated: bad overrides fail here, before data or compilation
     saved = _load_run_config(args.run_dir)
-    if saved is not None and _has_checkpoints(args.run_dir):
+    if saved is not None and rundir.has_checkpoints(args.run_dir):
         diffs = config_differences(saved.to_dict(), config.to_dict())  # the mesh may change on resume
         if diffs:
             raise ConfigMismatch(f"{args.run_dir} holds a run with another configuration (" + "; ".join(diffs[:5])
@@ -108,7 +103,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     # An existing run is locked before its data is prepared (a second trainer fails in a second, not after
     # minutes of preparation); a new directory is created and locked by train() itself.
     with rundir.locked(args.run_dir, enabled=jax.process_index() == 0 and os.path.isdir(args.run_dir)):
-        resuming = _has_checkpoints(args.run_dir)
+        resuming = rundir.has_checkpoints(args.run_dir)
         own_tokenizer = rundir.run_tokenizer_path(args.run_dir) if resuming else None
         _, slice_count = plan.process_batch_slice(config.train.batch_size)
         data = _prepare_data_in_turn(config, batch_size=config.train.batch_size, process_count=slice_count,
@@ -136,7 +131,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise ConfigError(item.split("=")[0], "eval only takes mesh.* overrides; the rest is the run's config")
     rundir.require_run_dir(args.run_dir)
     saved = _load_run_config(args.run_dir)
-    if not _has_checkpoints(args.run_dir):
+    if not rundir.has_checkpoints(args.run_dir):
         raise rundir.RunDirError(f"{args.run_dir!r} has no checkpoint under checkpoints/: train it first")
     config = apply_overrides(saved, args.set or [])
     _maybe_distributed(args)
@@ -149,8 +144,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise rundir.RunDirError(f"no restorable checkpoint in {args.run_dir}/checkpoints")
     own_tokenizer = rundir.run_tokenizer_path(args.run_dir)
     if own_tokenizer is None:
-        print(f"note: {args.run_dir} has no tokenizer.json (it predates runs carrying their tokenizer); the "
-              "tokenizer is rebuilt from the corpus", file=sys.stderr)
+        print(rundir.legacy_tokenizer_note(args.run_dir, config.data.corpus), file=sys.stderr)
     data = _prepare_data_in_turn(config, tokenizer_path=own_tokenizer)
     change = rundir.corpus_change(rundir.read_data_record(args.run_dir), data.corpus_name, data.corpus_hash)
     if change is not None:

@@ -50,14 +50,13 @@ class HFTokenizer:
 
 def check_run_dir(run_dir: str | os.PathLike) -> Path:
     """The run directory if it holds a config and at least one checkpoint step, else GenerationError."""
-    from dsv3_jax.rundir import RunDirError, require_run_dir
+    from dsv3_jax.rundir import RunDirError, has_checkpoints, require_run_dir
 
     try:
         path = require_run_dir(run_dir)
     except RunDirError as err:
         raise GenerationError(str(err)) from None
-    ckpts = path / "checkpoints"
-    if not ckpts.is_dir() or not any(p.name.isdigit() for p in ckpts.iterdir()):
+    if not has_checkpoints(path):
         raise GenerationError(f"{str(path)!r} has no checkpoint under checkpoints/: train it first")
     return path
 
@@ -88,14 +87,13 @@ def run_tokenizer(run_dir: str | os.PathLike, config: Any, log: Any = None) -> A
     """The tokenizer the run trained with: its own RUN/tokenizer.json. Runs made before runs carried their
     tokenizer get the corpus's BPE rebuilt from the corpus (identical only if the corpus has not changed)."""
     from dsv3_jax.data import get_tokenizer, load_tokenizer, prepare_corpus
-    from dsv3_jax.rundir import run_tokenizer_path
+    from dsv3_jax.rundir import legacy_tokenizer_note, run_tokenizer_path
 
     own = run_tokenizer_path(run_dir)
     if own is not None:
         return load_tokenizer(own)
     if log is not None:
-        log(f"note: {run_dir} has no tokenizer.json (it predates runs carrying their tokenizer); rebuilding "
-            f"the tokenizer from corpus {config.data.corpus!r}")
+        log(legacy_tokenizer_note(run_dir, config.data.corpus))
     cache = _cache_dir(config.data.cache_dir)
     corpus = prepare_corpus(config.data.corpus, cache)
     return get_tokenizer(corpus, config.model.vocab_size, cache)

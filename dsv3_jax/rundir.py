@@ -19,7 +19,6 @@ import errno
 import fcntl
 import json
 import os
-import shutil
 import socket
 import sys
 import tempfile
@@ -40,18 +39,25 @@ class RunDirLocked(RunDirError):
     """Another process holds the run directory's lock."""
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename: readers never see a partial file."""
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
+    """Write `data` to `path` through a temporary file and a rename: readers never see a partial file, and a
+    crash leaves the old file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def has_checkpoints(run_dir: str | os.PathLike) -> bool:
+    """Whether RUN/checkpoints holds at least one step directory (restorable or not)."""
+    path = Path(run_dir) / "checkpoints"
+    return path.is_dir() and any(p.name.isdigit() for p in path.iterdir())
 
 
 def require_run_dir(run_dir: str | os.PathLike) -> Path:
@@ -218,6 +224,12 @@ def run_tokenizer_path(run_dir: str | os.PathLike) -> Path | None:
     return path if path.is_file() else None
 
 
+def legacy_tokenizer_note(run_dir: str | os.PathLike, corpus: str) -> str:
+    """What eval/generate say about a run made before runs carried their tokenizer."""
+    return (f"note: {run_dir} has no {TOKENIZER_NAME} (it predates runs carrying their tokenizer); rebuilding "
+            f"the tokenizer from corpus {corpus!r}")
+
+
 def read_data_record(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     """RUN/data.json (what the run trained on), or None for runs made before it existed."""
     path = Path(run_dir) / DATA_RECORD_NAME
@@ -243,13 +255,10 @@ def data_record(dataset: Any) -> dict[str, Any]:
 def save_run_data(run_dir: str | os.PathLike, dataset: Any) -> None:
     """Copy the dataset's tokenizer into the run and write RUN/data.json (atomically, writer only)."""
     run_dir = Path(run_dir)
-    target = run_dir / TOKENIZER_NAME
-    if not target.is_file() or target.read_bytes() != Path(dataset.tokenizer.path).read_bytes():
-        fd, tmp = tempfile.mkstemp(prefix=".tokenizer.", suffix=".tmp", dir=run_dir)
-        os.close(fd)
-        shutil.copyfile(dataset.tokenizer.path, tmp)
-        os.replace(tmp, target)
-    atomic_write_text(run_dir / DATA_RECORD_NAME, json.dumps(data_record(dataset), indent=2, sort_keys=True) + "\n")
+    target, tokenizer = run_dir / TOKENIZER_NAME, Path(dataset.tokenizer.path).read_bytes()
+    if not target.is_file() or target.read_bytes() != tokenizer:
+        atomic_write(target, tokenizer)
+    atomic_write(run_dir / DATA_RECORD_NAME, json.dumps(data_record(dataset), indent=2, sort_keys=True) + "\n")
 
 
 def corpus_change(record: dict[str, Any] | None, corpus_name: str, corpus_hash: str) -> str | None:

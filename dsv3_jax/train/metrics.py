@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from dsv3_jax.rundir import atomic_write
+
 
 def to_python(value: Any) -> Any:
     """JSON-friendly scalars and lists from numpy / jax values."""
@@ -83,10 +85,7 @@ def truncate_after(path: str, step: int) -> int:
         return 0
     with open(discarded_path(path), "a") as f:
         f.writelines(dropped)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
+    atomic_write(path, "".join(kept))
     return len(dropped)
 
 

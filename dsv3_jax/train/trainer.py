@@ -159,7 +159,7 @@ def _train_locked(config: Config, plan: Any, run_dir: str, data: Any, stop: Stop
     if restored is not None:
         step0, state, data_state = restored.step, restored.state, restored.data_state
         if restored.skipped:
-            moved = checkpointer.set_aside([step for step, _ in restored.skipped]) if is_writer else []
+            moved = checkpointer.set_aside([step for step, _ in restored.skipped], mover=is_writer)
             for (step, reason), path in zip(restored.skipped, moved):
                 print(f"checkpoint {step} does not restore ({reason}); moved to {path}, its steps will be redone",
                       file=sys.stderr)
@@ -168,7 +168,7 @@ def _train_locked(config: Config, plan: Any, run_dir: str, data: Any, stop: Stop
         step0 = 0
         state = init_train_state(mc, tc, plan, shardings)[1]
     if is_writer:
-        rundir.atomic_write_text(os.path.join(run_dir, "config.json"), config.to_json())
+        rundir.atomic_write(os.path.join(run_dir, "config.json"), config.to_json())
         rundir.save_run_data(run_dir, data)
 
     # This process's rows of every global batch (hosts holding the same rows read the same slice).
