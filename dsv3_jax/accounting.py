@@ -59,11 +59,14 @@ class TemplateLeaf:
 
 
 def reduced_config(cfg: ModelConfig) -> ModelConfig:
-    """`cfg` with at most one dense layer, one MoE layer and one MTP module: one of every kind it has."""
+    """`cfg` with at most one dense layer, one MoE layer and one MTP module: one of every kind it has.
+
+    Always the unrolled layout: a scanned stack holds the same per-layer variables with a leading layer
+    axis (never sharded), so templates named `layers/{i}/...` describe either layout."""
     n_layers, n_dense = cfg.num_hidden_layers, cfg.first_k_dense_replace
     kept_dense, kept_moe = min(n_dense, 1), min(n_layers - n_dense, 1)
     return cfg.replace(num_hidden_layers=kept_dense + kept_moe, first_k_dense_replace=kept_dense,
-                       num_nextn_predict_layers=min(cfg.mtp_depth, 1))
+                       num_nextn_predict_layers=min(cfg.mtp_depth, 1), scan_layers=False)
 
 
 def _template_indices(cfg: ModelConfig, path: tuple) -> range | None:

@@ -78,11 +78,22 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from dsv3_jax import rundir, sharding
     from dsv3_jax.checkpoint import RunCheckpointer
-    from dsv3_jax.train.trainer import ConfigMismatch, check_checkpoint_config, config_differences
+    from dsv3_jax.train.trainer import ConfigMismatch, check_checkpoint_config, config_differences, layout_problem
 
+    from dsv3_jax.train.profiling import parse_profile
+
+    profile = None
+    if args.profile is not None:
+        try:
+            profile = parse_profile(args.profile)
+        except ValueError as err:
+            raise ConfigError("--profile", str(err).removeprefix("--profile ")) from None
     config = _build_config(args)  # validated: bad overrides fail here, before data or compilation
     saved = _load_run_config(args.run_dir)
     if saved is not None and rundir.has_checkpoints(args.run_dir):
+        layout = layout_problem(saved.to_dict(), config)
+        if layout is not None:
+            raise ConfigMismatch(f"{args.run_dir} {layout}")
         diffs = config_differences(saved.to_dict(), config.to_dict())  # the mesh may change on resume
         if diffs:
             raise ConfigMismatch(f"{args.run_dir} holds a run with another configuration (" + "; ".join(diffs[:5])
@@ -108,7 +119,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         _, slice_count = plan.process_batch_slice(config.train.batch_size)
         data = _prepare_data_in_turn(config, batch_size=config.train.batch_size, process_count=slice_count,
                                      tokenizer_path=own_tokenizer)
-        result = train(config, args.run_dir, data, show_progress=not args.no_progress)
+        result = train(config, args.run_dir, data, show_progress=not args.no_progress, profile=profile)
     if result.last_eval is not None:
         print(f"final validation loss {result.last_eval['val_loss']:.4f}, "
               f"MaxVio_global {result.last_eval['maxvio_global']:.3f}")
@@ -240,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--break-lock", action="store_true",
                        help="remove the run directory's lock left by a training process that is dead (e.g. a "
                             "crashed host); refused while a process on this machine still holds it")
+    train.add_argument("--profile", metavar="START:COUNT", default=None,
+                       help="write a jax.profiler trace of the COUNT steps after step START into RUN_DIR/profile "
+                            "(open with TensorBoard's profile plugin or XProf)")
     _add_cluster_flags(train)
     train.set_defaults(func=cmd_train)
 

@@ -19,13 +19,15 @@ DTYPES = ("float32", "bfloat16", "float16")
 MOE_DISPATCH = ("auto", "dense", "capacity", "blocked", "ragged")
 # ModelConfig fields that say how we compute, not what the architecture is (absent from HF config.json).
 COMPUTE_FIELDS = ("dtype", "param_dtype", "moe_dispatch", "capacity_factor", "init_std", "fp8",
-                  "fp8_power_of_2_scales", "fp8_accumulation_interval")
+                  "fp8_power_of_2_scales", "fp8_accumulation_interval", "scan_layers", "remat")
 # Ablation switches that change the architecture away from DeepSeek-V3 (no HF equivalent: to_hf refuses them).
 ABLATION_FIELDS = ("attention",)
 ATTENTION_KINDS = ("mla", "mha")  # mha: dsv3_jax/mha.py, the baseline of the MLA experiment
 NON_HF_FIELDS = COMPUTE_FIELDS + ABLATION_FIELDS
 # FP8 GEMM emulation recipes (dsv3_jax/fp8.py); the rest of the model stays in `dtype` either way.
 FP8_RECIPES = ("none", "deepseek", "per_tensor")
+# Rematerialisation policies of a decoder layer's backward pass (dsv3_jax/stack.py says what each one keeps).
+REMAT_POLICIES = ("none", "full", "minimal")
 
 
 class ConfigError(ValueError):
@@ -165,6 +167,8 @@ class ModelConfig:
     fp8_power_of_2_scales: bool = False  # round FP8 scales up to powers of two
     fp8_accumulation_interval: int | None = None  # None: exact FP32 accumulation; N: ~14-bit partial sums
     # promoted to FP32 every N elements (tensor-core model, slow; N >= K means never promoted)
+    scan_layers: bool = True  # dense prefix and MoE layers as two stacks with a leading layer axis, scanned
+    remat: str = "none"  # recompute in the backward pass: none | full | minimal (REMAT_POLICIES)
 
     # ---- derived sizes -------------------------------------------------------------------------
     @property
@@ -190,6 +194,15 @@ class ModelConfig:
 
     def is_moe_layer(self, layer_index: int) -> bool:
         return layer_index >= self.first_k_dense_replace
+
+    def layer_stacks(self) -> tuple[tuple[str, range, bool], ...]:
+        """The scanned layout's stacks: (attribute name, main-layer indices, uses MoE), empty stacks left out.
+
+        Dense layers are the contiguous prefix of `first_k_dense_replace` layers, so scanning the dense stack
+        and then the MoE stack applies the layers in their original order."""
+        stacks = (("dense_layers", range(0, self.first_k_dense_replace), False),
+                  ("moe_layers", range(self.first_k_dense_replace, self.num_hidden_layers), True))
+        return tuple(stack for stack in stacks if len(stack[1]))
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -243,7 +256,7 @@ class ModelConfig:
 
     def _check_compute(self) -> None:
         for name, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("moe_dispatch", MOE_DISPATCH),
-                              ("attention", ATTENTION_KINDS), ("fp8", FP8_RECIPES)):
+                              ("attention", ATTENTION_KINDS), ("fp8", FP8_RECIPES), ("remat", REMAT_POLICIES)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(name, f"must be one of {allowed}, got {getattr(self, name)!r}")
         if self.capacity_factor is not None and not self.capacity_factor > 0:

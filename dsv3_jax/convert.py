@@ -344,6 +344,60 @@ def _leaves(model: nnx.Module) -> list[tuple[str, nnx.Variable]]:
     return [(".".join(map(str, path)), var) for path, var in nnx.to_flat_state(nnx.state(model))]
 
 
+@dataclass(frozen=True)
+class _Slot:
+    """One layer's share of a variable: `leaf` is the unrolled layout's dotted name (what `hf_name` maps), and
+    `index` the position on the variable's leading layer axis (None: the whole variable)."""
+
+    leaf: str
+    var: nnx.Variable
+    index: int | None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        shape = tuple(self.var.get_value().shape)
+        return shape if self.index is None else shape[1:]
+
+
+def _slots(model: DeepSeekV3) -> list[_Slot]:
+    """Every parameter, split per main layer when the model is scanned, named as in the unrolled layout
+    (`layers.{i}....`): the HF name table and the checks see one layout."""
+    stacks = {name: indices for name, indices, _ in model.cfg.layer_stacks()} if model.cfg.scan_layers else {}
+    out = []
+    for leaf, var in _leaves(model):
+        stack, _, rest = leaf.partition(".")
+        if stack in stacks:
+            out += [_Slot(f"layers.{i}.{rest}", var, n) for n, i in enumerate(stacks[stack])]
+        else:
+            out.append(_Slot(leaf, var, None))
+    return out
+
+
+def relayout(model: DeepSeekV3, scan_layers: bool, dot_general: Any = None) -> DeepSeekV3:
+    """The same model (every number equal) in the other parameter layout: unrolled `layers/{i}` <-> scanned
+    `dense_layers` / `moe_layers` stacks. Works variable by variable through the per-layer names both layouts
+    share, so it holds one extra copy of one variable at a time, not of the model. `dot_general` as in
+    `DeepSeekV3` (default: the one `cfg.fp8` selects)."""
+    cfg = model.cfg.replace(scan_layers=scan_layers)
+    if cfg == model.cfg:
+        return model
+    target = nnx.eval_shape(lambda: DeepSeekV3(cfg, nnx.Rngs(0), dot_general))
+    source = {slot.leaf: slot for slot in _slots(model)}
+    by_var: dict[int, list[_Slot]] = {}
+    for slot in _slots(target):
+        by_var.setdefault(id(slot.var), []).append(slot)
+    for slots in by_var.values():
+        def read(slot: _Slot) -> jax.Array:
+            src = source[slot.leaf]
+            value = src.var.get_value()
+            return value if src.index is None else value[src.index]
+        if slots[0].index is None:
+            slots[0].var.set_value(read(slots[0]))
+        else:
+            slots[0].var.set_value(jnp.stack([read(slot) for slot in sorted(slots, key=lambda s: s.index)]))
+    return target
+
+
 def from_hf(path: str | os.PathLike, dtype: Any = jnp.float32, *, compute_dtype: Any = None,
             **config_overrides: Any) -> tuple[ModelConfig, DeepSeekV3]:
     """Load an HF-layout DeepSeek-V3 checkpoint (fp32/bf16/fp16, or FP8 block-scaled) as (config, model).
@@ -360,10 +414,9 @@ def from_hf(path: str | os.PathLike, dtype: Any = jnp.float32, *, compute_dtype:
     ckpt = _Checkpoint(directory)
     try:
         model = nnx.eval_shape(lambda: DeepSeekV3(cfg, nnx.Rngs(0)))
-        leaves = _leaves(model)
-        plan = _plan_import(leaves, cfg, ckpt, block)
-        for var, name, kind in plan:
-            var.set_value(jnp.asarray(_load_leaf(ckpt, var, name, kind, cfg, block)))
+        slots = _slots(model)
+        plan = _plan_import(slots, cfg, ckpt, block)
+        _fill(plan, ckpt, cfg, block)
         _check_mtp_copies(ckpt, cfg)
         _reject_unconsumed(ckpt, cfg, _file_mtp_depth(hf))
     finally:
@@ -371,19 +424,20 @@ def from_hf(path: str | os.PathLike, dtype: Any = jnp.float32, *, compute_dtype:
     return cfg, model
 
 
-def _plan_import(leaves, cfg: ModelConfig, ckpt: _Checkpoint, block) -> list[tuple[nnx.Variable, str, str]]:
+def _plan_import(slots: list[_Slot], cfg: ModelConfig, ckpt: _Checkpoint,
+                 block) -> list[tuple[_Slot, str, str]]:
     """Check every tensor's presence, shape and scale from the headers before any data is read."""
     plan, missing = [], []
-    for leaf, var in leaves:
-        name, kind = hf_name(leaf, cfg)
-        shape = _hf_shapes(kind, tuple(var.get_value().shape))
+    for slot in slots:
+        name, kind = hf_name(slot.leaf, cfg)
+        shape = _hf_shapes(kind, slot.shape)
         for tensor in _expanded(name, kind, cfg):
             if tensor not in ckpt:
                 missing.append(tensor)
                 continue
             ckpt.check(tensor, shape, block if kind in (FP8, EXPERTS) else None)
-        plan.append((var, name, kind))
-    shapes = {leaf: tuple(var.get_value().shape) for leaf, var in leaves}
+        plan.append((slot, name, kind))
+    shapes = {slot.leaf: slot.shape for slot in slots}
     for k in range(cfg.mtp_depth):
         for copy, main in MTP_SHARED_COPIES.items():
             tensor = f"model.layers.{cfg.num_hidden_layers + k}.{copy}"
@@ -405,19 +459,39 @@ def _layer_index(tensor: str) -> int:
     return int(m.group(1)) if m else -1
 
 
-def _load_leaf(ckpt: _Checkpoint, var: nnx.Variable, name: str, kind: str, cfg: ModelConfig, block) -> np.ndarray:
-    """One of our leaves, assembled from its HF tensor(s) in the leaf's dtype."""
-    target = var.get_value()
-    out_dtype = np.dtype(target.dtype)
+def _fill(plan: list[tuple[_Slot, str, str]], ckpt: _Checkpoint, cfg: ModelConfig, block) -> None:
+    """Set every variable from its HF tensors, one tensor at a time. A stacked variable is assembled in one
+    preallocated host buffer, layer by layer, so at most one variable is ever held twice (host and device)."""
+    by_var: dict[int, list[tuple[_Slot, str, str]]] = {}
+    for entry in plan:
+        by_var.setdefault(id(entry[0].var), []).append(entry)
+    for entries in by_var.values():
+        var = entries[0][0].var
+        target = var.get_value()
+        out_dtype = np.dtype(target.dtype)
+        if entries[0][0].index is None:
+            slot, name, kind = entries[0]
+            var.set_value(jnp.asarray(_load_leaf(ckpt, slot.shape, out_dtype, name, kind, cfg, block)))
+            continue
+        buffer = np.empty(target.shape, out_dtype)
+        for slot, name, kind in entries:
+            _load_leaf(ckpt, slot.shape, out_dtype, name, kind, cfg, block, out=buffer[slot.index])
+        var.set_value(jnp.asarray(buffer))
+        del buffer
+
+
+def _load_leaf(ckpt: _Checkpoint, shape: tuple[int, ...], out_dtype: np.dtype, name: str, kind: str,
+               cfg: ModelConfig, block, out: np.ndarray | None = None) -> np.ndarray:
+    """One layer's share of one of our leaves, assembled from its HF tensor(s) in `out_dtype` (into `out`)."""
+    if out is None:
+        out = np.empty(shape, out_dtype)
     if kind == EXPERTS:
-        out = np.empty(target.shape, out_dtype)  # one preallocated buffer per layer and projection
         for j, tensor in enumerate(_expanded(name, kind, cfg)):
             out[j] = ckpt.read(tensor, block).T  # cast on assignment
         return out
     array = ckpt.read(name, block)
-    if kind in (DENSE, FP8):
-        array = array.T
-    return np.ascontiguousarray(array, dtype=out_dtype)  # transpose and cast in one copy
+    out[...] = array.T if kind in (DENSE, FP8) else array  # transpose and cast in one copy
+    return out
 
 
 def _check_mtp_copies(ckpt: _Checkpoint, cfg: ModelConfig, chunk_bytes: int = 1 << 26) -> None:
@@ -488,19 +562,22 @@ def _export_groups(model: DeepSeekV3, dtype: np.dtype, fp8: bool, block: tuple[i
         out = np.dtype(np.float32) if kind == BIAS else dtype
         return _Group([(name, _ST_NAMES[out], shape)], lambda: [np.asarray(fetch(), np.float32).astype(out)])
 
-    def fetch(var: nnx.Variable, kind: str, j: int | None = None) -> Callable[[], np.ndarray]:
+    def fetch(var: nnx.Variable, kind: str, *index: int) -> Callable[[], np.ndarray]:
+        """Reads only the slice asked for (a layer of a stack, an expert), never a whole stacked variable."""
         def get() -> np.ndarray:
-            value = var.get_value() if j is None else var.get_value()[j]
+            value = var.get_value()[index] if index else var.get_value()
             array = np.asarray(jax.device_get(value))
             return array.T if kind in (DENSE, FP8, EXPERTS) else array
         return get
 
     groups: list[_Group] = []
-    for leaf, var in _leaves(model):
-        name, kind = hf_name(leaf, cfg)
-        shape = _hf_shapes(kind, tuple(var.get_value().shape))
+    for slot in _slots(model):
+        name, kind = hf_name(slot.leaf, cfg)
+        shape = _hf_shapes(kind, slot.shape)
+        layer = () if slot.index is None else (slot.index,)
         for j, tensor in enumerate(_expanded(name, kind, cfg)):
-            groups.append(group(tensor, kind, fetch(var, kind, j if kind == EXPERTS else None), shape))
+            groups.append(group(tensor, kind, fetch(slot.var, kind, *layer, *((j,) if kind == EXPERTS else ())),
+                                shape))
     for k in range(cfg.mtp_depth):
         for copy, main_leaf in MTP_SHARED_COPIES.items():
             var = leaves[main_leaf]

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.remat_names import MLP_GATE, MLP_UP, tag
 from dsv3_jax.sharding import constrain
 
 DotGeneral = Callable[..., jax.Array]
@@ -81,6 +82,6 @@ class MLP(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         # x is [B, T, D] (dense layers) or [N, D] (shared experts); tokens stay split like the batch and the
         # hidden dim like the weights (tensor), instead of GSPMD picking one and re-sharding the other.
-        hidden = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        hidden = jax.nn.silu(tag(self.gate_proj(x), MLP_GATE)) * tag(self.up_proj(x), MLP_UP)
         hidden = constrain(hidden, "batch", *(["length"] * (x.ndim - 2)), "mlp")
         return self.down_proj(hidden)

@@ -14,6 +14,7 @@ from flax import nnx
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.kv_cache import ExpandedEntries, LatentEntries, LayerEntries, visible_mask, write_entries
 from dsv3_jax.layers import DotGeneral, Linear, RMSNorm
+from dsv3_jax.remat_names import MLA_ATTENTION_OUT, MLA_KV, MLA_KV_LATENT, MLA_Q, MLA_Q_LATENT, tag
 from dsv3_jax.rope import apply_rope, rope_cos_sin, softmax_scale
 from dsv3_jax.sharding import constrain
 
@@ -43,22 +44,23 @@ class MLA(nnx.Module):
         """(q_nope [B,T,H,N], rotated q_pe [B,T,H,R]); each head's 192 dims are nope first, then rope."""
         cfg = self.cfg
         if cfg.q_lora_rank is not None:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
+            q = self.q_b_proj(self.q_a_layernorm(tag(self.q_a_proj(x_BTD), MLA_Q_LATENT)))
         else:
             q = self.q_proj(x_BTD)
-        q_BTHK = q.reshape(*x_BTD.shape[:2], cfg.num_attention_heads, cfg.qk_head_dim)
+        q_BTHK = tag(q, MLA_Q).reshape(*x_BTD.shape[:2], cfg.num_attention_heads, cfg.qk_head_dim)
         q_nope_BTHN, q_pe_BTHR = jnp.split(constrain(q_BTHK, *HEADS_AXES), [cfg.qk_nope_head_dim], axis=-1)
         return q_nope_BTHN, apply_rope(q_pe_BTHR, cos, sin)
 
     def latent(self, x_BTD: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
         """What the decode cache holds per token: normalised c_kv [B,T,C] and rotated shared k_pe [B,T,R]."""
-        c_kv_BTC, k_pe_BTR = jnp.split(self.kv_a_proj_with_mqa(x_BTD), [self.cfg.kv_lora_rank], axis=-1)
+        kv_a = tag(self.kv_a_proj_with_mqa(x_BTD), MLA_KV_LATENT)
+        c_kv_BTC, k_pe_BTR = jnp.split(kv_a, [self.cfg.kv_lora_rank], axis=-1)
         return self.kv_a_layernorm(c_kv_BTC), apply_rope(k_pe_BTR, cos, sin)
 
     def expand_kv(self, c_kv_BSC: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Up-project the latent to per-head keys [B,S,H,N] and values [B,S,H,V] (rows: k then v per head)."""
         cfg = self.cfg
-        kv = self.kv_b_proj(c_kv_BSC).reshape(*c_kv_BSC.shape[:2], cfg.num_attention_heads,
+        kv = tag(self.kv_b_proj(c_kv_BSC), MLA_KV).reshape(*c_kv_BSC.shape[:2], cfg.num_attention_heads,
                                               cfg.qk_nope_head_dim + cfg.v_head_dim)
         k_nope_BSHN, v_BSHV = jnp.split(constrain(kv, *HEADS_AXES), [cfg.qk_nope_head_dim], axis=-1)
         return k_nope_BSHN, v_BSHV
@@ -74,15 +76,20 @@ class MLA(nnx.Module):
 
     def _causal(self, x_BTD: jax.Array, positions_BT: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
         """Full-sequence causal attention; also returns (c_kv, k_pe, k_nope, v) so prefill can cache them."""
-        cos, sin = rope_cos_sin(positions_BT, self.cfg)
-        q_nope_BTHN, q_pe_BTHR = self.queries(x_BTD, cos, sin)
-        c_kv_BTC, k_pe_BTR = self.latent(x_BTD, cos, sin)
-        k_nope_BTHN, v_BTHV = self.expand_kv(c_kv_BTC)
-        seq_len = x_BTD.shape[1]
-        causal_TS = jnp.tril(jnp.ones((seq_len, seq_len), bool))
-        out_BTHV = attend(q_nope_BTHN, q_pe_BTHR, k_nope_BTHN, k_pe_BTR, v_BTHV, causal_TS, softmax_scale(self.cfg))
-        out_BTHV = constrain(out_BTHV, *HEADS_AXES)
-        return self.o_proj(out_BTHV.reshape(*x_BTD.shape[:2], -1)), (c_kv_BTC, k_pe_BTR, k_nope_BTHN, v_BTHV)
+        with jax.named_scope("mla_projections"):
+            cos, sin = rope_cos_sin(positions_BT, self.cfg)
+            q_nope_BTHN, q_pe_BTHR = self.queries(x_BTD, cos, sin)
+            c_kv_BTC, k_pe_BTR = self.latent(x_BTD, cos, sin)
+            k_nope_BTHN, v_BTHV = self.expand_kv(c_kv_BTC)
+        with jax.named_scope("mla_attention"):
+            seq_len = x_BTD.shape[1]
+            causal_TS = jnp.tril(jnp.ones((seq_len, seq_len), bool))
+            out_BTHV = attend(q_nope_BTHN, q_pe_BTHR, k_nope_BTHN, k_pe_BTR, v_BTHV, causal_TS,
+                              softmax_scale(self.cfg))
+            out_BTHV = constrain(out_BTHV, *HEADS_AXES)
+        with jax.named_scope("mla_out_proj"):
+            out_BTD = self.o_proj(tag(out_BTHV.reshape(*x_BTD.shape[:2], -1), MLA_ATTENTION_OUT))
+        return out_BTD, (c_kv_BTC, k_pe_BTR, k_nope_BTHN, v_BTHV)
 
     def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array) -> jax.Array:
         return self._causal(x_BTD, positions_BT)[0]

@@ -14,28 +14,51 @@ from dsv3_jax.layers import DotGeneral, Embed, Linear, RMSNorm
 from dsv3_jax.moe import MoEAux
 from dsv3_jax.mtp import MTPModule
 from dsv3_jax.sharding import constrain
+from dsv3_jax.stack import call_layer, scan_cached, scan_layers, stacked_layers
 
 LOGITS_AXES = ("batch", "length", "vocab")
 
 
 @struct.dataclass
 class Aux:
-    """Side outputs, returned rather than sown so losses and bias updates read them directly."""
+    """Side outputs, returned rather than sown so losses and bias updates read them directly.
 
-    moe: tuple[MoEAux, ...]  # one per main MoE layer, in layer order
+    MoE statistics are stacked over layers (every field of `MoEAux` gains a leading axis) in both layouts, so
+    losses, the bias update and metrics are one vectorised op over layers."""
+
+    moe: MoEAux | None  # main MoE layers in layer order, [L_moe, ...]; None without MoE layers
     mtp_logits: tuple[jax.Array, ...]  # depth k (1-based) at index k-1: [B, T-k, V] float32, predicts t_{i+k+1}
-    mtp_moe: tuple[MoEAux, ...]  # one per MTP module
-    layer_outputs: tuple[jax.Array, ...] = ()  # residual stream after each main layer (return_hidden=True)
+    mtp_moe: tuple[MoEAux, ...]  # one per MTP module that ran (token counts differ by depth, so not stacked)
+    layer_outputs: jax.Array | None = None  # residual stream after each main layer [L, B, T, D] (return_hidden)
     final_hidden: jax.Array | None = None  # post-norm hidden state, the lm_head input (return_hidden=True)
 
     @property
-    def all_moe(self) -> tuple[MoEAux, ...]:
-        """Every MoE layer with a router bias: main layers, then MTP blocks."""
-        return self.moe + self.mtp_moe
+    def n_moe(self) -> int:
+        """Main MoE layers reported."""
+        return 0 if self.moe is None else self.moe.expert_counts.shape[0]
+
+    def moe_layer(self, index: int) -> MoEAux:
+        """Main MoE layer `index`'s statistics (unstacked)."""
+        return jax.tree.map(lambda a: a[index], self.moe)
+
+    def per_router(self, field: str) -> jax.Array:
+        """`field` of every MoE layer with a router bias, stacked [L_moe + n_mtp, ...]: main layers, then MTP
+        blocks (the order of `DeepSeekV3.routers`). Only for fields whose shape does not depend on the tokens
+        (expert_counts, the balance losses, dropped_fraction)."""
+        parts = ([] if self.moe is None else [getattr(self.moe, field)]) + [
+            getattr(aux, field)[None] for aux in self.mtp_moe]
+        return jnp.concatenate(parts) if parts else jnp.zeros((0,), jnp.float32)
+
+
+def _stack_aux(per_layer: list[MoEAux]) -> MoEAux | None:
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer) if per_layer else None
 
 
 class DeepSeekV3(nnx.Module):
-    """The full model. Attribute names mirror the HF checkpoint so conversion is a table, not code."""
+    """The full model. Attribute names mirror the HF checkpoint so conversion is a table, not code.
+
+    With `cfg.scan_layers` the main layers live in two stacks (`dense_layers`, `moe_layers`: one DecoderLayer
+    each whose variables have a leading layer axis, dsv3_jax/stack.py); otherwise in the list `layers`."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dot_general: DotGeneral | None = None):
         """`dot_general` (default: the one `cfg.fp8` selects) runs every FP8-eligible GEMM: MLA projections,
@@ -46,29 +69,37 @@ class DeepSeekV3(nnx.Module):
         if dot_general is None:
             dot_general = fp8.dot_general_for(cfg)
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, cfg, rngs)
-        self.layers = nnx.List([DecoderLayer(cfg, rngs, use_moe=cfg.is_moe_layer(i), dot_general=dot_general)
-                                for i in range(cfg.num_hidden_layers)])
+        if cfg.scan_layers:
+            for name, indices, use_moe in cfg.layer_stacks():
+                setattr(self, name, stacked_layers(cfg, rngs, len(indices), use_moe, dot_general))
+        else:
+            self.layers = nnx.List([DecoderLayer(cfg, rngs, use_moe=cfg.is_moe_layer(i), dot_general=dot_general)
+                                    for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, cfg, rngs)  # high precision even under FP8
         self.mtp = nnx.List([MTPModule(cfg, rngs, dot_general) for _ in range(cfg.mtp_depth)])
 
+    def stacks(self) -> list[tuple[DecoderLayer, range]]:
+        """The scanned layout's (stack module, main-layer indices), in layer order (empty when unrolled)."""
+        if not self.cfg.scan_layers:
+            return []
+        return [(getattr(self, name), indices) for name, indices, _ in self.cfg.layer_stacks()]
+
     def routers(self) -> list:
-        """Every router, in the order of `Aux.all_moe` (main MoE layers, then MTP blocks)."""
-        return ([layer.mlp.gate for layer in self.layers if layer.use_moe]
-                + [module.block.mlp.gate for module in self.mtp])
+        """Every router, in the order of `Aux.per_router` (main MoE layers, then MTP blocks). In the scanned
+        layout the main MoE layers share one router module whose kernel and bias are [L_moe, ...]."""
+        if self.cfg.scan_layers:
+            main = [stack.mlp.gate for stack, _ in self.stacks() if stack.use_moe]
+        else:
+            main = [layer.mlp.gate for layer in self.layers if layer.use_moe]
+        return main + [module.block.mlp.gate for module in self.mtp]
 
     def __call__(self, input_ids_BT: jax.Array, return_hidden: bool = False) -> tuple[jax.Array, Aux]:
         """Logits [B, T, V] (float32) for every position, and the Aux side outputs."""
         batch, seq_len = input_ids_BT.shape
         positions_BT = jnp.broadcast_to(jnp.arange(seq_len), (batch, seq_len))
         h_BTD = constrain(self.embed_tokens(input_ids_BT), *RESIDUAL_AXES)
-        moe_aux, layer_outputs = [], []
-        for layer in self.layers:
-            h_BTD, aux = layer(h_BTD, positions_BT)
-            if aux is not None:
-                moe_aux.append(aux)
-            if return_hidden:
-                layer_outputs.append(h_BTD)
+        h_BTD, moe_aux, layer_outputs = self._main_layers(h_BTD, positions_BT, return_hidden)
         final_BTD = self.norm(h_BTD)
         logits_BTV = constrain(self.lm_head(final_BTD).astype(jnp.float32), *LOGITS_AXES)
 
@@ -78,13 +109,36 @@ class DeepSeekV3(nnx.Module):
             if seq_len <= depth:
                 break  # no position has a token `depth` steps ahead
             n = seq_len - depth
-            h_prev_BTD, head_in_BTD, aux = module(h_prev_BTD[:, :n], self.embed_tokens(input_ids_BT[:, depth:]),
-                                                  positions_BT[:, :n])
-            mtp_logits.append(constrain(self.lm_head(head_in_BTD).astype(jnp.float32), *LOGITS_AXES))
+            with jax.named_scope(f"mtp_{depth}"):
+                h_prev_BTD, head_in_BTD, aux = call_layer(module, self.cfg.remat, h_prev_BTD[:, :n],
+                                                          self.embed_tokens(input_ids_BT[:, depth:]),
+                                                          positions_BT[:, :n])
+                mtp_logits.append(constrain(self.lm_head(head_in_BTD).astype(jnp.float32), *LOGITS_AXES))
             mtp_aux.append(aux)
-        return logits_BTV, Aux(moe=tuple(moe_aux), mtp_logits=tuple(mtp_logits), mtp_moe=tuple(mtp_aux),
-                               layer_outputs=tuple(layer_outputs),
-                               final_hidden=final_BTD if return_hidden else None)
+        return logits_BTV, Aux(moe=moe_aux, mtp_logits=tuple(mtp_logits), mtp_moe=tuple(mtp_aux),
+                               layer_outputs=layer_outputs, final_hidden=final_BTD if return_hidden else None)
+
+    def _main_layers(self, h_BTD: jax.Array, positions_BT: jax.Array,
+                     keep_hidden: bool) -> tuple[jax.Array, MoEAux | None, jax.Array | None]:
+        """Every main layer in order: (output, stacked MoE aux, [L, B, T, D] hidden states if asked)."""
+        remat = self.cfg.remat
+        moe_aux, hidden = [], []
+        if self.cfg.scan_layers:
+            for stack, _ in self.stacks():
+                with jax.named_scope("moe_layers" if stack.use_moe else "dense_layers"):
+                    h_BTD, aux, hidden_LBTD = scan_layers(stack, h_BTD, positions_BT, remat, keep_hidden)
+                if aux is not None:
+                    moe_aux.append(aux)
+                hidden.append(hidden_LBTD)
+            moe = moe_aux[0] if moe_aux else None  # at most one MoE stack
+            return h_BTD, moe, jnp.concatenate(hidden) if keep_hidden else None
+        for i, layer in enumerate(self.layers):
+            with jax.named_scope(f"layer_{i}"):
+                h_BTD, aux = call_layer(layer, remat, h_BTD, positions_BT)
+            if aux is not None:
+                moe_aux.append(aux)
+            hidden.append(h_BTD)
+        return h_BTD, _stack_aux(moe_aux), jnp.stack(hidden) if keep_hidden else None
 
     # ---- cached inference (dsv3_jax.generate drives these; caches come from dsv3_jax.kv_cache) ----------------
     def head(self, final_BTD: jax.Array) -> jax.Array:
@@ -95,9 +149,7 @@ class DeepSeekV3(nnx.Module):
         """Right-padded prompts (row b holds lengths_B[b] real tokens) from position 0 into an empty cache:
         (post-norm hidden [B, T, D] at every position, cache holding each row's prompt)."""
         h_BTD = constrain(self.embed_tokens(input_ids_BT), *RESIDUAL_AXES)
-        for i, layer in enumerate(self.layers):
-            h_BTD, entries = layer.prefill(h_BTD, cache.layer(i))
-            cache = cache.with_layer(i, entries)
+        h_BTD, cache = self._cached_layers("prefill", h_BTD, cache)
         return self.norm(h_BTD), cache.replace(lengths=lengths_B.astype(jnp.int32))
 
     def decode(self, input_ids_BT: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
@@ -105,10 +157,20 @@ class DeepSeekV3(nnx.Module):
         lengths + T). Callers that reject some of the T (speculative verification) lower the lengths after."""
         positions_BT = cache.lengths[:, None] + jnp.arange(input_ids_BT.shape[1], dtype=jnp.int32)
         h_BTD = constrain(self.embed_tokens(input_ids_BT), *RESIDUAL_AXES)
-        for i, layer in enumerate(self.layers):
-            h_BTD, entries = layer.decode(h_BTD, positions_BT, cache.layer(i))
-            cache = cache.with_layer(i, entries)
+        h_BTD, cache = self._cached_layers("decode", h_BTD, cache, positions_BT)
         return self.norm(h_BTD), cache.replace(lengths=cache.lengths + input_ids_BT.shape[1])
+
+    def _cached_layers(self, method: str, h_BTD: jax.Array, cache: KVCache, *args: jax.Array) -> tuple[jax.Array, KVCache]:
+        """Every main layer's `prefill` / `decode` (by `method`) against its row of the layer-stacked cache."""
+        if self.cfg.scan_layers:
+            entries = cache.entries
+            for stack, indices in self.stacks():
+                h_BTD, entries = scan_cached(stack, method, h_BTD, entries, indices.start, *args)
+            return h_BTD, cache.replace(entries=entries)
+        for i, layer in enumerate(self.layers):
+            h_BTD, entries = getattr(layer, method)(h_BTD, *args, cache.layer(i))
+            cache = cache.with_layer(i, entries)
+        return h_BTD, cache
 
     def mtp_prefill(self, final_BTD: jax.Array, input_ids_BT: jax.Array, lengths_B: jax.Array,
                     mtp_cache: KVCache) -> tuple[jax.Array, KVCache]:

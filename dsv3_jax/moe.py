@@ -16,6 +16,7 @@ from flax import nnx, struct
 from dsv3_jax.config import ModelConfig, resolve_moe_dispatch
 from dsv3_jax.layers import MLP, DotGeneral, normal_init
 from dsv3_jax.moe_ragged import ragged_experts, ragged_experts_ep, sort_by_expert
+from dsv3_jax.remat_names import EXPERT_GATE, EXPERT_UP, tag
 from dsv3_jax.sharding import active_plan, constrain
 
 
@@ -125,8 +126,8 @@ class RoutedExperts(nnx.Module):
         gate_EDF, up_EDF, down_EFD = self._weights()
         x_ND = x_ND.astype(gate_EDF.dtype)
         every_expert = (((1,), (1,)), ((), ()))  # "nd,edf->nef"
-        h_NEF = (jax.nn.silu(self.dot_general(x_ND, gate_EDF, every_expert))
-                 * self.dot_general(x_ND, up_EDF, every_expert))
+        h_NEF = (jax.nn.silu(tag(self.dot_general(x_ND, gate_EDF, every_expert), EXPERT_GATE))
+                 * tag(self.dot_general(x_ND, up_EDF, every_expert), EXPERT_UP))
         y_NED = self.dot_general(h_NEF, down_EFD, (((2,), (1,)), ((1,), (0,)))).transpose(1, 0, 2)  # via [E, N, D]
         combine_NE = jnp.zeros((x_ND.shape[0], self.cfg.n_routed_experts), jnp.float32)
         combine_NE = combine_NE.at[jnp.arange(x_ND.shape[0])[:, None], topk_idx_NK].add(topk_weight_NK)
@@ -158,8 +159,8 @@ class RoutedExperts(nnx.Module):
         x_ND = x_ND.astype(gate_EDF.dtype)
         x_pad_ND = jnp.concatenate([x_ND, jnp.zeros((1, x_ND.shape[1]), x_ND.dtype)])  # row N: empty slot
         buffer_ECD = constrain(x_pad_ND[token_S].reshape(n_experts, cap, -1), "experts", None, "act_embed")
-        h_ECF = (jax.nn.silu(_per_expert_matmul(self.dot_general, buffer_ECD, gate_EDF))
-                 * _per_expert_matmul(self.dot_general, buffer_ECD, up_EDF))
+        h_ECF = (jax.nn.silu(tag(_per_expert_matmul(self.dot_general, buffer_ECD, gate_EDF), EXPERT_GATE))
+                 * tag(_per_expert_matmul(self.dot_general, buffer_ECD, up_EDF), EXPERT_UP))
         h_ECF = constrain(h_ECF, "experts", None, "expert_mlp")
         y_ECD = constrain(_per_expert_matmul(self.dot_general, h_ECF, down_EFD), "experts", None, "act_embed")
         y_pad_SD = jnp.concatenate([y_ECD.reshape(n_slots, -1), jnp.zeros((1, y_ECD.shape[-1]), y_ECD.dtype)])
@@ -196,8 +197,8 @@ class RoutedExperts(nnx.Module):
         x_ND = x_ND.astype(gate_EDF.dtype)
         rows_BbD = (jnp.zeros((n_blocks * block, x_ND.shape[1]), x_ND.dtype).at[row_A].set(x_ND[token_A])
                     .reshape(n_blocks, block, -1))
-        h_BbF = (jax.nn.silu(_per_expert_matmul(self.dot_general, rows_BbD, gate_EDF[block_expert_B]))
-                 * _per_expert_matmul(self.dot_general, rows_BbD, up_EDF[block_expert_B]))
+        h_BbF = (jax.nn.silu(tag(_per_expert_matmul(self.dot_general, rows_BbD, gate_EDF[block_expert_B]), EXPERT_GATE))
+                 * tag(_per_expert_matmul(self.dot_general, rows_BbD, up_EDF[block_expert_B]), EXPERT_UP))
         y_RD = _per_expert_matmul(self.dot_general, h_BbF, down_EFD[block_expert_B]).reshape(n_blocks * block, -1)
         weight_A = topk_weight_NK.reshape(-1)[order_A]
         out_ND = jnp.zeros(x_ND.shape, jnp.float32).at[token_A].add(y_RD[row_A].astype(jnp.float32) * weight_A[:, None])
@@ -247,9 +248,14 @@ class MoE(nnx.Module):
     def __call__(self, x_BTD: jax.Array) -> tuple[jax.Array, MoEAux]:
         batch, seq_len, dim = x_BTD.shape
         x_ND = x_BTD.reshape(-1, dim)
-        topk_idx_NK, topk_weight_NK, scores_NE = self.gate(x_ND)
-        routed_ND, dropped = self.experts(x_ND, topk_idx_NK, topk_weight_NK)
-        out_ND = routed_ND if self.shared_experts is None else routed_ND + self.shared_experts(x_ND)
+        with jax.named_scope("moe_router"):
+            topk_idx_NK, topk_weight_NK, scores_NE = self.gate(x_ND)
+        with jax.named_scope("moe_routed_experts"):  # dispatch, expert GEMMs, combine
+            routed_ND, dropped = self.experts(x_ND, topk_idx_NK, topk_weight_NK)
+        if self.shared_experts is not None:
+            with jax.named_scope("moe_shared_experts"):
+                routed_ND = routed_ND + self.shared_experts(x_ND)
+        out_ND = routed_ND
         k = self.cfg.num_experts_per_tok
         seq_loss, batch_loss = balance_losses(scores_NE.reshape(batch, seq_len, -1),
                                               topk_idx_NK.reshape(batch, seq_len, k), self.cfg.n_routed_experts)

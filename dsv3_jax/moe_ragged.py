@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
+from dsv3_jax.remat_names import EXPERT_GATE, EXPERT_UP, tag
+
 
 def _exclusive_cumsum(x: jax.Array, axis: int = 0) -> jax.Array:
     """Start offsets of consecutive segments with sizes x."""
@@ -59,8 +61,8 @@ def sort_by_expert(topk_idx_NK: jax.Array, n_experts: int) -> tuple[jax.Array, .
 def _grouped_swiglu(rows_RD: jax.Array, gate_EDF: jax.Array, up_EDF: jax.Array, down_EFD: jax.Array,
                     group_sizes_E: jax.Array) -> jax.Array:
     """SwiGLU of expert-grouped rows; rows past sum(group_sizes) come out as zeros."""
-    h_RF = jax.nn.silu(jax.lax.ragged_dot(rows_RD, gate_EDF, group_sizes_E)) * jax.lax.ragged_dot(
-        rows_RD, up_EDF, group_sizes_E)
+    h_RF = (jax.nn.silu(tag(jax.lax.ragged_dot(rows_RD, gate_EDF, group_sizes_E), EXPERT_GATE))
+            * tag(jax.lax.ragged_dot(rows_RD, up_EDF, group_sizes_E), EXPERT_UP))
     return jax.lax.ragged_dot(h_RF, down_EFD, group_sizes_E)
 
 

@@ -20,7 +20,7 @@ share a data index (one all-to-all group). Capacity is sized from that group's t
 from the tokens it is traced with, i.e. the global batch under plain GSPMD jit; unless the capacity axis is
 also split over `data`, its buffers are then `data` times the figure here.)
 
-Activation formula (no rematerialisation: the model has none). With a = bytes of `cfg.dtype`, B the local
+Activation formula for `model.remat=none` (rematerialisation below). With a = bytes of `cfg.dtype`, B the local
 batch, n the positions a stack processes (seq_len + mtp_depth for the main model, n - k for MTP depth k),
 N = B n local tokens, H = heads / tensor, it sums what autodiff keeps for the backward pass:
 
@@ -48,6 +48,13 @@ N = B n local tokens, H = heads / tensor, it sums what autodiff keeps for the ba
 * plus the largest transient of the backward pass: the max of the logits gradient (2 x [B, n, V/tensor]
   fp32), one block's score/probability gradients (2 x [B, H, n, n] fp32) and one MoE block's dispatch
   buffers (their gradients).
+
+With `model.remat=full` every layer keeps only its input [N, D] (`remat_layer_inputs`); with `minimal` also
+the tensors of `dsv3_jax.remat_names.MINIMAL_SAVED`: q_a [N, q_lora], q [N, H (dn + dr)], kv_a [N, C + dr],
+kv [N, H (dn + dv)] and the attention output [N, H dv], the gate and up GEMM outputs of the routed experts
+(2 x [rows, F_l], rows as the dispatch above), shared experts (2 x [N, n_shared F_l]) and dense MLPs
+(2 x [N, I / tensor]). The backward pass then recomputes one layer at a time, so the largest transient becomes
+one layer's full forward set (less what is kept) plus its own backward transient.
 
 Gradients are counted separately (same size and sharding as the parameters, in the parameter dtype).
 Measured against XLA on one CPU device with the state donated, as the trainer does (tests/test_plan.py):
@@ -317,6 +324,20 @@ def estimate_memory(model_cfg: ModelConfig, train_cfg, mesh_shape: Mapping[str, 
         activation_breakdown=breakdown)
 
 
+def _expert_rows(cfg: ModelConfig, tokens: int, mesh: Mapping[str, int]) -> int:
+    """Rows of the routed-expert gate/up GEMM outputs on one device (what `minimal` remat keeps of them)."""
+    k = cfg.num_experts_per_tok
+    e_local = cfg.n_routed_experts // mesh["expert"]
+    group = tokens * mesh["expert"]
+    if cfg.moe_dispatch == "dense":
+        return group * e_local
+    if cfg.moe_dispatch == "capacity":
+        return e_local * expert_capacity(group, k, cfg.n_routed_experts, cfg.capacity_factor)
+    if cfg.moe_dispatch == "ragged":
+        return mesh["expert"] * exchange_capacity(tokens, k, e_local, mesh["expert"], cfg.capacity_factor)
+    return -(-(group * k + e_local * (BLOCK_ROWS - 1)) // BLOCK_ROWS) * BLOCK_ROWS
+
+
 def _dispatch_bytes(cfg: ModelConfig, tokens: int, mesh: Mapping[str, int]) -> int:
     """Routed-expert buffers of one MoE block on one device (see the module docstring)."""
     a = jnp.dtype(cfg.dtype).itemsize
@@ -357,14 +378,14 @@ def activation_breakdown(model_cfg: ModelConfig, local_batch: int, positions: in
     heads = cfg.num_attention_heads // t
     q_lora = cfg.q_lora_rank or 0
     vocab_local = cfg.vocab_size // t
-    out = dict.fromkeys(("weight_casts", "attention", "moe_router", "moe_dispatch", "shared_experts", "dense_mlp", "mtp",
-                         "logits", "transient"), 0)
+    out = dict.fromkeys(("weight_casts", "remat_layer_inputs", "attention", "moe_router", "moe_dispatch",
+                         "shared_experts", "dense_mlp", "mtp", "logits", "transient"), 0)
     if jnp.dtype(cfg.dtype) != jnp.dtype(cfg.param_dtype):
         out["weight_casts"] = local_param_elements * a
     transient = 0
 
     def block(n: int, moe: bool, copies: int = 1) -> None:
-        """Add `copies` identical blocks over n positions (all dense or all MoE)."""
+        """Add `copies` identical blocks over n positions (all dense or all MoE), kept as `cfg.remat` says."""
         nonlocal transient
         if copies <= 0:
             return
@@ -375,18 +396,37 @@ def activation_breakdown(model_cfg: ModelConfig, local_batch: int, positions: in
                      + heads * cfg.v_head_dim)
         scores = local_batch * heads * n * n
         add["attention"] = tokens * per_token * a + scores * (4 + a)
-        transient = max(transient, 2 * scores * 4)
+        own_transient = 2 * scores * 4
+        shared_width = cfg.n_shared_experts * cfg.moe_intermediate_size // t
         if moe:
             add["moe_router"] = 2 * d * tokens * a + 2 * tokens * cfg.n_routed_experts * 4
             dispatch = _dispatch_bytes(cfg, tokens, mesh)
             add["moe_dispatch"] = dispatch
-            transient = max(transient, dispatch)
+            own_transient = max(own_transient, dispatch)
             if cfg.n_shared_experts:
-                width = cfg.n_shared_experts * cfg.moe_intermediate_size // t
-                add["shared_experts"] = tokens * (3 * width + d) * a
+                add["shared_experts"] = tokens * (3 * shared_width + d) * a
         else:
             add["dense_mlp"] = 2 * d * tokens * a + tokens * (3 * cfg.intermediate_size // t + d) * a
-        for name, value in add.items():
+        if cfg.remat == "none":
+            kept = add
+            transient = max(transient, own_transient)
+        else:
+            # The layer input is the checkpoint (the scan carry); in the backward pass one layer at a time is
+            # recomputed, so its whole forward set (less what is kept anyway) is the largest transient.
+            kept = {"remat_layer_inputs": tokens * d * a}
+            if cfg.remat == "minimal":  # remat_names.MINIMAL_SAVED
+                kept["attention"] = tokens * a * (q_lora + heads * cfg.qk_head_dim + cfg.kv_cache_dim
+                                                  + heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+                                                  + heads * cfg.v_head_dim)
+                if moe:
+                    kept["moe_dispatch"] = 2 * _expert_rows(cfg, tokens, mesh) * (cfg.moe_intermediate_size // t) * a
+                    if cfg.n_shared_experts:
+                        kept["shared_experts"] = 2 * tokens * shared_width * a
+                else:
+                    kept["dense_mlp"] = 2 * tokens * (cfg.intermediate_size // t) * a
+            recomputed = sum(add.values()) - sum(kept.values()) + tokens * d * a
+            transient = max(transient, recomputed + own_transient)
+        for name, value in kept.items():
             out[name] += copies * value
 
     # Every main layer of a kind keeps the same tensors: one formula per kind, times the number of layers.

@@ -45,6 +45,7 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "kv_lora": (),
     "router": (),  # router output (one logit per expert): tiny, used in fp32 by every token
     "norm": (),
+    "layers": (),  # the leading axis of a scanned layer stack: never sharded (the scan walks it)
 }
 # ZeRO-3 style: every weight matrix also split over data, on its hidden dim (or its MLA latent dim for q_b/kv_b,
 # which have no hidden dim); norms and router biases stay replicated. XLA all-gathers each weight where used.
@@ -93,8 +94,16 @@ def path_str(path: Sequence[Any]) -> str:
     return "/".join(parts)
 
 
+# Parameters under these top-level names carry a leading layer axis (model.scan_layers): the rule of the
+# same parameter in one layer applies to the remaining dims.
+STACKED_PREFIX = re.compile(r"^(dense_layers|moe_layers)/")
+
+
 def param_logical_axes(path: str, ndim: int) -> tuple[str | None, ...] | None:
     """Logical axes of the parameter at `path` (None: no rule, replicated)."""
+    if STACKED_PREFIX.match(path):
+        inner = param_logical_axes(STACKED_PREFIX.sub("", path), ndim - 1)
+        return None if inner is None else ("layers", *inner)
     for pattern, axes in PARAM_AXES:
         if re.search(pattern, path):
             if len(axes) != ndim:
@@ -247,7 +256,7 @@ def plan_for(data: int = -1, expert: int = 1, tensor: int = 1, fsdp: bool = Fals
 
 
 def check_model_fits(plan: MeshPlan, model_cfg: ModelConfig, batch_size: int | None = None,
-                     every_param: bool = True) -> None:
+                     every_param: bool = True, grad_accum: int = 1) -> None:
     """Named ConfigErrors (before anything compiles) when a mesh axis does not divide what it splits.
 
     `every_param` also checks every parameter's shape (nnx.eval_shape of the model: ~20 s of tracing for
@@ -276,6 +285,10 @@ def check_model_fits(plan: MeshPlan, model_cfg: ModelConfig, batch_size: int | N
         if batch_size % size:
             raise ConfigError("mesh.data", f"data*expert = {plan.mesh.shape['data']}*{plan.mesh.shape['expert']} "
                               f"= {size} does not divide train.batch_size={batch_size}")
+        if grad_accum > 1 and (batch_size // grad_accum) % size:
+            raise ConfigError("train.grad_accum", f"microbatches of train.batch_size / grad_accum = {batch_size} / "
+                              f"{grad_accum} = {batch_size // grad_accum} sequences do not split over data*expert "
+                              f"= {size} devices")
     check_mesh_tiling(model_cfg, plan)  # FP8 tiles and blocks must not straddle shards
     if not every_param:
         return
@@ -355,7 +368,7 @@ def plan_from_config(config: Any, devices: Sequence[Any] | None = None, every_pa
     devices = list(jax.devices() if devices is None else devices)
     resolve_mesh_shape(mesh_cfg.data, mesh_cfg.expert, mesh_cfg.tensor, len(devices))
     plan = plan_for(mesh_cfg.data, mesh_cfg.expert, mesh_cfg.tensor, mesh_cfg.fsdp, devices)
-    check_model_fits(plan, config.model, config.train.batch_size, every_param)
+    check_model_fits(plan, config.model, config.train.batch_size, every_param, config.train.grad_accum)
     return plan
 
 

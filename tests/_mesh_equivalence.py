@@ -90,15 +90,17 @@ def main(out_path: str, tmp: str) -> None:
         fn = sharding.MeshFunction(compiled, plan)
         final, hist = steps(fn, plan, start, WINDOWS[:2])
         final_host = host(final)
-        experts = final.params["layers"][1]["mlp"]["experts"]["gate_proj"][...]
+        experts = final.params["moe_layers"]["mlp"]["experts"]["gate_proj"][...]  # [L_moe, E, D, F]
         entry = {
             "param_diff": max_diff(final_host.params, ref_final.params),
             "bias_diff": max_diff(final_host.biases, ref_final.biases),
             "opt_diff": max_diff(final_host.opt_state, ref_final.opt_state),  # Adam moments: the gradients
             "metric_diff": max(abs(a[k] - b[k]) for a, b in zip(hist, ref_hist) for k in METRIC_KEYS),
-            "expert_shard_shape": list(experts.sharding.shard_shape(experts.shape)),
-            "expert_addressable_shapes": sorted({tuple(s.data.shape) for s in experts.addressable_shards}),
-            "experts_shape": list(experts.shape),
+            # per layer: the stack's leading layer axis must never be split
+            "layer_axis_whole": all(s.data.shape[0] == experts.shape[0] for s in experts.addressable_shards),
+            "expert_shard_shape": list(experts.sharding.shard_shape(experts.shape))[1:],
+            "expert_addressable_shapes": sorted({tuple(s.data.shape)[1:] for s in experts.addressable_shards}),
+            "experts_shape": list(experts.shape)[1:],
             "embedding_spec": str(final.params["embed_tokens"]["embedding"].sharding.spec),
         }
         if e > 1:
@@ -150,6 +152,18 @@ def main(out_path: str, tmp: str) -> None:
             "hlo_all_to_all": "all-to-all" in hlo}
         lap(f"ragged_train_{name}")
 
+    # ---- gradient accumulation on a mesh: two microbatches per step equal the one-device whole batch ---
+    accum_train = dataclasses.replace(TRAIN, grad_accum=2)  # microbatch 4 = data*expert on 2x2x2
+    plan, (_, shardings) = plans["2x2x2_fsdp"], step_fns["2x2x2_fsdp"]
+    sharding.check_model_fits(plan, MODEL, accum_train.batch_size, grad_accum=accum_train.grad_accum)
+    start = jax.device_put(init_host, shardings)
+    final, hist = steps(jit_train_step(graphdef, MODEL, accum_train, plan, shardings), plan, start, WINDOWS[:2])
+    final_host = host(final)
+    report["grad_accum"] = {"param_diff": max_diff(final_host.params, ref_final.params),
+                            "bias_diff": max_diff(final_host.biases, ref_final.biases),
+                            "metric_diff": max(abs(a[k] - b[k]) for a, b in zip(hist, ref_hist) for k in METRIC_KEYS)}
+    lap("grad_accum_2x2x2_fsdp")
+
     # ---- expert counts are global under jit + GSPMD (eval step on the data-sharded mesh) ----------
     plan8 = plans["8x1x1"]
     out = host(jit_eval_step(graphdef, MODEL, TRAIN, plan8, step_fns["8x1x1"][1])(
@@ -178,11 +192,11 @@ def main(out_path: str, tmp: str) -> None:
         latest = reader.restore_latest(target_abstract)
         reader.close()
         step_no, restored, restored_data = latest.step, latest.state, latest.data_state
-        leaf = restored.params["layers"][1]["mlp"]["experts"]["gate_proj"][...]
+        leaf = restored.params["moe_layers"]["mlp"]["experts"]["gate_proj"][...]
         _, hist = steps(target_fn[0], target_plan, restored, WINDOWS[1:])
         report["checkpoint"]["restored"][name] = {
             "step": step_no, "data_state_ok": restored_data == data_state, "history": hist,
-            "expert_sharding_matches": leaf.sharding.is_equivalent_to(target_abstract.params["layers"][1]["mlp"][
+            "expert_sharding_matches": leaf.sharding.is_equivalent_to(target_abstract.params["moe_layers"]["mlp"][
                 "experts"]["gate_proj"].get_value().sharding, leaf.ndim),
             "max_metric_diff": max(abs(a[k] - b[k]) for a, b in zip(hist, cont_hist) for k in METRIC_KEYS)}
     lap("checkpoint")

@@ -35,9 +35,11 @@ def test_tiny_counts_match_allocated_params():
 
 
 # ---- templating: one traced layer per kind, counted once per layer ------------------------------------------
-def _full_trace(cfg):
-    """(params, router biases) of the whole model, every layer traced (the slow, quadratic-in-depth way)."""
-    return jax.eval_shape(lambda: nnx.split(init_model(cfg), nnx.Param, RouterBias)[1:])
+def _full_trace(cfg, scan_layers=False):
+    """(params, router biases) of the whole model, every layer traced (unrolled: the slow, quadratic-in-depth
+    way, with the per-layer paths the templates name; scanned: the stacked layout)."""
+    return jax.eval_shape(lambda: nnx.split(init_model(cfg.replace(scan_layers=scan_layers)), nnx.Param,
+                                            RouterBias)[1:])
 
 
 def _leaves(state) -> list:
@@ -72,6 +74,8 @@ def test_templated_count_equals_a_full_trace(depth):
             expanded = sorted((tuple(map(str, p)), t.shape, t.dtype) for t in templates for p in t.paths())
             assert expanded == _leaves(state), (depth, dense)
         assert count_params(cfg) == _reference_count(cfg, params), (depth, dense)
+        # the default scanned layout stores the same numbers in stacks
+        assert count_params(cfg) == _reference_count(cfg, _full_trace(cfg, scan_layers=True)[0]), (depth, dense)
 
 
 def _spy_on_model_builds(monkeypatch) -> list:

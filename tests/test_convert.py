@@ -18,6 +18,7 @@ from safetensors.numpy import load_file, save_file
 from dsv3_jax import ConfigError, get_preset, init_model
 from dsv3_jax.convert import (EXPERTS, FP8, CheckpointError, dequantize_blockwise, from_hf, hf_name,
                               quantize_blockwise, to_hf)
+from dsv3_jax import convert
 from dsv3_jax.moe import RouterBias
 from tolerances import F32_EPS, assert_close_f32
 
@@ -155,7 +156,7 @@ def test_bf16_export(tmp_path):
     cfg3, model3 = from_hf(tmp_path, jnp.bfloat16)
     assert cfg3.param_dtype == cfg3.dtype == "bfloat16"
     assert model3.lm_head.kernel.get_value().dtype == jnp.bfloat16
-    assert model3.layers[1].mlp.gate.bias.get_value().dtype == jnp.float32
+    assert model3.moe_layers.mlp.gate.bias.get_value().dtype == jnp.float32
     cfg4, _ = from_hf(tmp_path, jnp.float32, compute_dtype=jnp.bfloat16)
     assert (cfg4.param_dtype, cfg4.dtype) == ("float32", "bfloat16")
 
@@ -171,13 +172,14 @@ def test_refuses_to_overwrite(tmp_path):
     from_hf(tmp_path)
 
 
-@pytest.mark.parametrize("changes", [{}, {"q_lora_rank": None}, {"num_nextn_predict_layers": 2}])
+@pytest.mark.parametrize("changes", [{}, {"q_lora_rank": None}, {"num_nextn_predict_layers": 2},
+                                     {"scan_layers": False}])
 def test_name_table_is_one_to_one(changes):
     cfg = TINY.replace(**changes)
     model = nnx.eval_shape(lambda: init_model(cfg))
     names = []
-    for path, _ in nnx.to_flat_state(nnx.state(model)):
-        name, kind = hf_name(".".join(map(str, path)), cfg)
+    for slot in convert._slots(model):  # scanned stacks: one slot per layer, named as in the unrolled layout
+        name, kind = hf_name(slot.leaf, cfg)
         names += [name.replace("{j}", str(j)) for j in range(cfg.n_routed_experts)] if kind == EXPERTS else [name]
     assert len(names) == len(set(names))
     with pytest.raises(KeyError, match="no HF name"):
@@ -226,14 +228,15 @@ def test_dequantize_blockwise_by_hand():
 def _dequantised_reference(model, block):
     """The model with every FP8-quantised weight replaced by dequantise(quantise(W)), in the HF [out, in] layout."""
     cfg = model.cfg
-    for path, var in nnx.to_flat_state(nnx.state(model)):
-        _, kind = hf_name(".".join(map(str, path)), cfg)
-        w = np.asarray(var.get_value())
+    for slot in convert._slots(model):  # per layer of a scanned stack
+        _, kind = hf_name(slot.leaf, cfg)
+        whole = np.array(slot.var.get_value())
+        w = whole if slot.index is None else whole[slot.index]
         if kind == FP8:
-            var.set_value(jnp.asarray(dequantize_blockwise(*quantize_blockwise(w.T, block), block).T))
+            w[...] = dequantize_blockwise(*quantize_blockwise(w.T, block), block).T
         elif kind == EXPERTS:
-            var.set_value(jnp.asarray(np.stack([dequantize_blockwise(*quantize_blockwise(e.T, block), block).T
-                                                for e in w])))
+            w[...] = np.stack([dequantize_blockwise(*quantize_blockwise(e.T, block), block).T for e in w])
+        slot.var.set_value(jnp.asarray(whole))
     return model
 
 
@@ -271,7 +274,7 @@ def test_fp8_export_import(tmp_path, block):
     # and the bf16 variant is that model with its unquantised weights rounded to bf16
     _, imported_bf16 = from_hf(tmp_path)
     for k, (_, a) in _params(reference).items():
-        _, kind = hf_name(k, TINY)
+        _, kind = hf_name(re.sub(r"^(dense|moe)_layers\.", "layers.0.", k), TINY)  # kinds do not depend on the layer
         b = _params(imported_bf16)[k][1]
         if kind not in (FP8, EXPERTS) and "gate.bias" not in k:
             a = a.astype(ml_dtypes.bfloat16).astype(np.float32)
@@ -289,10 +292,29 @@ def test_fp8_import_of_hand_quantised_checkpoint(tiny_ckpt, tmp_path):
     dst = _copy_ckpt(path, tmp_path / "q", quantise,
                      lambda c: c.update(quantization_config={"quant_method": "fp8", "weight_block_size": [8, 8]}))
     _, imported = from_hf(dst)
-    w = np.asarray(model.layers[1].self_attn.kv_a_proj_with_mqa.kernel.get_value()).T
+    # layer 1 is the first MoE layer: row 0 of the scanned MoE stack
+    w = np.asarray(model.moe_layers.self_attn.kv_a_proj_with_mqa.kernel.get_value()[0]).T
     expected = dequantize_blockwise(*quantize_blockwise(w, (8, 8)), (8, 8)).T
-    np.testing.assert_array_equal(np.asarray(imported.layers[1].self_attn.kv_a_proj_with_mqa.kernel.get_value()),
+    np.testing.assert_array_equal(np.asarray(imported.moe_layers.self_attn.kv_a_proj_with_mqa.kernel.get_value()[0]),
                                   expected)
+
+
+@pytest.mark.parametrize("source_scanned", [True, False], ids=["scanned_to_unrolled", "unrolled_to_scanned"])
+def test_round_trip_across_layouts(tmp_path, source_scanned):
+    """A checkpoint exported from one layout imports into the other with the same outputs and re-exports to
+    identical tensors: the per-layer names and values do not depend on the layout."""
+    source = _model(TINY.replace(scan_layers=source_scanned), seed=3)
+    to_hf(source, tmp_path / "a", dtype="float32")
+    _, other = from_hf(tmp_path / "a", scan_layers=not source_scanned)
+    assert other.cfg.scan_layers is (not source_scanned)
+    assert hasattr(other, "layers") is source_scanned
+    for a, b in zip(_outputs(source), _outputs(other), strict=True):
+        assert_close_f32(a, b, atol_ulps=16)
+    to_hf(other, tmp_path / "b", dtype="float32")
+    ta, tb = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert ta.keys() == tb.keys()
+    for name in ta:
+        np.testing.assert_array_equal(ta[name], tb[name], err_msg=name)
 
 
 # ---- malformed checkpoints -----------------------------------------------------------------------------------

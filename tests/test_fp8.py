@@ -307,13 +307,15 @@ SMALLER = TINY.replace(num_hidden_layers=2, moe_dispatch="capacity")
 def test_fp8_goes_to_the_linear_layers_only():
     model = init_model(TINY.replace(fp8="deepseek"))
     dot = fp8.fp8_dot_general(fp8.DEEPSEEK)
-    layer = model.layers[1]
+    layer = model.moe_layers  # the scanned MoE stack (one module for every MoE layer)
     assert layer.self_attn.q_a_proj.dot_general is dot and layer.self_attn.o_proj.dot_general is dot
     assert layer.mlp.experts.dot_general is dot and layer.mlp.shared_experts.down_proj.dot_general is dot
-    assert model.layers[0].mlp.gate_proj.dot_general is dot and model.mtp[0].block.self_attn.kv_b_proj.dot_general is dot
+    assert model.dense_layers.mlp.gate_proj.dot_general is dot and model.mtp[0].block.self_attn.kv_b_proj.dot_general is dot
     # Embedding, output head, MTP eh_proj, router and attention core stay high precision.
     assert model.lm_head.dot_general is jax.lax.dot_general and model.mtp[0].eh_proj.dot_general is jax.lax.dot_general
-    assert init_model(TINY).layers[1].self_attn.o_proj.dot_general is jax.lax.dot_general
+    assert init_model(TINY).moe_layers.self_attn.o_proj.dot_general is jax.lax.dot_general
+    unrolled = init_model(TINY.replace(fp8="deepseek", scan_layers=False))
+    assert unrolled.layers[1].mlp.experts.dot_general is dot and unrolled.layers[0].mlp.gate_proj.dot_general is dot
     # One function per recipe, so two builds have equal graph definitions.
     assert nnx.graphdef(init_model(TINY.replace(fp8="deepseek"))) == nnx.graphdef(model)
 
@@ -328,8 +330,8 @@ def test_model_trains_one_jitted_step_with_fp8():
     assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0 and int(metrics["skipped"]) == 0
     moved = {path_str(p): bool(np.any(np.asarray(a) != b)) for (p, a), b in
              zip(jax.tree_util.tree_flatten_with_path(new_state.params)[0], jax.tree.leaves(params0))}
-    for name in ("layers/1/self_attn/q_b_proj/kernel", "layers/1/mlp/experts/down_proj",
-                 "layers/0/mlp/down_proj/kernel", "mtp/0/block/mlp/shared_experts/up_proj/kernel", "lm_head/kernel"):
+    for name in ("moe_layers/self_attn/q_b_proj/kernel", "moe_layers/mlp/experts/down_proj",
+                 "dense_layers/mlp/down_proj/kernel", "mtp/0/block/mlp/shared_experts/up_proj/kernel", "lm_head/kernel"):
         assert moved[name], name  # gradients flow through every FP8 GEMM (and around them)
 
 

@@ -175,7 +175,7 @@ def test_decode_dispatch_swaps_only_the_moe_strategy():
     graphdef, state = nnx.split(model)
     swapped = nnx.merge(with_dispatch(graphdef, state, "dense"), state)
     assert {m.cfg.moe_dispatch for _, m in nnx.iter_graph(swapped) if hasattr(m, "cfg")} == {"dense"}
-    assert model.layers[1].mlp.experts.cfg.moe_dispatch == "blocked"  # the original is untouched
+    assert model.moe_layers.mlp.experts.cfg.moe_dispatch == "blocked"  # the original is untouched
     own = Generator(model, decode_dispatch=None).generate(PROMPTS[:2], 8, speculative=True)
     dense = Generator(model, decode_dispatch="dense").generate(PROMPTS[:2], 8, speculative=True)
     assert own.tokens == dense.tokens

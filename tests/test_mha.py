@@ -71,12 +71,12 @@ def test_mha_is_causal():
 
 def test_mha_model_trains_and_counts():
     model = init_model(CFG)
-    layer = model.layers[0].self_attn
+    layer = model.dense_layers.self_attn  # the scanned dense stack
     assert isinstance(layer, MHA) and not hasattr(layer, "kv_b_proj")
     logits, _ = model(jnp.zeros((2, 5), jnp.int32))
     assert logits.shape == (2, 5, CFG.vocab_size) and np.isfinite(np.asarray(logits)).all()
     grads = nnx.grad(lambda m: m(jnp.ones((1, 4), jnp.int32))[0].mean())(model)
-    assert float(jnp.abs(grads.layers[0].self_attn.k_proj.kernel[...]).sum()) > 0
+    assert float(jnp.abs(grads.dense_layers.self_attn.k_proj.kernel[...]).sum()) > 0
     assert mha_cache_elements_per_token(CFG) == 2 * 2 * 8
 
 

@@ -23,18 +23,22 @@ def _ids(batch=2, seq=12, seed=0, vocab=TINY.vocab_size):
     return jax.random.randint(jax.random.key(seed), (batch, seq), 0, vocab)
 
 
-def test_output_shapes_and_aux():
-    cfg = TINY.replace(num_nextn_predict_layers=2)
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "unrolled"])
+def test_output_shapes_and_aux(scan_layers):
+    cfg = TINY.replace(num_nextn_predict_layers=2, scan_layers=scan_layers)
     logits, aux = _apply(init_model(cfg), _ids(), return_hidden=True)
     assert isinstance(aux, Aux)
     assert logits.shape == (2, 12, cfg.vocab_size) and logits.dtype == jnp.float32
-    assert len(aux.moe) == cfg.n_moe_layers and len(aux.mtp_moe) == 2
+    assert aux.n_moe == cfg.n_moe_layers and len(aux.mtp_moe) == 2
     assert [m.shape for m in aux.mtp_logits] == [(2, 11, cfg.vocab_size), (2, 10, cfg.vocab_size)]
-    for layer in aux.moe:  # every token picks exactly k experts
-        assert float(layer.expert_counts.sum()) == 2 * 12 * cfg.num_experts_per_tok
-        assert layer.topk_idx.shape == (24, cfg.num_experts_per_tok)
+    # stacked over layers in both layouts; every token picks exactly k experts
+    assert aux.moe.expert_counts.shape == (cfg.n_moe_layers, cfg.n_routed_experts)
+    np.testing.assert_array_equal(np.asarray(aux.moe.expert_counts.sum(-1)), 2 * 12 * cfg.num_experts_per_tok)
+    assert aux.moe.topk_idx.shape == (cfg.n_moe_layers, 24, cfg.num_experts_per_tok)
     assert float(aux.mtp_moe[1].expert_counts.sum()) == 2 * 10 * cfg.num_experts_per_tok
-    assert len(aux.layer_outputs) == cfg.num_hidden_layers and aux.final_hidden.shape == (2, 12, cfg.hidden_size)
+    assert aux.per_router("expert_counts").shape == (cfg.n_moe_layers + 2, cfg.n_routed_experts)
+    assert aux.layer_outputs.shape == (cfg.num_hidden_layers, 2, 12, cfg.hidden_size)
+    assert aux.final_hidden.shape == (2, 12, cfg.hidden_size)
 
 
 def test_causal():
@@ -59,7 +63,8 @@ def test_capacity_and_dense_dispatch_agree_on_the_whole_model():
     # test_moe), carried to the logits by the residual stream and the head: 32 ulps of max |logit| (measured 3.5).
     assert_close_f32(lc, ld, atol_ulps=32)
     assert_close_f32(ac.mtp_logits[0], ad.mtp_logits[0], atol_ulps=32)
-    for x, y in zip(ac.all_moe, ad.all_moe):
+    np.testing.assert_array_equal(np.asarray(ac.moe.topk_idx), np.asarray(ad.moe.topk_idx))
+    for x, y in zip(ac.mtp_moe, ad.mtp_moe, strict=True):
         np.testing.assert_array_equal(np.asarray(x.topk_idx), np.asarray(y.topk_idx))
 
 
@@ -97,17 +102,23 @@ def test_bf16_compute_stays_close_to_fp32():
     assert np.abs(np.asarray(low - ref)).mean() < 0.05 * np.abs(np.asarray(ref)).mean()
 
 
-def test_router_biases_are_separate_state():
-    model = init_model(TINY)
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "unrolled"])
+def test_router_biases_are_separate_state(scan_layers):
+    model = init_model(TINY.replace(scan_layers=scan_layers))
     graphdef, params, biases = nnx.split(model, nnx.Param, RouterBias)
-    n_bias = len(jax.tree.leaves(biases))
-    assert n_bias == TINY.n_moe_layers + TINY.mtp_depth
-    assert all(leaf.shape == (TINY.n_routed_experts,) for leaf in jax.tree.leaves(biases))
+    shapes = sorted(leaf.shape for leaf in jax.tree.leaves(biases))
+    e = TINY.n_routed_experts
+    if scan_layers:  # one [L_moe, E] bias for the MoE stack, one [E] per MTP module
+        assert shapes == sorted([(TINY.n_moe_layers, e)] + [(e,)] * TINY.mtp_depth)
+    else:
+        assert shapes == [(e,)] * (TINY.n_moe_layers + TINY.mtp_depth)
+    assert [r.bias[...].shape for r in model.routers()] == (
+        [(TINY.n_moe_layers, e)] * scan_layers + [(e,)] * (TINY.mtp_depth + TINY.n_moe_layers * (not scan_layers)))
 
 
 def test_init_statistics():
     cfg = PRESETS["small"]
     model = init_model(cfg, seed=0)
-    w = np.asarray(model.layers[1].mlp.experts.gate_proj[...])
+    w = np.asarray(model.moe_layers.mlp.experts.gate_proj[...][0])  # layer 1: the first MoE layer
     assert w.std() == pytest.approx(cfg.init_std, rel=0.02)
     assert np.all(np.asarray(model.norm.weight[...]) == 1.0)

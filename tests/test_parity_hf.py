@@ -26,8 +26,8 @@ HF_ULPS = 64
 ROUTER_ULPS = 32
 
 
-def _run(name: str, dispatch: str):
-    cfg, model = convert.from_hf(FIXTURES / name, dtype=jnp.float32, moe_dispatch=dispatch)
+def _run(name: str, dispatch: str, scan_layers: bool = True):
+    cfg, model = convert.from_hf(FIXTURES / name, dtype=jnp.float32, moe_dispatch=dispatch, scan_layers=scan_layers)
     ref = dict(np.load(FIXTURES / name / "reference.npz"))
     graphdef, state = nnx.split(model)
     logits, aux = jax.jit(lambda s, ids: nnx.merge(graphdef, s)(ids, return_hidden=True))(
@@ -40,17 +40,19 @@ def _sorted_routes(idx, weight):
     return np.take_along_axis(idx, order, -1), np.take_along_axis(weight, order, -1)
 
 
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "unrolled"])
 @pytest.mark.parametrize("dispatch", ["capacity", "dense"])
 @pytest.mark.parametrize("name", NAMES)
-def test_matches_hf_reference(name, dispatch):
-    cfg, ref, logits, aux = _run(name, dispatch)
+def test_matches_hf_reference(name, dispatch, scan_layers):
+    cfg, ref, logits, aux = _run(name, dispatch, scan_layers)
     assert_close_f32(logits, ref["logits"], rtol_ulps=0, atol_ulps=HF_ULPS)
     for i, (ours, theirs) in enumerate(zip(aux.layer_outputs, ref["layer_outputs"])):
         assert_close_f32(ours, theirs, atol_ulps=HF_ULPS, err_msg=f"layer {i}")
     assert_close_f32(aux.final_hidden, ref["final_hidden"], atol_ulps=HF_ULPS)
 
-    assert len(aux.moe) == ref["router_topk_idx"].shape[0]
-    for i, layer in enumerate(aux.moe):
+    assert aux.n_moe == ref["router_topk_idx"].shape[0]
+    for i in range(aux.n_moe):
+        layer = aux.moe_layer(i)
         idx, weight = _sorted_routes(np.asarray(layer.topk_idx), np.asarray(layer.topk_weight))
         np.testing.assert_array_equal(idx, ref["router_topk_idx"][i], err_msg=f"MoE layer {i} experts")
         assert_close_f32(weight, ref["router_topk_weight"][i], atol_ulps=ROUTER_ULPS, err_msg=f"MoE layer {i} weights")
@@ -67,23 +69,20 @@ def _route_mismatches(name: str, mutate) -> int:
     model = mutate(cfg, model)
     ref = np.load(FIXTURES / name / "reference.npz")
     _, aux = model(jnp.asarray(ref["input_ids"]))
-    return sum(int((np.sort(np.asarray(layer.topk_idx), -1) != ref["router_topk_idx"][i]).any(-1).sum())
-               for i, layer in enumerate(aux.moe))
+    return int((np.sort(np.asarray(aux.moe.topk_idx), -1) != ref["router_topk_idx"]).any(-1).sum())
 
 
 def test_fixtures_exercise_bias_and_group_limit():
     """Mutation guard: a router that ignored the bias or the group limit would fail the parity test."""
 
     def zero_bias(cfg, model):
-        for layer in model.layers:
-            if layer.use_moe:
-                layer.mlp.gate.bias[...] = jnp.zeros_like(layer.mlp.gate.bias[...])
+        for router in model.routers():
+            router.bias[...] = jnp.zeros_like(router.bias[...])
         return model
 
     def no_group_limit(cfg, model):
-        for layer in model.layers:
-            if layer.use_moe:
-                layer.mlp.gate.cfg = cfg.replace(n_group=1, topk_group=1)
+        for router in model.routers():
+            router.cfg = cfg.replace(n_group=1, topk_group=1)
         return model
 
     assert _route_mismatches("qlora_groups", zero_bias) > 0

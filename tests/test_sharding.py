@@ -34,17 +34,18 @@ TOL = 1e-5
 
 # ---- the rule table (abstract meshes: no devices needed) ---------------------------------------------------
 @functools.lru_cache(maxsize=None)
-def _abstract_params(preset: str):
-    cfg = get_preset(preset)
+def _abstract_params(preset: str, scan_layers: bool = True):
+    cfg = get_preset(preset).replace(scan_layers=scan_layers)
     if preset == "deepseek-v3-671b":  # every kind of layer at full width, 4 of its 61 layers (tracing time)
         cfg = cfg.replace(num_hidden_layers=4)
     model = nnx.eval_shape(lambda: init_model(cfg))
     return nnx.split(model, nnx.Param, RouterBias)[1:]
 
 
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "unrolled"])
 @pytest.mark.parametrize("preset", ["tiny", "small", "deepseek-v3-671b"])
-def test_rule_table_covers_every_parameter(preset):
-    params, biases = _abstract_params(preset)
+def test_rule_table_covers_every_parameter(preset, scan_layers):
+    params, biases = _abstract_params(preset, scan_layers)
     for tree in (params, biases):
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
             name = sharding.path_str(path)
@@ -57,10 +58,28 @@ def _specs(plan, tree):
                 jax.tree.leaves(plan.param_shardings(tree)))}
 
 
-def test_param_specs_on_the_671b_preset():
-    params, biases = _abstract_params("deepseek-v3-671b")
+class _Specs(dict):
+    """Specs keyed by the unrolled layout's names; for a scanned model, `layers/0/...` reads `dense_layers/...`
+    and `layers/3/...` reads `moe_layers/...` with the leading layer axis (never sharded) taken off."""
+
+    def __init__(self, specs, scanned):
+        super().__init__(specs)
+        self.scanned = scanned
+
+    def __getitem__(self, name):
+        if not self.scanned or not name.startswith("layers/"):
+            return super().__getitem__(name)
+        _, index, rest = name.split("/", 2)
+        spec = super().__getitem__(("dense_layers/" if index == "0" else "moe_layers/") + rest)
+        assert len(spec) == 0 or spec[0] is None, (name, spec)
+        return P(*spec[1:])
+
+
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "unrolled"])
+def test_param_specs_on_the_671b_preset(scan_layers):
+    params, biases = _abstract_params("deepseek-v3-671b", scan_layers)
     plan = sharding.MeshPlan(AbstractMesh((4, 8, 4), sharding.MESH_AXES), sharding.rules_for(fsdp=False))
-    specs = _specs(plan, params)
+    specs = _Specs(_specs(plan, params), scan_layers)
     assert specs["layers/3/mlp/experts/gate_proj"] == P("expert", None, "tensor")
     assert specs["layers/3/mlp/experts/down_proj"] == P("expert", "tensor")
     assert specs["layers/3/mlp/shared_experts/up_proj/kernel"] == P(None, "tensor")
@@ -76,7 +95,7 @@ def test_param_specs_on_the_671b_preset():
     assert plan.batch_sharding().spec == P(("data", "expert"))
 
     fsdp = sharding.MeshPlan(plan.mesh, sharding.rules_for(fsdp=True))
-    specs = _specs(fsdp, params)
+    specs = _Specs(_specs(fsdp, params), scan_layers)
     assert specs["layers/3/mlp/experts/gate_proj"] == P("expert", "data", "tensor")
     assert specs["embed_tokens/embedding"] == P("tensor", "data")
     assert specs["layers/0/self_attn/o_proj/kernel"] == P("tensor", "data")
@@ -133,6 +152,11 @@ def test_resume_ignores_the_mesh_section():
     assert config_differences(a, b) == []
     c = apply_overrides(Config(), ["mesh.expert=8", "train.steps=5"]).to_dict()
     assert config_differences(a, c) == ["train.steps: saved 1000, now 5"]
+    # how a step is computed may change on resume; what it computes may not
+    d = apply_overrides(Config(), ["model.remat=full", "train.grad_accum=2", "mesh.data=2"]).to_dict()
+    assert config_differences(a, d) == []
+    e = apply_overrides(Config(), ["model.scan_layers=false"]).to_dict()
+    assert config_differences(a, e) == ["model.scan_layers: saved True, now False"]
 
 
 def test_one_device_plan_is_trivial():
@@ -196,6 +220,7 @@ def test_experts_are_split_over_the_expert_axis(report):
         # no device holds every expert's weights: each holds E / expert of them
         assert r["expert_shard_shape"][0] == n_experts // expert, r
         assert r["expert_addressable_shapes"] == [r["expert_shard_shape"]], r
+        assert r["layer_axis_whole"], r
     tp, fsdp = report["meshes"]["1x2x4"], report["meshes"]["2x2x2_fsdp"]
     assert tp["expert_shard_shape"][2] == tp["experts_shape"][2] // 4  # expert hidden dim over tensor=4
     assert fsdp["expert_shard_shape"][1] == fsdp["experts_shape"][1] // 2  # hidden dim over data=2 (fsdp)
@@ -220,6 +245,12 @@ def test_ragged_dispatch_trains_like_one_device(report):
     for name, r in report["ragged_train"].items():
         assert r["param_diff"] < TOL and r["bias_diff"] < TOL and r["metric_diff"] < TOL, (name, r)
         assert r["hlo_all_to_all"], name
+
+
+def test_grad_accumulation_on_a_mesh_equals_the_whole_batch(report):
+    """train.grad_accum=2 on the 2x2x2 fsdp mesh: two steps equal the one-device, one-piece steps."""
+    r = report["grad_accum"]
+    assert r["param_diff"] < TOL and r["bias_diff"] < TOL and r["metric_diff"] < TOL, r
 
 
 def test_expert_counts_are_global(report):

@@ -124,6 +124,9 @@ def test_corrupted_latest_checkpoint_falls_back(workdir, reference_run):
     (["--set", "train.stepz=3"], "stepz"),
     (["--set", "train.batch_size=0"], "train.batch_size"),
     (["--corpus", "files:/nonexistent/*.txt"], "nonexistent"),
+    (["--set", "model.remat=sometimes"], "model.remat"),
+    (["--set", "train.grad_accum=3"], "train.grad_accum"),  # does not divide the tiny preset's batch of 8
+    (["--profile", "5"], "--profile"),
 ])
 def test_bad_arguments_fail_fast_with_a_clear_message(workdir, args, message):
     run_dir = workdir / "bad"
@@ -131,6 +134,33 @@ def test_bad_arguments_fail_fast_with_a_clear_message(workdir, args, message):
     assert proc.returncode != 0
     assert message in proc.stderr
     assert not (run_dir / "checkpoints").exists()
+
+
+def test_resuming_in_the_other_layout_is_refused_naming_both(workdir, reference_run):
+    run_dir = workdir / "layout"
+    shutil.copytree(reference_run, run_dir)
+    before = tree_snapshot(run_dir)
+    proc = run_cli(_train_args(workdir, run_dir, "--set", "model.scan_layers=false"), workdir, 300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "scanned layers" in proc.stderr and "unrolled layers" in proc.stderr
+    assert "--set model.scan_layers=true" in proc.stderr and "Traceback" not in proc.stderr
+    assert tree_snapshot(run_dir) == before
+
+
+def test_remat_accumulation_and_profile_through_the_cli(workdir):
+    """A fresh run with full remat and two microbatches per step trains, and --profile leaves a trace of two
+    steps in the run directory."""
+    run_dir = workdir / "remat_accum"
+    proc = run_cli(_train_args(workdir, run_dir, "--set", "train.steps=4", "--set", "model.remat=full",
+                               "--set", "train.grad_accum=2", "--profile", "1:2"), workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "profile of steps 2..3 written to" in proc.stderr
+    traces = list((run_dir / "profile").rglob("*.xplane.pb"))
+    assert traces and traces[0].stat().st_size > 0
+    records = [r for r in metrics(run_dir) if r["kind"] == "train"]
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and all(r["skipped"] == 0 for r in records)
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["model"]["remat"] == "full" and saved["train"]["grad_accum"] == 2
 
 
 def test_changed_config_on_existing_run_is_refused(workdir, reference_run):

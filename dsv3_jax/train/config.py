@@ -21,6 +21,7 @@ class TrainConfig:
 
     steps: int = 1000
     batch_size: int = 16  # global sequences per step
+    grad_accum: int = 1  # microbatches per step: batch_size / grad_accum sequences per forward/backward pass
     seq_len: int = 256
     seed: int = 0
     # AdamW (V3 §4.2) and the V3-shaped schedule: linear warmup, constant, cosine decay, constant tail.
@@ -49,6 +50,11 @@ class TrainConfig:
     max_consecutive_nonfinite: int = 5
 
     @property
+    def microbatch_size(self) -> int:
+        """Sequences per forward/backward pass (the global batch over `grad_accum`)."""
+        return self.batch_size // self.grad_accum
+
+    @property
     def alpha(self) -> float:
         if self.balance_alpha is not None:
             return self.balance_alpha
@@ -56,10 +62,13 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         check_field_types(self, "train.")  # types first: the rules below compare these values
-        for name in ("steps", "batch_size", "seq_len", "eval_every", "checkpoint_every", "keep_checkpoints",
-                     "log_every", "max_consecutive_nonfinite"):
+        for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "checkpoint_every",
+                     "keep_checkpoints", "log_every", "max_consecutive_nonfinite"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}", f"must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError("train.grad_accum", f"{self.grad_accum} microbatches do not split "
+                              f"train.batch_size={self.batch_size} evenly")
         if self.eval_batches < 0:
             raise ConfigError("train.eval_batches", f"must be an integer >= 0, got {self.eval_batches!r}")
         for name in ("peak_lr", "eps", "grad_clip"):
@@ -151,8 +160,11 @@ class Config:
         """The validated Config of `to_dict` output (e.g. a run's config.json, perhaps edited by hand).
 
         A missing section or field takes its default; an unknown key, a wrong type or an impossible value is a
-        ConfigError naming the field.
+        ConfigError naming the field. A saved config without `model.scan_layers` predates that field and
+        describes a run whose layers were unrolled (`saved_scan_layers`).
         """
+        if isinstance(d, Mapping) and isinstance(d.get("model"), Mapping):
+            d = {**d, "model": {**d["model"], "scan_layers": saved_scan_layers(d)}}
         return _build(cls, d, "").validate()
 
     @classmethod
@@ -164,6 +176,18 @@ class Config:
             return cls.from_dict(sections)
         except ConfigError as err:
             raise ConfigError(err.field, f"{err.message} (in {path})") from None
+
+
+def saved_scan_layers(saved: Mapping[str, Any]) -> Any:
+    """`model.scan_layers` of a saved config dict: configs written before the field existed were unrolled."""
+    model = saved.get("model")
+    return model.get("scan_layers", False) if isinstance(model, Mapping) else False
+
+
+def layout_name(scan_layers: bool) -> str:
+    """How a layout is named in messages."""
+    return ("scanned layers (model.scan_layers=true: dense_layers/ and moe_layers/ stacks)" if scan_layers
+            else "unrolled layers (model.scan_layers=false: layers/0/, layers/1/, ...)")
 
 
 def _build(cls: type, values: Any, path: str) -> Any:

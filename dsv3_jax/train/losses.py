@@ -33,7 +33,6 @@ def objective(logits_BTV: jax.Array, aux: Aux, window_BS: jax.Array, cfg: TrainC
                   for k, m in enumerate(aux.mtp_logits[:mtp_depth], start=1)]
     mtp = jnp.mean(jnp.stack(mtp_losses)) if mtp_losses else jnp.float32(0.0)
     field = "seq_balance_loss" if cfg.balance_scope == "sequence" else "batch_balance_loss"
-    layers = aux.all_moe
-    balance = sum(getattr(layer, field) for layer in layers) if layers else jnp.float32(0.0)
+    balance = jnp.sum(aux.per_router(field))  # main MoE layers and MTP blocks
     total = main + cfg.mtp_lambda * mtp + cfg.alpha * balance
     return total, {"loss": main, "mtp_loss": mtp, "balance_loss": balance, "total_loss": total}

@@ -18,7 +18,7 @@ from flax import nnx, struct
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import DeepSeekV3, init_model
 from dsv3_jax.moe import RouterBias
-from dsv3_jax.sharding import MeshFunction, MeshPlan
+from dsv3_jax.sharding import MeshFunction, MeshPlan, constrain
 from dsv3_jax.train.balance import max_violation, update_bias
 from dsv3_jax.train.config import TrainConfig
 from dsv3_jax.train.losses import objective, split_window
@@ -107,13 +107,57 @@ def _forward(graphdef: nnx.GraphDef, params: Any, biases: Any, window_BS: jax.Ar
     return loss, (parts, aux)
 
 
-def _bias_update(graphdef: nnx.GraphDef, params: Any, biases: Any, counts: list[jax.Array], rate: float) -> Any:
+def _bias_update(graphdef: nnx.GraphDef, params: Any, biases: Any, counts_RE: jax.Array, rate: float) -> Any:
+    """Every router's bias moved by its layer's global expert counts (`counts_RE` in `Aux.per_router` order):
+    one vectorised update for a stack of MoE layers, one per MTP block."""
     # copy=True: merging aliases the state's Variables by default, and mutating them here would silently
     # overwrite the *old* biases that the non-finite guard falls back to.
     model: DeepSeekV3 = nnx.merge(graphdef, params, biases, copy=True)
-    for router, counts_E in zip(model.routers(), counts):
-        router.bias[...] = update_bias(router.bias[...], counts_E, rate)
+    row = 0
+    for router in model.routers():
+        bias = router.bias[...]
+        n = bias.shape[0] if bias.ndim == 2 else 1
+        counts = counts_RE[row:row + n].reshape(bias.shape)
+        router.bias[...] = update_bias(bias, counts, rate)
+        row += n
     return nnx.state(model, RouterBias)
+
+
+def _microbatches(window_BS: jax.Array, n: int) -> jax.Array:
+    """[B, S] -> [n, B/n, S], microbatch j holding rows j, j + n, j + 2n, ... Each device's contiguous block of
+    rows (the batch is split over data x expert) splits evenly over the microbatches, so no row moves."""
+    batch, width = window_BS.shape
+    micro_NBS = window_BS.reshape(batch // n, n, width).transpose(1, 0, 2)
+    return constrain(micro_NBS, None, "batch", None)
+
+
+def _gradients(graphdef: nnx.GraphDef, state: TrainState, window_BS: jax.Array, model_cfg: ModelConfig,
+               train_cfg: TrainConfig) -> tuple[dict, Any, jax.Array, jax.Array]:
+    """(mean loss parts, mean gradients, summed expert counts per router [R, E], mean dropped fraction [R])
+    over the step's batch, in `train.grad_accum` microbatches scanned inside the step.
+
+    Every loss is a mean over equal-sized microbatches, so the mean of the microbatch gradients is the
+    whole-batch gradient (up to float32 summation order); the expert counts add up to the global counts."""
+    grad_fn = jax.value_and_grad(_forward, argnums=1, has_aux=True)
+
+    def one(window_BS: jax.Array):
+        (_, (parts, aux)), grads = grad_fn(graphdef, state.params, state.biases, window_BS, model_cfg, train_cfg)
+        return parts, grads, aux.per_router("expert_counts"), aux.per_router("dropped_fraction")
+
+    n = train_cfg.grad_accum
+    if n == 1:
+        return one(window_BS)
+    micro_NBS = _microbatches(window_BS, n)
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(one, micro_NBS[0]))
+
+    def accumulate(total, window_BS):
+        with jax.named_scope("microbatch"):
+            window_BS = constrain(window_BS, "batch", None)
+            return jax.tree.map(jnp.add, total, one(window_BS)), None
+
+    (parts, grads, counts_RE, dropped_R), _ = jax.lax.scan(accumulate, zeros, micro_NBS)
+    mean = lambda tree: jax.tree.map(lambda x: x / n, tree)  # noqa: E731
+    return mean(parts), mean(grads), counts_RE, dropped_R / n
 
 
 def make_train_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig,
@@ -121,17 +165,18 @@ def make_train_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig,
     """step(state, window [B, seq_len + 1 + D] int32) -> (new state, metrics dict of scalars / small arrays)."""
     optimizer = make_optimizer(train_cfg)
     schedule = lr_schedule(train_cfg)
+    n_main_moe = model_cfg.n_moe_layers
 
     def step(state: TrainState, window_BS: jax.Array) -> tuple[TrainState, dict]:
-        grad_fn = jax.value_and_grad(_forward, argnums=1, has_aux=True)
-        (loss, (parts, aux)), grads = grad_fn(graphdef, state.params, state.biases, window_BS, model_cfg, train_cfg)
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
-        counts = [layer.expert_counts for layer in aux.all_moe]
-        new_biases = (_bias_update(graphdef, state.params, state.biases, counts, train_cfg.bias_update_rate)
-                      if train_cfg.balance == "aux_free" else state.biases)
+        parts, grads, counts_RE, dropped_R = _gradients(graphdef, state, window_BS, model_cfg, train_cfg)
+        with jax.named_scope("optimizer"):
+            grad_norm = optax.tree.norm(grads)
+            finite = jnp.isfinite(parts["total_loss"]) & jnp.isfinite(grad_norm)
+            updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+            new_params = optax.apply_updates(state.params, updates)
+        with jax.named_scope("bias_update"):
+            new_biases = (_bias_update(graphdef, state.params, state.biases, counts_RE, train_cfg.bias_update_rate)
+                          if train_cfg.balance == "aux_free" else state.biases)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
         new_state = TrainState(
             step=state.step + 1,
@@ -141,12 +186,14 @@ def make_train_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig,
             nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
             skipped_total=state.skipped_total + (~finite).astype(jnp.int32),
         )
-        maxvio_layers = jnp.stack([max_violation(layer.expert_counts) for layer in aux.moe]) if aux.moe else jnp.zeros(0)
+        maxvio_layers = max_violation(counts_RE[:n_main_moe]) if n_main_moe else jnp.zeros(0)  # main layers only
         metrics = {**parts, "grad_norm": grad_norm, "lr": schedule(state.step), "skipped": (~finite).astype(jnp.int32),
-                   "maxvio_batch": maxvio_layers.mean() if aux.moe else jnp.float32(0.0),
+                   "maxvio_batch": maxvio_layers.mean() if n_main_moe else jnp.float32(0.0),
                    "maxvio_batch_layers": maxvio_layers,
-                   "dropped_fraction": (jnp.mean(jnp.stack([layer.dropped_fraction for layer in aux.all_moe]))
-                                        if aux.all_moe else jnp.float32(0.0))}
+                   "dropped_fraction": dropped_R.mean() if dropped_R.size else jnp.float32(0.0),
+                   # copies of the counters, so a loop that reads metrics a step late never touches the
+                   # (donated) state of that step
+                   "nonfinite_streak": new_state.nonfinite_streak, "skipped_total": new_state.skipped_total}
         return new_state, metrics
 
     return step
@@ -158,8 +205,7 @@ def make_eval_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig,
 
     def evaluate(params: Any, biases: Any, window_BS: jax.Array) -> dict:
         _, (parts, aux) = _forward(graphdef, params, biases, window_BS, model_cfg, train_cfg)
-        counts = (jnp.stack([layer.expert_counts for layer in aux.moe]) if aux.moe
-                  else jnp.zeros((0, model_cfg.n_routed_experts)))
+        counts = aux.moe.expert_counts if aux.moe is not None else jnp.zeros((0, model_cfg.n_routed_experts))
         return {"loss": parts["loss"], "mtp_loss": parts["mtp_loss"], "expert_counts": counts}
 
     return evaluate

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-import time
 from typing import Any
 
 import jax
@@ -16,14 +15,16 @@ from tqdm import tqdm
 from dsv3_jax import rundir, sharding
 from dsv3_jax.checkpoint import RunCheckpointer
 from dsv3_jax.train.balance import max_violation
-from dsv3_jax.train.config import Config
+from dsv3_jax.train.config import Config, layout_name, saved_scan_layers
 from dsv3_jax.train.interrupt import StopSignals, TrainingInterrupted
 from dsv3_jax.train.metrics import MetricsWriter, plot_run
+from dsv3_jax.train.profiling import StepProfiler, Throughput
 from dsv3_jax.train.step import (abstract_train_state, init_train_state, jit_eval_step, jit_train_step,
                                  state_shardings, with_shardings)
 
-# Config sections that may change when a run resumes: a checkpoint restores onto any mesh.
-RESUME_IGNORED = ("mesh",)
+# Config sections and fields that may change when a run resumes: a checkpoint restores onto any mesh, and
+# rematerialisation and gradient accumulation change how a step is computed, not what it computes.
+RESUME_IGNORED = ("mesh", "model.remat", "train.grad_accum")
 
 
 class TrainingDiverged(RuntimeError):
@@ -47,11 +48,11 @@ def config_differences(saved: dict, current: dict, prefix: str = "",
     """Dotted names of fields whose values differ between two config dicts (top-level `ignore` sections aside)."""
     out = []
     for key in sorted(set(saved) | set(current)):
-        if not prefix and key in ignore:
+        if f"{prefix}{key}" in ignore:
             continue
         a, b = saved.get(key), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += config_differences(a, b, f"{prefix}{key}.", ())
+            out += config_differences(a, b, f"{prefix}{key}.", ignore)
         elif a != b:
             out.append(f"{prefix}{key}: saved {a!r}, now {b!r}")
     return out
@@ -80,13 +81,19 @@ def evaluate(eval_fn, params, biases, batches, max_batches: int = 0, put=jnp.asa
 
 
 def train(config: Config, run_dir: str | os.PathLike, data: Any, *, show_progress: bool = True,
-          is_writer: bool | None = None, stop_after: int | None = None, devices: list | None = None) -> RunResult:
+          is_writer: bool | None = None, stop_after: int | None = None, devices: list | None = None,
+          profile: tuple[int, int] | None = None) -> RunResult:
     """Train (or resume) a run in `run_dir` on `data` (a prepared dataset from `dsv3_jax.data`).
 
     The mesh comes from `config.mesh` over `devices` (default: every device of every process). Each process
     feeds its rows of every global batch; only the writer (process 0) holds the run directory's lock and writes
     metrics, config, tokenizer and plots, and every process takes part in checkpointing. `stop_after` ends the
-    loop early after that many steps of this invocation (used by tests and benchmarks).
+    loop early after that many steps of this invocation (used by tests and benchmarks). `profile=(start, count)`
+    writes a `jax.profiler` trace of steps start+1 .. start+count to RUN/profile (TensorBoard / XProf).
+
+    The loop is asynchronous: step n+1 is dispatched before step n's metrics are read, so the host loads data
+    and writes logs while the device computes (metrics, and the non-finite guard's streak, are read one step
+    late; they are always read before an evaluation or a checkpoint).
 
     Nothing already saved is lost: every check (lock, configuration, checkpoints, data) runs before the run
     directory is changed, a run whose checkpoints all fail to restore is refused (never restarted from
@@ -99,7 +106,7 @@ def train(config: Config, run_dir: str | os.PathLike, data: Any, *, show_progres
     is_writer = jax.process_index() == 0 if is_writer is None else is_writer
     with rundir.locked(run_dir, enabled=is_writer), StopSignals() as stop:
         return _train_locked(config, plan, run_dir, data, stop, show_progress=show_progress, is_writer=is_writer,
-                             stop_after=stop_after)
+                             stop_after=stop_after, profile=profile)
 
 
 def check_checkpoint_config(checkpointer: RunCheckpointer, config: Config) -> None:
@@ -107,11 +114,25 @@ def check_checkpoint_config(checkpointer: RunCheckpointer, config: Config) -> No
     than `config` (the mesh aside); reads no tensor, so it is cheap enough to run before data preparation."""
     newest = checkpointer.read_config()
     if newest is not None:
+        layout = layout_problem(newest[1], config)
+        if layout is not None:
+            raise ConfigMismatch(f"{checkpointer.run_dir}: checkpoint {newest[0]} {layout}")
         diffs = config_differences(newest[1], config.to_dict())
         if diffs:
             raise ConfigMismatch(f"{checkpointer.run_dir}: checkpoint {newest[0]} was saved with another "
                                  "configuration (" + "; ".join(diffs[:5]) + "). If config.json was edited by hand, "
                                  "restore it; otherwise use a new --run-dir or resume with the saved settings")
+
+
+def layout_problem(saved: dict, config: Config) -> str | None:
+    """Why a checkpoint saved with config dict `saved` cannot restore into `config`'s parameter layout (None
+    if it can). The layouts hold the same numbers, but orbax restores by path and shape, so a run keeps the
+    layout it started with."""
+    saved_scan = saved_scan_layers(saved)
+    if saved_scan == config.model.scan_layers:
+        return None
+    return (f"holds {layout_name(saved_scan)}, but this run asks for {layout_name(config.model.scan_layers)}; "
+            f"resume with --set model.scan_layers={str(saved_scan).lower()} (or start a new --run-dir)")
 
 
 def _restore_or_refuse(checkpointer: RunCheckpointer, abstract: Any, config: Config):
@@ -120,6 +141,9 @@ def _restore_or_refuse(checkpointer: RunCheckpointer, abstract: Any, config: Con
     check_checkpoint_config(checkpointer, config)
 
     def config_problem(saved: dict) -> str | None:
+        layout = layout_problem(saved, config)
+        if layout is not None:
+            return layout
         diffs = config_differences(saved, config.to_dict())
         return f"saved with another configuration ({'; '.join(diffs[:3])})" if diffs else None
     return checkpointer.restore_latest(abstract, config_problem)
@@ -138,7 +162,7 @@ def _check_same_data(run_dir: str, data: Any) -> None:
 
 
 def _train_locked(config: Config, plan: Any, run_dir: str, data: Any, stop: StopSignals, *, show_progress: bool,
-                  is_writer: bool, stop_after: int | None) -> RunResult:
+                  is_writer: bool, stop_after: int | None, profile: tuple[int, int] | None) -> RunResult:
     mc, tc = config.model, config.train
     if is_writer:
         print(sharding.describe(plan), file=sys.stderr)
@@ -187,43 +211,63 @@ def _train_locked(config: Config, plan: Any, run_dir: str, data: Any, stop: Stop
     end = tc.steps if stop_after is None else min(tc.steps, step0 + stop_after)
     bar = tqdm(range(step0, end), initial=step0, total=tc.steps, disable=not (show_progress and is_writer),
                dynamic_ncols=True, desc="train")
+    profiler = StepProfiler(profile, os.path.join(run_dir, "profile"))
+    clock = Throughput(tokens_per_step)
     saved_step, done, signum = step0, step0, None
+    pending = None  # (step, metrics on device) dispatched but not yet read
+
+    def report(step_done: int, metrics: dict) -> None:
+        """Read one step's metrics (blocks on that step only), log them and stop a diverging run."""
+        metrics = jax.device_get(metrics)
+        streak = int(metrics.pop("nonfinite_streak"))
+        tokens_per_s = clock.finished(step_done)
+        diverged = streak >= tc.max_consecutive_nonfinite
+        if step_done % tc.log_every == 0 or step_done == end or diverged:
+            writer.write({"kind": "train", "step": step_done, "tokens_per_s": tokens_per_s, **metrics})
+        if diverged:
+            raise TrainingDiverged(f"{tc.max_consecutive_nonfinite} consecutive steps had a non-finite loss or "
+                                   f"gradient (last at step {step_done}); lower train.peak_lr or check the data. "
+                                   "Checkpoints written so far are intact.")
+        bar.set_postfix(loss=f"{float(metrics['loss']):.3f}", tok_s=f"{tokens_per_s:,.0f}")
+
     stop.graceful()
     try:
-        t_last = time.perf_counter()
+        clock.start(step0)
         for step in bar:
+            profiler.before(step)
+            # The host loads batch n while the device still runs step n-1, then dispatches step n before it
+            # reads step n-1's metrics: the device never waits for the host between steps.
             window = next(train_iter)
-            state, metrics = step_fn(state, put(window))
-            metrics = jax.device_get(metrics)
-            now = time.perf_counter()
-            tokens_per_s = tokens_per_step / max(now - t_last, 1e-9)
-            t_last = now
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                state, metrics = step_fn(state, put(window))
             done = step + 1
-            diverged = int(state.nonfinite_streak) >= tc.max_consecutive_nonfinite
-            if done % tc.log_every == 0 or done == end or diverged:
-                writer.write({"kind": "train", "step": done, "tokens_per_s": tokens_per_s,
-                              "skipped_total": int(state.skipped_total), **metrics})
-            if diverged:
-                raise TrainingDiverged(f"{tc.max_consecutive_nonfinite} consecutive steps had a non-finite loss or "
-                                       f"gradient (last at step {done}); lower train.peak_lr or check the data. "
-                                       "Checkpoints written so far are intact.")
-            bar.set_postfix(loss=f"{float(metrics['loss']):.3f}", tok_s=f"{tokens_per_s:,.0f}")
-            if done % tc.eval_every == 0 or done == tc.steps:
+            if pending is not None:
+                report(*pending)
+            pending = (done, metrics)
+            profiler.after(done, metrics)
+            signum = stop.requested()
+            evaluate_now = done % tc.eval_every == 0 or done == tc.steps
+            save_now = (done % tc.checkpoint_every == 0 or done == tc.steps
+                        or (signum is not None and saved_step != done))
+            if evaluate_now or save_now or signum is not None or done == end:
+                report(*pending)  # nothing non-finite is evaluated or saved: the guard is read first
+                pending = None
+            if evaluate_now:
                 last_eval = evaluate(eval_fn, state.params, state.biases,
                                      data.val_batches(tc.batch_size, slice_index, slice_count), tc.eval_batches,
                                      put)
                 writer.write({"kind": "eval", "step": done, **last_eval})  # expert_load: [MoE layers, E]
                 bar.write(f"step {done}: val_loss {last_eval['val_loss']:.4f}  "
                           f"MaxVio_global {last_eval['maxvio_global']:.3f}")
-                t_last = time.perf_counter()  # eval time is not training throughput
-            signum = stop.requested()
-            if done % tc.checkpoint_every == 0 or done == tc.steps or (signum is not None and saved_step != done):
+                clock.start(done)  # eval time is not training throughput
+            if save_now:
                 checkpointer.save(done, state, train_iter.get_state(), config.to_dict())
                 saved_step = done
-                t_last = time.perf_counter()
+                clock.start(done)
             if signum is not None:
                 break
     finally:
+        profiler.close()
         bar.close()
         checkpointer.close()  # waits for the in-flight async save
         writer.close()

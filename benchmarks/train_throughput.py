@@ -1,0 +1,117 @@
+"""Training throughput: the bare jitted train step, and the real trainer loop around it.
+
+`bare`: the jitted, donated train step of the chosen preset on random tokens, timed over --steps steps after
+--warmup steps (each step blocks before the next is timed, so this is device time per step plus dispatch).
+`trainer`: `dsv3_jax.train.trainer.train` on the prepared default corpus (data loading, the asynchronous loop,
+metrics, the progress bar), tokens/s read back from its metrics.jsonl over steps --trainer-from..--trainer-to;
+evaluation and checkpoints are pushed past the end so they do not count. The same script runs on CPU, GPU and
+TPU (whatever `jax.devices()` offers; one device).
+
+    python benchmarks/train_throughput.py                       # small preset, batch 8 x 256, both
+    python benchmarks/train_throughput.py --preset tiny --set train.grad_accum=2 --modes bare
+
+Prints one JSON object: config, device, "bare": {tokens_per_s, step_ms (median), step_flops (XLA cost
+analysis; null where the backend gives none), compile_s}, "trainer": {tokens_per_s over the window, steps},
+and "trainer_vs_bare" (the ratio of the two tokens/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from benchmarks._step import compile_step, step_flops  # noqa: E402
+from dsv3_jax.config import get_preset  # noqa: E402
+from dsv3_jax.train.config import Config, DataConfig, apply_overrides  # noqa: E402
+from dsv3_jax.train.presets import train_preset  # noqa: E402
+from dsv3_jax.train.step import init_train_state  # noqa: E402
+
+
+def build_config(args) -> Config:
+    config = Config(model=get_preset(args.preset), train=train_preset(args.preset), data=DataConfig(corpus=args.corpus))
+    sets = [f"train.batch_size={args.batch}", f"train.seq_len={args.seq}", "model.num_nextn_predict_layers=1"]
+    return apply_overrides(config, sets + (args.set or []))
+
+
+def bare(config: Config, steps: int, warmup: int) -> dict:
+    mc, tc = config.model, config.train
+    compiled, times = compile_step(mc, tc)
+    _, state = init_train_state(mc, tc)
+    windows = [jax.random.randint(jax.random.key(i), (tc.batch_size, tc.seq_len + 1 + mc.mtp_depth), 0,
+                                  mc.vocab_size, dtype=jnp.int32) for i in range(4)]
+    for i in range(warmup):
+        state, metrics = compiled(state, windows[i % 4])
+    jax.block_until_ready(metrics)
+    durations = []
+    for i in range(steps):
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, windows[i % 4])
+        jax.block_until_ready(metrics)
+        durations.append(time.perf_counter() - t0)
+    step_s = statistics.median(durations)
+    return {"tokens_per_s": round(tc.batch_size * tc.seq_len / step_s, 1), "step_ms": round(1e3 * step_s, 2),
+            "step_ms_mean": round(1e3 * statistics.mean(durations), 2), "step_flops": step_flops(compiled),
+            "compile_s": round(times["compile_s"], 2), "steps": steps}
+
+
+def trainer(config: Config, first: int, last: int) -> dict:
+    from dsv3_jax.data import prepare_data
+    from dsv3_jax.train.metrics import read_metrics
+    from dsv3_jax.train.trainer import train
+
+    tc = config.train
+    config = apply_overrides(config, [f"train.steps={last + 1}", f"train.eval_every={10 * last}",
+                                      f"train.checkpoint_every={10 * last}", "train.log_every=1"])
+    data = prepare_data(config.data.corpus, config.model.vocab_size, tc.seq_len, config.model.mtp_depth,
+                        cache_dir=config.data.cache_dir, batch_size=tc.batch_size, verbose=False)
+    with tempfile.TemporaryDirectory() as run_dir:
+        # stop_after one step short of train.steps: the final evaluation and checkpoint never run
+        train(config, run_dir, data, show_progress=False, stop_after=last)
+        records = [r for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if r.get("kind") == "train"]
+    window = [r["tokens_per_s"] for r in records if first < r["step"] <= last]
+    # every record's rate covers one step; the mean of per-step times is the loop's throughput
+    per_step_s = statistics.mean(tc.batch_size * tc.seq_len / rate for rate in window)
+    return {"tokens_per_s": round(tc.batch_size * tc.seq_len / per_step_s, 1), "steps": f"{first + 1}..{last}",
+            "median_tokens_per_s": round(statistics.median(window), 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--corpus", default="shakespeare")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE")
+    parser.add_argument("--modes", nargs="+", default=["bare", "trainer"], choices=["bare", "trainer"])
+    parser.add_argument("--steps", type=int, default=30, help="timed bare steps")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--trainer-from", type=int, default=5)
+    parser.add_argument("--trainer-to", type=int, default=50)
+    args = parser.parse_args()
+    config = build_config(args)
+    out = {"config": {"preset": args.preset, "batch": config.train.batch_size, "seq": config.train.seq_len,
+                      "grad_accum": config.train.grad_accum, "moe_dispatch": config.model.moe_dispatch,
+                      "scan_layers": config.model.scan_layers, "remat": config.model.remat, "set": args.set or []},
+           "device": str(jax.devices()[0]), "backend": jax.default_backend()}
+    if "bare" in args.modes:
+        out["bare"] = bare(config, args.steps, args.warmup)
+    if "trainer" in args.modes:
+        out["trainer"] = trainer(config, args.trainer_from, args.trainer_to)
+    if "bare" in out and "trainer" in out:
+        out["trainer_vs_bare"] = round(out["trainer"]["tokens_per_s"] / out["bare"]["tokens_per_s"], 3)
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
