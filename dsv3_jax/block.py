@@ -11,7 +11,7 @@ from dsv3_jax.layers import MLP, DotGeneral, RMSNorm
 from dsv3_jax.mha import MHA
 from dsv3_jax.mla import MLA
 from dsv3_jax.moe import MoE, MoEAux
-from dsv3_jax.sharding import constrain
+from dsv3_jax.partitioning import constrain
 
 RESIDUAL_AXES = ("batch", "length", "act_embed")  # the residual stream [B, T, D] under a mesh
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from dsv3_jax import distributed
-from dsv3_jax.sharding import path_str
+from dsv3_jax.partitioning import path_str
 
 BROKEN_DIR = "checkpoints_broken"  # beside checkpoints/: steps that failed to restore, kept for inspection
 

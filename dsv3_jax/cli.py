@@ -202,20 +202,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise ConfigError("--devices", f"must be >= 1, got {args.devices}")
     config = apply_overrides(Config(model=get_preset(args.preset), train=train_preset(args.preset)), args.set or [])
     mesh_cfg = config.mesh.validate()
-    sizes = {"data": mesh_cfg.data, "expert": mesh_cfg.expert, "tensor": mesh_cfg.tensor}
-    fill = [axis for axis, size in sizes.items() if size == -1]
-    if fill:
-        known = sizes["data"] * sizes["expert"] * sizes["tensor"] * -1
-        if args.devices is None:
-            sizes[fill[0]] = 1
-        elif args.devices % known:
-            raise ConfigError("--devices", f"{args.devices} devices do not split into the fixed mesh axes "
-                              f"({known} devices)")
-        else:
-            sizes[fill[0]] = args.devices // known
-    elif args.devices is not None and args.devices != sizes["data"] * sizes["expert"] * sizes["tensor"]:
-        raise ConfigError("--devices", f"{args.devices} devices, but data*expert*tensor = "
-                          f"{sizes['data'] * sizes['expert'] * sizes['tensor']}")
+    sizes = mesh_cfg.shape(args.devices)  # mesh.* against --devices, as training checks them against jax.devices()
     plan = estimate_memory(config.model, config.train, sizes, fsdp=mesh_cfg.fsdp, backend=args.backend)
     print(format_plan(plan, as_json=args.json))
     return 0

@@ -35,6 +35,7 @@ from safetensors import safe_open
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import DeepSeekV3
+from dsv3_jax.partitioning import path_str
 
 __all__ = ["CheckpointError", "from_hf", "to_hf", "dequantize_blockwise", "quantize_blockwise", "hf_name",
            "FP8_MAX", "DEFAULT_BLOCK"]
@@ -341,7 +342,7 @@ def _file_mtp_depth(hf: Mapping[str, Any]) -> int:
 
 
 def _leaves(model: nnx.Module) -> list[tuple[str, nnx.Variable]]:
-    return [(".".join(map(str, path)), var) for path, var in nnx.to_flat_state(nnx.state(model))]
+    return [(path_str(path, "."), var) for path, var in nnx.to_flat_state(nnx.state(model))]
 
 
 @dataclass(frozen=True)

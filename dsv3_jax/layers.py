@@ -14,7 +14,7 @@ from flax import nnx
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.remat_names import MLP_GATE, MLP_UP, tag
-from dsv3_jax.sharding import constrain
+from dsv3_jax.partitioning import constrain
 
 DotGeneral = Callable[..., jax.Array]
 

@@ -17,7 +17,7 @@ from flax import nnx
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import DotGeneral, Linear
 from dsv3_jax.rope import apply_rope, rope_cos_sin, softmax_scale
-from dsv3_jax.sharding import constrain
+from dsv3_jax.partitioning import constrain
 
 HEADS_AXES = ("batch", "length", "heads", None)
 

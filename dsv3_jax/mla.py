@@ -16,7 +16,7 @@ from dsv3_jax.kv_cache import ExpandedEntries, LatentEntries, LayerEntries, visi
 from dsv3_jax.layers import DotGeneral, Linear, RMSNorm
 from dsv3_jax.remat_names import MLA_ATTENTION_OUT, MLA_KV, MLA_KV_LATENT, MLA_Q, MLA_Q_LATENT, tag
 from dsv3_jax.rope import apply_rope, rope_cos_sin, softmax_scale
-from dsv3_jax.sharding import constrain
+from dsv3_jax.partitioning import constrain
 
 HEADS_AXES = ("batch", "length", "heads", None)  # [B, T, H, dim] under a mesh: heads on tensor
 

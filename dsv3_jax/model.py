@@ -13,7 +13,7 @@ from dsv3_jax.kv_cache import KVCache
 from dsv3_jax.layers import DotGeneral, Embed, Linear, RMSNorm
 from dsv3_jax.moe import MoEAux
 from dsv3_jax.mtp import MTPModule
-from dsv3_jax.sharding import constrain
+from dsv3_jax.partitioning import constrain
 from dsv3_jax.stack import call_layer, scan_cached, scan_layers, stacked_layers
 
 LOGITS_AXES = ("batch", "length", "vocab")

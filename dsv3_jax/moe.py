@@ -17,7 +17,7 @@ from dsv3_jax.config import ModelConfig, resolve_moe_dispatch
 from dsv3_jax.layers import MLP, DotGeneral, normal_init
 from dsv3_jax.moe_ragged import ragged_experts, ragged_experts_ep, sort_by_expert
 from dsv3_jax.remat_names import EXPERT_GATE, EXPERT_UP, tag
-from dsv3_jax.sharding import active_plan, constrain
+from dsv3_jax.partitioning import active_plan, constrain
 
 
 class RouterBias(nnx.Variable):

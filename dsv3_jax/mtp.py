@@ -17,7 +17,7 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.kv_cache import LayerEntries
 from dsv3_jax.layers import DotGeneral, Linear, RMSNorm
 from dsv3_jax.moe import MoEAux
-from dsv3_jax.sharding import constrain
+from dsv3_jax.partitioning import constrain
 
 
 class SharedHeadNorm(nnx.Module):

@@ -81,7 +81,7 @@ from dsv3_jax.config import ConfigError, ModelConfig, resolve_moe_dispatch
 from dsv3_jax.kv_cache import latent_cache_bytes_per_token
 from dsv3_jax.moe import expert_capacity
 from dsv3_jax.moe_ragged import exchange_capacity
-from dsv3_jax.sharding import param_logical_axes, path_str, rules_for
+from dsv3_jax.partitioning import check_divisibility, param_logical_axes, path_str, rules_for
 
 AXES = ("data", "expert", "tensor")
 GIB = 1024 ** 3
@@ -145,45 +145,24 @@ def normalize_mesh(mesh_shape: Mapping[str, int] | None) -> dict[str, int]:
 
 
 def validate_mesh(model_cfg: ModelConfig, mesh_shape: Mapping[str, int], batch_size: int | None = None,
-                  fsdp: bool = False) -> dict[str, int]:
-    """Raise MeshError naming the axis and the dimension it does not divide; return the normalised mesh."""
+                  fsdp: bool = False, grad_accum: int = 1) -> dict[str, int]:
+    """Raise MeshError naming the axis and the dimension it does not divide (the same rules as training:
+    `partitioning.check_divisibility`); return the normalised mesh."""
     mesh = normalize_mesh(mesh_shape)
-    cfg = model_cfg
-    checks = [
-        ("tensor", "num_attention_heads", cfg.num_attention_heads),
-        ("tensor", "moe_intermediate_size", cfg.moe_intermediate_size),
-        ("tensor", "vocab_size", cfg.vocab_size),
-        ("expert", "n_routed_experts", cfg.n_routed_experts),
-    ]
-    if cfg.first_k_dense_replace > 0:
-        checks.append(("tensor", "intermediate_size", cfg.intermediate_size))
-    if fsdp:
-        checks += [("data", "hidden_size", cfg.hidden_size), ("data", "kv_lora_rank", cfg.kv_lora_rank)]
-        if cfg.q_lora_rank is not None:
-            checks.append(("data", "q_lora_rank", cfg.q_lora_rank))
-    for axis, name, value in checks:
-        if value % mesh[axis]:
-            why = " (fsdp splits the weight matrices over data)" if axis == "data" else ""
-            raise MeshError(f"mesh.{axis}", f"{axis}={mesh[axis]} does not divide {name}={value}{why}")
-    if batch_size is not None:
-        shards = mesh["data"] * mesh["expert"]
-        if batch_size % shards:
-            raise MeshError("mesh.data", f"the batch is split over data x expert = {mesh['data']} x "
-                            f"{mesh['expert']} = {shards}, which does not divide batch_size={batch_size}")
+    try:
+        check_divisibility(model_cfg, mesh, fsdp, batch_size, grad_accum)
+    except ConfigError as err:
+        raise MeshError(err.field, err.message) from None
     return mesh
 
 
 # ---- parameter sharding --------------------------------------------------------------------------------------
-def _names(path: tuple) -> list[str]:
-    return [str(p) for p in path]
-
-
 def partition_spec(path: tuple, shape: tuple[int, ...], mesh_shape: Mapping[str, int] | None = None,
                    fsdp: bool = False) -> tuple[str | None, ...]:
     """The mesh axis (or None) each dimension of the parameter at `path` is split over.
 
     `path` is an nnx flat-state path such as ('layers', 3, 'mlp', 'experts', 'gate_proj'). The answer comes
-    from dsv3_jax.sharding's tables (PARAM_AXES: parameter -> logical axes; the rule table: logical -> mesh
+    from dsv3_jax.partitioning's tables (PARAM_AXES: parameter -> logical axes; the rule table: logical -> mesh
     axes), so the plan cannot drift from what training actually does. A parameter no rule knows stays
     replicated, so a new one is over- rather than under-counted. Unlike `MeshPlan.spec`, axes of size 1 are
     kept (the spec does not depend on the axis sizes; `local_shape` divides by them).
@@ -261,7 +240,7 @@ def param_shards(model_cfg: ModelConfig, mesh_shape: Mapping[str, int] | None = 
 
 def _shard(leaf: AbstractLeaf, mesh: Mapping[str, int], fsdp: bool) -> ParamShard:
     spec = partition_spec(leaf.path, leaf.shape, mesh, fsdp)
-    return ParamShard("/".join(_names(leaf.path)), leaf.shape, leaf.dtype, spec, local_shape(leaf.shape, spec, mesh))
+    return ParamShard(path_str(leaf.path), leaf.shape, leaf.dtype, spec, local_shape(leaf.shape, spec, mesh))
 
 
 def kv_cache_bytes_per_token(model_cfg: ModelConfig) -> int:
@@ -284,7 +263,7 @@ def estimate_memory(model_cfg: ModelConfig, train_cfg, mesh_shape: Mapping[str, 
     from dsv3_jax.train.optim import make_optimizer  # local: keeps `import dsv3_jax.plan` light
 
     model_cfg.validate()
-    mesh = validate_mesh(model_cfg, mesh_shape or {}, train_cfg.batch_size, fsdp)
+    mesh = validate_mesh(model_cfg, mesh_shape or {}, train_cfg.batch_size, fsdp, train_cfg.grad_accum)
     # One template per kind of variable (a dense layer's, a MoE layer's, an MTP module's, the rest), each
     # counted `copies` times: nothing here grows with the depth. Sharding specs depend on the parameter's
     # name, not on its layer index, so a template's shard is every copy's.
@@ -297,8 +276,8 @@ def estimate_memory(model_cfg: ModelConfig, train_cfg, mesh_shape: Mapping[str, 
     # Optimizer: moments mirror their parameters (same shape, dtype and sharding); scalars are replicated.
     # A flat dict of shape structs (the templates) stands in for the nnx.State: optax only maps over the
     # leaves, so each state leaf under a template's key stands for that template's copies.
-    structs = {"/".join(_names(t.path)): jax.ShapeDtypeStruct(t.shape, t.dtype) for t in params}
-    copies = {"/".join(_names(t.path)): t.copies for t in params}
+    structs = {path_str(t.path): jax.ShapeDtypeStruct(t.shape, t.dtype) for t in params}
+    copies = {path_str(t.path): t.copies for t in params}
 
     def weight(key_path) -> int:
         return next((copies[k.key] for k in key_path

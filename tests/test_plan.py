@@ -133,15 +133,15 @@ def test_specs_agree_with_the_sharding_rule_table():
 
 
 @pytest.mark.parametrize("mesh, batch, changes, axis, dimension", [
-    (dict(tensor=3), 4, {}, "mesh.tensor", "tensor=3 does not divide num_attention_heads=4"),
-    (dict(expert=3), 6, {}, "mesh.expert", "expert=3 does not divide n_routed_experts=16"),
-    (dict(tensor=5), 5, dict(num_attention_heads=10), "mesh.tensor", "moe_intermediate_size=128"),
+    (dict(tensor=3), 4, {}, "mesh.tensor", "tensor=3 does not divide model.num_attention_heads=4"),
+    (dict(expert=3), 6, {}, "mesh.expert", "expert=3 does not divide model.n_routed_experts=16"),
+    (dict(tensor=5), 5, dict(num_attention_heads=10, vocab_size=8190), "mesh.tensor", "moe_intermediate_size=128"),
     (dict(tensor=2), 4, dict(vocab_size=8191), "mesh.tensor", "vocab_size=8191"),
     (dict(data=3), 8, {}, "mesh.data", "batch_size=8"),
-    (dict(data=2, expert=4), 4, {}, "mesh.data", "data x expert = 2 x 4 = 8"),
+    (dict(data=2, expert=4), 4, {}, "mesh.data", "data*expert = 2*4 = 8"),
     (dict(data=0), 8, {}, "mesh.data", ">= 1"),
     (dict(pipeline=2), 8, {}, "mesh.pipeline", "unknown mesh axis"),
-    (dict(data=3), 6, dict(hidden_size=256), "mesh.data", "data=3 does not divide hidden_size=256 (fsdp"),
+    (dict(data=3), 6, dict(hidden_size=256), "mesh.data", "data=3 does not divide model.hidden_size=256 (fsdp"),
 ])
 def test_mesh_errors_name_the_axis_and_dimension(mesh, batch, changes, axis, dimension):
     cfg = get_preset("small").replace(**changes)
@@ -208,9 +208,10 @@ def test_plan_cli_prints_the_671b_plan(capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--set", "mesh.expert=7"], "mesh.expert: expert=7 does not divide n_routed_experts=256"),
-    (["--set", "mesh.expert=8", "--devices", "12"], "--devices: 12 devices do not split"),
-    (["--set", "mesh.data=2", "--devices", "3"], "--devices: 3 devices, but data*expert*tensor = 2"),
+    (["--set", "mesh.expert=7"], "mesh.expert: expert=7 does not divide model.n_routed_experts=256"),
+    (["--set", "mesh.expert=8", "--devices", "12"],
+     "mesh.data: -1 cannot fill the mesh: the other axes multiply to 8, which does not divide the 12 devices"),
+    (["--set", "mesh.data=2", "--devices", "3"], "mesh: data*expert*tensor = 2*1*1 = 2, but there are 3 devices"),
     (["--set", "model.moe_dispatch=magic"], "moe_dispatch"),
 ])
 def test_plan_cli_rejects_bad_meshes(capsys, argv, message):

@@ -114,16 +114,19 @@ class MeshConfig:
     fsdp: bool = False  # also split weights' hidden dim over data (ZeRO-3 style)
 
     def validate(self) -> "MeshConfig":
-        """Structural checks only; sizes against devices and model dims: `sharding.check_mesh`."""
+        """Sizes only; against devices and model dims: `sharding.plan_from_config`."""
+        from dsv3_jax.partitioning import resolve_mesh_shape  # the one check of mesh sizes
+
         check_field_types(self, "mesh.")
-        sizes = {"data": self.data, "expert": self.expert, "tensor": self.tensor}
-        for name, size in sizes.items():
-            if size < 1 and size != -1:
-                raise ConfigError(f"mesh.{name}", f"must be a positive integer or -1 (the rest), got {size!r}")
-        if sum(size == -1 for size in sizes.values()) > 1:
-            raise ConfigError("mesh", f"only one axis may be -1, got data={self.data}, expert={self.expert}, "
-                              f"tensor={self.tensor}")
+        resolve_mesh_shape(self.data, self.expert, self.tensor, None)
         return self
+
+    def shape(self, n_devices: int | None) -> dict[str, int]:
+        """{data, expert, tensor} over `n_devices` (the -1 axis takes the rest; 1 when unknown)."""
+        from dsv3_jax.partitioning import resolve_mesh_shape
+
+        return dict(zip(("data", "expert", "tensor"), resolve_mesh_shape(self.data, self.expert, self.tensor,
+                                                                          n_devices)))
 
 
 @dataclasses.dataclass(frozen=True)

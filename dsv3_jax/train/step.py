@@ -18,7 +18,7 @@ from flax import nnx, struct
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import DeepSeekV3, init_model
 from dsv3_jax.moe import RouterBias
-from dsv3_jax.sharding import MeshFunction, MeshPlan, constrain
+from dsv3_jax.partitioning import MeshFunction, MeshPlan, constrain
 from dsv3_jax.train.balance import max_violation, update_bias
 from dsv3_jax.train.config import TrainConfig
 from dsv3_jax.train.losses import objective, split_window
@@ -78,9 +78,11 @@ def with_shardings(abstract_state: TrainState, plan: MeshPlan) -> TrainState:
 
 
 def init_train_state(model_cfg: ModelConfig, train_cfg: TrainConfig, plan: MeshPlan | None = None,
-                     shardings: TrainState | None = None) -> tuple[nnx.GraphDef, TrainState]:
+                     shardings: TrainState | None = None,
+                     graphdef: nnx.GraphDef | None = None) -> tuple[nnx.GraphDef, TrainState]:
     """Fresh model (seeded by train_cfg.seed) and optimizer state; created directly sharded under `plan`, so
-    no device ever holds more than its shards."""
+    no device ever holds more than its shards. Callers that already hold the graphdef and shardings (from
+    `abstract_train_state`) pass them, so the model is not traced again."""
     init = _init_fn(model_cfg, train_cfg)
     if plan is None:
         params, biases, opt_state = jax.jit(init)()  # one compiled program instead of hundreds of eager ops
@@ -93,7 +95,8 @@ def init_train_state(model_cfg: ModelConfig, train_cfg: TrainConfig, plan: MeshP
         # make_array_from_callback: works when the mesh spans processes, and gives distinct (donatable) buffers
         zero = lambda: jax.make_array_from_callback((), plan.replicated(),  # noqa: E731
                                                     lambda _: np.zeros((), np.int32))
-    return _graphdef(model_cfg, train_cfg), TrainState(step=zero(), params=params, biases=biases,
+    graphdef = _graphdef(model_cfg, train_cfg) if graphdef is None else graphdef
+    return graphdef, TrainState(step=zero(), params=params, biases=biases,
                                                        opt_state=opt_state, nonfinite_streak=zero(),
                                                        skipped_total=zero())
 

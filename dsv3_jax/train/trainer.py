@@ -190,7 +190,7 @@ def _train_locked(config: Config, plan: Any, run_dir: str, data: Any, stop: Stop
         print(f"resuming {run_dir} from step {step0}", file=sys.stderr)
     else:
         step0 = 0
-        state = init_train_state(mc, tc, plan, shardings)[1]
+        state = init_train_state(mc, tc, plan, shardings, graphdef)[1]
     if is_writer:
         rundir.atomic_write(os.path.join(run_dir, "config.json"), config.to_json())
         rundir.save_run_data(run_dir, data)
