@@ -1,7 +1,8 @@
 """Training throughput: the bare jitted train step, and the real trainer loop around it.
 
-`bare`: the jitted, donated train step of the chosen preset on random tokens, timed over --steps steps after
---warmup steps (each step blocks before the next is timed, so this is device time per step plus dispatch).
+`bare`: the train step exactly as the trainer jits it (mesh plan from the config, shardings, donation) on random
+device-resident tokens, timed over --steps steps after --warmup steps (each step blocks before the next is
+timed, so this is device time per step plus dispatch).
 `trainer`: `dsv3_jax.train.trainer.train` on the prepared default corpus (data loading, the asynchronous loop,
 metrics, the progress bar), tokens/s read back from its metrics.jsonl over steps --trainer-from..--trainer-to;
 evaluation and checkpoints are pushed past the end so they do not count. The same script runs on CPU, GPU and
@@ -11,13 +12,15 @@ TPU (whatever `jax.devices()` offers; one device).
     python benchmarks/train_throughput.py --preset tiny --set train.grad_accum=2 --modes bare
 
 Prints one JSON object: config, device, "bare": {tokens_per_s, step_ms (median), step_flops (XLA cost
-analysis; null where the backend gives none), compile_s}, "trainer": {tokens_per_s over the window, steps},
+analysis of the step, unrolled and in one piece because XLA counts a loop body once; null where the backend
+gives none, e.g. GPU), compile_s}, "trainer": {tokens_per_s over the window, steps},
 and "trainer_vs_bare" (the ratio of the two tokens/s).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -30,6 +33,7 @@ sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 from benchmarks._step import compile_step, step_flops  # noqa: E402
 from dsv3_jax.config import get_preset  # noqa: E402
@@ -45,24 +49,43 @@ def build_config(args) -> Config:
 
 
 def bare(config: Config, steps: int, warmup: int) -> dict:
+    """The step the trainer runs (same mesh plan, shardings and donation), timed alone on device-resident
+    batches: what the loop around it is compared with."""
+    from dsv3_jax import sharding
+    from dsv3_jax.train.step import abstract_train_state, jit_train_step, state_shardings
+
     mc, tc = config.model, config.train
-    compiled, times = compile_step(mc, tc)
-    _, state = init_train_state(mc, tc)
-    windows = [jax.random.randint(jax.random.key(i), (tc.batch_size, tc.seq_len + 1 + mc.mtp_depth), 0,
-                                  mc.vocab_size, dtype=jnp.int32) for i in range(4)]
+    plan = sharding.plan_from_config(config, every_param=False)
+    graphdef, abstract = abstract_train_state(mc, tc, plan)
+    shardings = state_shardings(plan, abstract)
+    window_shape = jax.ShapeDtypeStruct((tc.batch_size, tc.seq_len + 1 + mc.mtp_depth), jnp.int32,
+                                        sharding=plan.batch_sharding())
+    t0 = time.perf_counter()
+    compiled = jit_train_step(graphdef, mc, tc, plan, shardings).lower(abstract, window_shape).compile()
+    compile_s = time.perf_counter() - t0
+    step = sharding.MeshFunction(compiled, plan)
+    _, state = init_train_state(mc, tc, plan, shardings, graphdef)
+    windows = [plan.put_batch(np.asarray(jax.random.randint(jax.random.key(i), window_shape.shape, 0, mc.vocab_size,
+                                                            dtype=jnp.int32))) for i in range(4)]
     for i in range(warmup):
-        state, metrics = compiled(state, windows[i % 4])
+        state, metrics = step(state, windows[i % 4])
     jax.block_until_ready(metrics)
     durations = []
     for i in range(steps):
         t0 = time.perf_counter()
-        state, metrics = compiled(state, windows[i % 4])
+        state, metrics = step(state, windows[i % 4])
         jax.block_until_ready(metrics)
         durations.append(time.perf_counter() - t0)
     step_s = statistics.median(durations)
+    flops = step_flops(compiled)
+    if mc.scan_layers or tc.grad_accum > 1:
+        # XLA's cost analysis counts a while loop's body once, not once per iteration: take the FLOPs of the
+        # same step unrolled and in one piece (the same math) instead.
+        flops = step_flops(compile_step(mc.replace(scan_layers=False),
+                                        dataclasses.replace(tc, grad_accum=1))[0])
     return {"tokens_per_s": round(tc.batch_size * tc.seq_len / step_s, 1), "step_ms": round(1e3 * step_s, 2),
-            "step_ms_mean": round(1e3 * statistics.mean(durations), 2), "step_flops": step_flops(compiled),
-            "compile_s": round(times["compile_s"], 2), "steps": steps}
+            "step_ms_mean": round(1e3 * statistics.mean(durations), 2), "step_flops": flops,
+            "compile_s": round(compile_s, 2), "steps": steps}
 
 
 def trainer(config: Config, first: int, last: int) -> dict:
