@@ -29,6 +29,11 @@ def _window(seed=0, cfg=TINY):
     return jax.random.randint(jax.random.key(seed), (2, TRAIN.seq_len + 1 + cfg.mtp_depth), 0, cfg.vocab_size)
 
 
+def _apply(model, ids):
+    graphdef, state = nnx.split(model)
+    return jax.jit(lambda s, i: nnx.merge(graphdef, s)(i, return_hidden=True))(state, ids)
+
+
 def _loss_and_grads(model, window):
     graphdef, params, biases = nnx.split(model, nnx.Param, RouterBias)
     fn = jax.jit(jax.value_and_grad(lambda p: _forward(graphdef, p, biases, window, model.cfg, TRAIN)[0]))
@@ -55,7 +60,7 @@ def test_scanned_and_unrolled_layouts_agree():
     unrolled = relayout(scanned, scan_layers=False)
     assert hasattr(unrolled, "layers") and not hasattr(scanned, "layers")
     ids = _window()[:, :TRAIN.seq_len]
-    (ls, aux_s), (lu, aux_u) = scanned(ids, return_hidden=True), unrolled(ids, return_hidden=True)
+    (ls, aux_s), (lu, aux_u) = _apply(scanned, ids), _apply(unrolled, ids)
     # one layer body traced once (scan) against three traced copies: the same ops, fused alike; a few ulps
     assert_close_f32(ls, lu, atol_ulps=16)
     np.testing.assert_array_equal(np.asarray(aux_s.moe.topk_idx), np.asarray(aux_u.moe.topk_idx))
@@ -70,9 +75,13 @@ def test_scanned_and_unrolled_layouts_agree():
         assert_close_f32(gs[name], gu[name], atol_ulps=64, err_msg=name)
 
 
-@pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "unrolled"])
-@pytest.mark.parametrize("remat", [r for r in REMAT_POLICIES if r != "none"])
-@pytest.mark.parametrize("dispatch", ["capacity", "blocked"])
+# Every policy in both layouts with capacity dispatch, and blocked (other expert GEMM tags) once.
+REMAT_CASES = [(remat, scan, "capacity") for remat in REMAT_POLICIES if remat != "none" for scan in (True, False)]
+REMAT_CASES.append(("full", True, "blocked"))
+
+
+@pytest.mark.parametrize("remat, scan_layers, dispatch", REMAT_CASES,
+                         ids=[f"{r}-{'scanned' if s else 'unrolled'}-{d}" for r, s, d in REMAT_CASES])
 def test_remat_gradients_equal_no_remat(remat, scan_layers, dispatch):
     cfg = TINY.replace(scan_layers=scan_layers, moe_dispatch=dispatch)
     model = init_model(cfg, seed=3)
@@ -117,3 +126,20 @@ def test_remat_policies_recompute_what_they_say():
         if name.startswith("mlp_") and not cfg.n_shared_experts:
             continue
         assert any(f"named '{name}'" in src for src in minimal), (name, minimal)
+
+
+def test_saved_configs_from_before_scan_layers_read_as_unrolled():
+    """A run directory written before `model.scan_layers` existed holds unrolled checkpoints: its config.json
+    (no such field) must load as scan_layers=false, so eval, generate and resume find the layout they saved."""
+    from dsv3_jax.train.config import Config, saved_scan_layers
+    from dsv3_jax.train.trainer import layout_problem
+
+    legacy = Config().to_dict()
+    del legacy["model"]["scan_layers"]
+    assert saved_scan_layers(legacy) is False
+    assert Config.from_dict(legacy).model.scan_layers is False
+    assert Config.from_dict(Config().to_dict()).model.scan_layers is True
+    problem = layout_problem(legacy, Config())
+    assert "unrolled layers" in problem and "scanned layers" in problem
+    assert "--set model.scan_layers=false" in problem
+    assert layout_problem(legacy, Config.from_dict(legacy)) is None
