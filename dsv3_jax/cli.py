@@ -208,6 +208,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compile(args: argparse.Namespace) -> int:
+    """AOT compilation of the train step for an accelerator target (dsv3_jax/aot.py)."""
+    from dsv3_jax.aot import compile_train_step, format_report, parse_target
+    from dsv3_jax.train.config import Config, apply_overrides
+    from dsv3_jax.train.presets import train_preset
+
+    target = parse_target(args.target)  # a bad target fails before any backend starts
+    config = apply_overrides(Config(model=get_preset(args.preset), train=train_preset(args.preset)), args.set or [])
+    report = compile_train_step(config, target, dump_hlo=args.dump_hlo)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from dsv3_jax.generate_cli import run
 
@@ -275,6 +288,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the target backend; decides what moe_dispatch=auto becomes (default gpu: ragged)")
     plan.add_argument("--json", action="store_true", help="machine-readable output")
     plan.set_defaults(func=cmd_plan)
+
+    aot = sub.add_parser("compile", help="AOT-compile the sharded train step for a TPU slice on this host (no TPU "
+                                         "needed): memory per chip, fit, collectives")
+    aot.add_argument("--target", required=True, help="TPU topology, e.g. v5p:2x2x1 (4 chips), v5p:8x8x8, v5e:4x4")
+    aot.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    aot.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
+                     help="model/train/mesh overrides, e.g. --set mesh.expert=4 --set model.remat=full")
+    aot.add_argument("--json", action="store_true", help="one JSON object")
+    aot.add_argument("--dump-hlo", metavar="DIR", default=None, help="write the optimised HLO text to DIR")
+    aot.set_defaults(func=cmd_compile)
     return parser
 
 
