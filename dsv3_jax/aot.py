@@ -155,7 +155,27 @@ def compile_train_step(config: Any, target: Target, dump_hlo: str | None = None)
                                   sharding=plan.batch_sharding())
     t0 = time.perf_counter()
     lowered = jit_train_step(graphdef, mc, tc, plan, shardings).lower(abstract, window)
-    compiled = lowered.compile()
+    mesh = dict(plan.mesh.shape)
+    estimate = estimate_memory(mc, tc, mesh, fsdp=config.mesh.fsdp, backend=target.platform)
+    base = {"target": target.text, "platform": target.platform, "devices": len(devices),
+            "device_kind": getattr(devices[0], "device_kind", str(devices[0])), "mesh": mesh,
+            "fsdp": config.mesh.fsdp,
+            "plan_gib": {"total": round(estimate.total / GIB, 3),
+                         "activations_and_gradients": round((estimate.activations + estimate.gradients) / GIB, 3)},
+            "config": {"layers": mc.num_hidden_layers, "moe_dispatch": mc.moe_dispatch,
+                       "capacity_factor": mc.capacity_factor, "remat": mc.remat, "scan_layers": mc.scan_layers,
+                       "grad_accum": tc.grad_accum, "batch_size": tc.batch_size, "seq_len": tc.seq_len,
+                       "dtype": mc.dtype}}
+    try:
+        compiled = lowered.compile()
+    except Exception as err:  # noqa: BLE001 - only XLA's out-of-memory verdict is a result, the rest re-raises
+        needed = re.search(r"HLO temporaries \(([0-9.]+)G\) exceeds available HBM \(([0-9.]+)G\)", str(err))
+        if "RESOURCE_EXHAUSTED" not in str(err) or needed is None:
+            raise
+        return {**base, "compile_s": round(time.perf_counter() - t0, 1), "fits": False,
+                "hbm_gib": {"temporaries": float(needed.group(1)), "available": float(needed.group(2)),
+                            "capacity": target.hbm_gib},
+                "error": str(err).splitlines()[0][:400]}
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -170,31 +190,25 @@ def compile_train_step(config: Any, target: Target, dump_hlo: str | None = None)
     # donated state: outputs alias the arguments, so they are counted once
     hbm["total"] = hbm["arguments"] + hbm["outputs"] - hbm["aliased"] + hbm["temporaries"]
     hbm["capacity"] = target.hbm_gib
-    mesh = dict(plan.mesh.shape)
-    estimate = estimate_memory(mc, tc, mesh, fsdp=config.mesh.fsdp, backend=target.platform)
-    return {
-        "target": target.text, "platform": target.platform, "devices": len(devices),
-        "device_kind": getattr(devices[0], "device_kind", str(devices[0])), "mesh": mesh,
-        "fsdp": config.mesh.fsdp, "compile_s": round(compile_s, 1),
-        "hbm_gib": {k: round(v, 3) for k, v in hbm.items()}, "fits": hbm["total"] <= target.hbm_gib,
-        "xla_flops_loop_bodies_once": float(cost["flops"]) if cost and "flops" in cost else None,
-        "model_flops_per_token": model_flops_per_token(config),
-        "tokens_per_step": tc.batch_size * tc.seq_len,
-        "collectives": hlo_collectives(hlo),
-        "plan_gib": {"total": round(estimate.total / GIB, 3),
-                     "activations_and_gradients": round((estimate.activations + estimate.gradients) / GIB, 3)},
-        "config": {"preset_model_layers": mc.num_hidden_layers, "moe_dispatch": mc.moe_dispatch,
-                   "remat": mc.remat, "scan_layers": mc.scan_layers, "grad_accum": tc.grad_accum,
-                   "batch_size": tc.batch_size, "seq_len": tc.seq_len, "dtype": mc.dtype},
-    }
+    return {**base, "compile_s": round(compile_s, 1),
+            "hbm_gib": {k: round(v, 3) for k, v in hbm.items()}, "fits": hbm["total"] <= target.hbm_gib,
+            "xla_flops_loop_bodies_once": float(cost["flops"]) if cost and "flops" in cost else None,
+            "model_flops_per_token": model_flops_per_token(config),
+            "tokens_per_step": tc.batch_size * tc.seq_len,
+            "collectives": hlo_collectives(hlo)}
 
 
 def format_report(report: dict[str, Any]) -> str:
     """A readable summary of `compile_train_step`'s report."""
     hbm = report["hbm_gib"]
     mesh = " x ".join(f"{k}={v}" for k, v in report["mesh"].items())
-    lines = [f"target {report['target']}: {report['devices']} x {report['device_kind']}, mesh {mesh}"
-             f"{' (fsdp)' if report['fsdp'] else ''}",
+    head = f"target {report['target']}: {report['devices']} x {report['device_kind']}, mesh {mesh}" + (
+        " (fsdp)" if report["fsdp"] else "")
+    if "error" in report:
+        return "\n".join([head, f"DOES NOT FIT: XLA needs {hbm['temporaries']:g} GiB of temporaries per chip, "
+                                 f"{hbm['available']:g} GiB are available (found after {report['compile_s']} s)",
+                           f"plan's estimate: {report['plan_gib']['total']:.3f} GiB per device in total"])
+    lines = [head,
              f"compiled in {report['compile_s']} s",
              f"per device: arguments {hbm['arguments']:.3f} GiB, outputs {hbm['outputs']:.3f} GiB "
              f"(aliased {hbm['aliased']:.3f}), temporaries {hbm['temporaries']:.3f} GiB, total {hbm['total']:.3f} "

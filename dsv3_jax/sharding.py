@@ -12,13 +12,14 @@ every layer, for the same compiled program.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Sequence
 
 import jax
 from flax import nnx
 from jax.sharding import AxisType, Mesh
 
-from dsv3_jax.config import ModelConfig
+from dsv3_jax.config import ConfigError, ModelConfig
 from dsv3_jax.fp8 import check_mesh_tiling
 from dsv3_jax.model import init_model
 from dsv3_jax.moe import RouterBias
@@ -36,7 +37,13 @@ def make_mesh(data: int = -1, expert: int = 1, tensor: int = 1, devices: Sequenc
     """A ("data", "expert", "tensor") mesh over `devices` (default: all), Auto axes for jit + GSPMD."""
     devices = list(jax.devices() if devices is None else devices)
     shape = resolve_mesh_shape(data, expert, tensor, len(devices))
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    try:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    except NotImplementedError as err:  # a TPU slice's torus: each mesh axis must be a product of physical axes
+        physical = re.search(r"mesh \[([0-9, ]+)\]", str(err))
+        raise ConfigError("mesh", f"data*expert*tensor = {shape[0]}*{shape[1]}*{shape[2]} cannot be laid out on "
+                          f"the devices' physical mesh [{physical.group(1) if physical else '?'}]: each mesh axis "
+                          "must be a product of some of its axes") from None
 
 
 def plan_for(data: int = -1, expert: int = 1, tensor: int = 1, fsdp: bool = False,

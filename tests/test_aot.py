@@ -90,3 +90,26 @@ def test_small_step_compiles_for_a_v5p_slice_and_matches_a_hand_written_compile(
     assert report["hbm_gib"]["temporaries"] == pytest.approx(mem.temp_size_in_bytes / 2**30, abs=1e-3)
     assert report["hbm_gib"]["arguments"] == pytest.approx(mem.argument_size_in_bytes / 2**30, abs=1e-3)
     assert 0.75 < report["plan_gib"]["total"] / report["hbm_gib"]["total"] < 1.35
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu (pip install -r requirements-tpu.txt)")
+def test_a_step_that_does_not_fit_is_a_result_not_a_crash(capsys):
+    """The 671B preset (61 scanned layers) on a v5p-1024 slice: XLA's out-of-memory verdict comes back as
+    fits=false with the temporaries it needed (seconds of compilation: the scan keeps it small)."""
+    args = ["compile", "--target", "v5p:8x8x8", "--preset", "deepseek-v3-671b", "--set", "mesh.data=8",
+            "--set", "mesh.expert=64", "--set", "mesh.fsdp=true", "--set", "model.remat=full",
+            "--set", "model.capacity_factor=1.25", "--set", "train.batch_size=512", "--json"]
+    assert cli.main(args) == 0
+    import json
+
+    report = json.loads(capsys.readouterr().out)
+    assert report["fits"] is False and report["hbm_gib"]["temporaries"] > report["hbm_gib"]["available"] > 90
+    assert report["devices"] == 512 and report["mesh"] == {"data": 8, "expert": 64, "tensor": 1}
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu (pip install -r requirements-tpu.txt)")
+def test_a_mesh_the_torus_cannot_hold_is_one_error_line(capsys):
+    args = ["compile", "--target", "v5p:8x16x16", "--preset", "tiny", "--set", "mesh.data=32",
+            "--set", "mesh.expert=64", "--set", "train.batch_size=2048"]
+    assert cli.main(args) == 2
+    assert "cannot be laid out on the devices' physical mesh [8, 16, 16]" in capsys.readouterr().err
