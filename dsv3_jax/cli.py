@@ -1,4 +1,4 @@
-"""Command line: `python -m dsv3_jax {train,eval,params,plan} ...`.
+"""Command line: `python -m dsv3_jax {train,eval,params,plan,compile,generate} ...`.
 
 Every argument is validated (config overrides included) before data is prepared or anything compiles.
 `--distributed` joins a multi-process run first (see `dsv3_jax.distributed`); the mesh comes from `mesh.*`.
