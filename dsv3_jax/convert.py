@@ -35,7 +35,7 @@ from safetensors import safe_open
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import DeepSeekV3
-from dsv3_jax.partitioning import path_str
+from dsv3_jax.layout import LayerSlot, by_variable, layer_slots, leaves
 
 __all__ = ["CheckpointError", "from_hf", "to_hf", "dequantize_blockwise", "quantize_blockwise", "hf_name",
            "FP8_MAX", "DEFAULT_BLOCK"]
@@ -341,64 +341,6 @@ def _file_mtp_depth(hf: Mapping[str, Any]) -> int:
     return int(hf.get("num_nextn_predict_layers", hf.get("num_mtp_layers", 0)) or 0)
 
 
-def _leaves(model: nnx.Module) -> list[tuple[str, nnx.Variable]]:
-    return [(path_str(path, "."), var) for path, var in nnx.to_flat_state(nnx.state(model))]
-
-
-@dataclass(frozen=True)
-class _Slot:
-    """One layer's share of a variable: `leaf` is the unrolled layout's dotted name (what `hf_name` maps), and
-    `index` the position on the variable's leading layer axis (None: the whole variable)."""
-
-    leaf: str
-    var: nnx.Variable
-    index: int | None
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        shape = tuple(self.var.get_value().shape)
-        return shape if self.index is None else shape[1:]
-
-
-def _slots(model: DeepSeekV3) -> list[_Slot]:
-    """Every parameter, split per main layer when the model is scanned, named as in the unrolled layout
-    (`layers.{i}....`): the HF name table and the checks see one layout."""
-    stacks = {name: indices for name, indices, _ in model.cfg.layer_stacks()} if model.cfg.scan_layers else {}
-    out = []
-    for leaf, var in _leaves(model):
-        stack, _, rest = leaf.partition(".")
-        if stack in stacks:
-            out += [_Slot(f"layers.{i}.{rest}", var, n) for n, i in enumerate(stacks[stack])]
-        else:
-            out.append(_Slot(leaf, var, None))
-    return out
-
-
-def relayout(model: DeepSeekV3, scan_layers: bool, dot_general: Any = None) -> DeepSeekV3:
-    """The same model (every number equal) in the other parameter layout: unrolled `layers/{i}` <-> scanned
-    `dense_layers` / `moe_layers` stacks. Works variable by variable through the per-layer names both layouts
-    share, so it holds one extra copy of one variable at a time, not of the model. `dot_general` as in
-    `DeepSeekV3` (default: the one `cfg.fp8` selects)."""
-    cfg = model.cfg.replace(scan_layers=scan_layers)
-    if cfg == model.cfg:
-        return model
-    target = nnx.eval_shape(lambda: DeepSeekV3(cfg, nnx.Rngs(0), dot_general))
-    source = {slot.leaf: slot for slot in _slots(model)}
-    by_var: dict[int, list[_Slot]] = {}
-    for slot in _slots(target):
-        by_var.setdefault(id(slot.var), []).append(slot)
-    for slots in by_var.values():
-        def read(slot: _Slot) -> jax.Array:
-            src = source[slot.leaf]
-            value = src.var.get_value()
-            return value if src.index is None else value[src.index]
-        if slots[0].index is None:
-            slots[0].var.set_value(read(slots[0]))
-        else:
-            slots[0].var.set_value(jnp.stack([read(slot) for slot in sorted(slots, key=lambda s: s.index)]))
-    return target
-
-
 def from_hf(path: str | os.PathLike, dtype: Any = jnp.float32, *, compute_dtype: Any = None,
             **config_overrides: Any) -> tuple[ModelConfig, DeepSeekV3]:
     """Load an HF-layout DeepSeek-V3 checkpoint (fp32/bf16/fp16, or FP8 block-scaled) as (config, model).
@@ -415,7 +357,7 @@ def from_hf(path: str | os.PathLike, dtype: Any = jnp.float32, *, compute_dtype:
     ckpt = _Checkpoint(directory)
     try:
         model = nnx.eval_shape(lambda: DeepSeekV3(cfg, nnx.Rngs(0)))
-        slots = _slots(model)
+        slots = layer_slots(model)
         plan = _plan_import(slots, cfg, ckpt, block)
         _fill(plan, ckpt, cfg, block)
         _check_mtp_copies(ckpt, cfg)
@@ -425,8 +367,8 @@ def from_hf(path: str | os.PathLike, dtype: Any = jnp.float32, *, compute_dtype:
     return cfg, model
 
 
-def _plan_import(slots: list[_Slot], cfg: ModelConfig, ckpt: _Checkpoint,
-                 block) -> list[tuple[_Slot, str, str]]:
+def _plan_import(slots: list[LayerSlot], cfg: ModelConfig, ckpt: _Checkpoint,
+                 block) -> list[tuple[LayerSlot, str, str]]:
     """Check every tensor's presence, shape and scale from the headers before any data is read."""
     plan, missing = [], []
     for slot in slots:
@@ -460,13 +402,10 @@ def _layer_index(tensor: str) -> int:
     return int(m.group(1)) if m else -1
 
 
-def _fill(plan: list[tuple[_Slot, str, str]], ckpt: _Checkpoint, cfg: ModelConfig, block) -> None:
+def _fill(plan: list[tuple[LayerSlot, str, str]], ckpt: _Checkpoint, cfg: ModelConfig, block) -> None:
     """Set every variable from its HF tensors, one tensor at a time. A stacked variable is assembled in one
     preallocated host buffer, layer by layer, so at most one variable is ever held twice (host and device)."""
-    by_var: dict[int, list[tuple[_Slot, str, str]]] = {}
-    for entry in plan:
-        by_var.setdefault(id(entry[0].var), []).append(entry)
-    for entries in by_var.values():
+    for entries in by_variable(plan, lambda entry: entry[0]):
         var = entries[0][0].var
         target = var.get_value()
         out_dtype = np.dtype(target.dtype)
@@ -552,7 +491,7 @@ class _Group:
 
 def _export_groups(model: DeepSeekV3, dtype: np.dtype, fp8: bool, block: tuple[int, int]) -> list[_Group]:
     cfg = model.cfg
-    leaves = dict(_leaves(model))
+    by_name = dict(leaves(model))
 
     def group(name: str, kind: str, fetch: Callable[[], np.ndarray], shape: tuple[int, ...]) -> _Group:
         if fp8 and kind in (FP8, EXPERTS):
@@ -572,7 +511,7 @@ def _export_groups(model: DeepSeekV3, dtype: np.dtype, fp8: bool, block: tuple[i
         return get
 
     groups: list[_Group] = []
-    for slot in _slots(model):
+    for slot in layer_slots(model):
         name, kind = hf_name(slot.leaf, cfg)
         shape = _hf_shapes(kind, slot.shape)
         layer = () if slot.index is None else (slot.index,)
@@ -581,7 +520,7 @@ def _export_groups(model: DeepSeekV3, dtype: np.dtype, fp8: bool, block: tuple[i
                                 shape))
     for k in range(cfg.mtp_depth):
         for copy, main_leaf in MTP_SHARED_COPIES.items():
-            var = leaves[main_leaf]
+            var = by_name[main_leaf]
             kind = TOP_LEVEL[main_leaf][1]
             groups.append(group(f"model.layers.{cfg.num_hidden_layers + k}.{copy}", kind, fetch(var, kind),
                                 _hf_shapes(kind, tuple(var.get_value().shape))))

@@ -18,7 +18,7 @@ from safetensors.numpy import load_file, save_file
 from dsv3_jax import ConfigError, get_preset, init_model
 from dsv3_jax.convert import (EXPERTS, FP8, CheckpointError, dequantize_blockwise, from_hf, hf_name,
                               quantize_blockwise, to_hf)
-from dsv3_jax import convert
+from dsv3_jax import layout
 from dsv3_jax.moe import RouterBias
 from tolerances import F32_EPS, assert_close_f32
 
@@ -178,7 +178,7 @@ def test_name_table_is_one_to_one(changes):
     cfg = TINY.replace(**changes)
     model = nnx.eval_shape(lambda: init_model(cfg))
     names = []
-    for slot in convert._slots(model):  # scanned stacks: one slot per layer, named as in the unrolled layout
+    for slot in layout.layer_slots(model):  # scanned stacks: one slot per layer, named as in the unrolled layout
         name, kind = hf_name(slot.leaf, cfg)
         names += [name.replace("{j}", str(j)) for j in range(cfg.n_routed_experts)] if kind == EXPERTS else [name]
     assert len(names) == len(set(names))
@@ -228,7 +228,7 @@ def test_dequantize_blockwise_by_hand():
 def _dequantised_reference(model, block):
     """The model with every FP8-quantised weight replaced by dequantise(quantise(W)), in the HF [out, in] layout."""
     cfg = model.cfg
-    for slot in convert._slots(model):  # per layer of a scanned stack
+    for slot in layout.layer_slots(model):  # per layer of a scanned stack
         _, kind = hf_name(slot.leaf, cfg)
         whole = np.array(slot.var.get_value())
         w = whole if slot.index is None else whole[slot.index]

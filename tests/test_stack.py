@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from dsv3_jax.config import get_preset
-from dsv3_jax.convert import relayout
+from dsv3_jax.layout import relayout
 from dsv3_jax.model import init_model
 from dsv3_jax.moe import RouterBias
 from dsv3_jax.remat_names import MINIMAL_SAVED
