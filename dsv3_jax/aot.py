@@ -8,9 +8,13 @@ slice's chips, a mesh is built over those devices, every argument becomes a `jax
 gradient accumulation and MoE dispatch), so a cluster user learns whether a configuration compiles and fits
 before renting the slice.
 
-Caveat on FLOPs: XLA's cost analysis counts the body of a `while` loop once, so for scanned layers
-(`model.scan_layers`) or gradient accumulation its `flops` covers one layer per stack and one microbatch.
-The report gives that figure as `xla_flops_loop_bodies_once` and the model FLOPs per token separately.
+GPU targets (`h100:8`, `h200:8x4`) work the same way through the CUDA plugin (`requirements-gpu.txt`), with the
+device description written in `dsv3_jax/gpu_specs.py`.
+
+FLOPs: XLA's cost analysis does not exist on GPU and counts the body of a `while` loop once (one layer per
+scanned stack, one microbatch), so `flops_per_step` comes from `dsv3_jax.hlo_cost`, which counts the matmuls of
+the optimised HLO with every loop expanded by its trip count. XLA's own figure is kept, for TPU, as
+`xla_flops_loop_bodies_once`.
 """
 
 from __future__ import annotations
@@ -28,54 +32,93 @@ from typing import Any, Iterator
 import jax
 import jax.numpy as jnp
 
-from dsv3_jax.config import ConfigError
+from dsv3_jax.config import ConfigError, resolve_moe_dispatch
+from dsv3_jax.gpu_specs import GPU_SPECS, target_config_textproto
+from dsv3_jax.hlo_cost import analyse as analyse_hlo
 
 GIB = 2 ** 30
 # HBM per chip, from the vendors' published specifications (Cloud TPU system architecture pages): v5p 95 GiB,
 # v5e 16 GiB, v6e (Trillium) 32 GiB, v4 32 GiB.
 TPU_HBM_GIB = {"v4": 32, "v5p": 95, "v5e": 16, "v6e": 32}
+GPU_INSTALL = ('GPU targets need the CUDA plugin: pip install -r requirements-gpu.txt (jax[cuda12]==0.10.2, '
+               '~5.5 GB; compiles on any host, no GPU needed)')
 TPU_INSTALL = ('TPU targets need libtpu: pip install -r requirements-tpu.txt (jax[tpu]==0.10.2, ~700 MB; '
                'compiles on any host, no TPU needed)')
-COLLECTIVES = ("ragged-all-to-all", "all-to-all", "all-gather", "reduce-scatter", "all-reduce",
-               "collective-permute")
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
-                "s64": 8, "u64": 8, "f64": 8, "f8e4m3fn": 1, "f8e5m2": 1}
 
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """A compilation target: a TPU slice topology such as `v5p:2x2x1` (chips along each torus axis)."""
+    """A compilation target: a TPU slice (`v5p:8x8x8`, chips along each torus axis) or NVIDIA GPU nodes
+    (`h100:8` one node of 8 GPUs, `h100:8x4` four such nodes)."""
 
     text: str
-    platform: str  # "tpu"
-    generation: str  # "v5p", ...
+    platform: str  # "tpu" | "gpu"
+    generation: str  # "v5p", "h100", ...
     chips: int
     hbm_gib: float  # per device
+    nodes: int = 1  # GPU hosts (a TPU slice's hosts are libtpu's business)
 
     def describe(self) -> str:
-        return f"{self.text}: {self.chips} {self.generation} chips, {self.hbm_gib:g} GiB HBM each"
+        where = f" on {self.nodes} node(s)" if self.platform == "gpu" else ""
+        return f"{self.text}: {self.chips} {self.generation} devices{where}, {self.hbm_gib:g} GiB HBM each"
 
 
 def parse_target(text: str) -> Target:
-    """`v5p:2x2x1` -> Target; a ConfigError naming --target for anything else (before any backend starts)."""
+    """`v5p:2x2x1` or `h100:8[xN]` -> Target; a ConfigError naming --target for anything else (before any
+    backend starts)."""
     generation, sep, shape = text.partition(":")
     generation = generation.lower()
     if generation in TPU_HBM_GIB and sep and re.fullmatch(r"\d+(x\d+){1,2}", shape):
         chips = math.prod(int(n) for n in shape.split("x"))
         if chips >= 1:
             return Target(text, "tpu", generation, chips, TPU_HBM_GIB[generation])
-    raise ConfigError("--target", f"{text!r} is not a TPU topology such as v5p:2x2x1 or v5e:4x4 "
-                      f"(generations: {', '.join(sorted(TPU_HBM_GIB))}; GPU targets are not built yet)")
+    match = re.fullmatch(r"(\d+)(?:x(\d+))?", shape)
+    if generation in GPU_SPECS and sep and match:
+        per_node, nodes = int(match.group(1)), int(match.group(2) or 1)
+        if 1 <= per_node <= 8 and nodes >= 1:
+            return Target(text, "gpu", generation, per_node * nodes, GPU_SPECS[generation].memory_gib, nodes)
+        raise ConfigError("--target", f"{text!r}: a node holds 1 to 8 GPUs and there is at least one node "
+                          f"(h100:8 is one node of 8, h100:8x4 four of them)")
+    raise ConfigError("--target", f"{text!r} is not a TPU topology such as v5p:2x2x1 or v5e:4x4 (generations: "
+                      f"{', '.join(sorted(TPU_HBM_GIB))}) nor GPU nodes such as h100:8 or h200:8x2 "
+                      f"(GPUs: {', '.join(sorted(GPU_SPECS))})")
+
+
+def prepare_backend(target: Target) -> None:
+    """Settings that must be in place before JAX starts a backend. A GPU target compiles through the CUDA plugin
+    with no GPU present, so JAX must not try to start it as a device backend (it would fail `cuInit` and never
+    register the plugin's compiler), and XLA must not use CUB's radix sort, whose scratch size is asked of a
+    real device."""
+    if target.platform != "gpu":
+        return
+    flag = "--xla_gpu_enable_cub_radix_sort=false"
+    if flag not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
+    jax.config.update("jax_platforms", "cpu")
 
 
 def target_devices(target: Target) -> list[Any]:
     """The target's (abstract) devices; a ConfigError with the install line when the plugin is missing."""
     import importlib.util
 
-    if importlib.util.find_spec("libtpu") is None:
-        raise ConfigError("--target", TPU_INSTALL)
     from jax.experimental import topologies
 
+    if target.platform == "gpu":
+        if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+            raise ConfigError("--target", GPU_INSTALL)
+        prepare_backend(target)
+        config = target_config_textproto(GPU_SPECS[target.generation])
+        per_node = target.chips // target.nodes
+        try:
+            with _native_stderr_quiet():
+                topology = topologies.get_topology_desc(platform="cuda", target_config=config,
+                                                        topology=f"1x{target.nodes}x{per_node}")
+        except Exception as err:  # noqa: BLE001 - the plugin's message names the problem
+            raise ConfigError("--target", f"the CUDA plugin cannot describe {target.text!r}: "
+                              f"{str(err).splitlines()[0]}") from None
+        return list(topology.devices)
+    if importlib.util.find_spec("libtpu") is None:
+        raise ConfigError("--target", TPU_INSTALL)
     try:
         with _native_stderr_quiet():  # libtpu warns that this host has no TPU metadata: true and harmless here
             topology = topologies.get_topology_desc(topology_name=target.text, platform="tpu")
@@ -105,29 +148,6 @@ def _native_stderr_quiet() -> Iterator[None]:
             os.close(saved)
 
 
-def hlo_collectives(hlo_text: str) -> dict[str, dict[str, int]]:
-    """{op: {"count", "bytes"}} of the collectives in an HLO module's text (async `-start` halves included;
-    bytes are the op's result shapes). Ops inside loop bodies are counted once, like XLA's cost analysis."""
-    out = {op: {"count": 0, "bytes": 0} for op in COLLECTIVES}
-    for line in hlo_text.splitlines():
-        match = re.search(r"=\s*(.+?)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(", line)
-        if match is None:
-            continue
-        op = match.group(2)
-        out[op]["count"] += 1
-        out[op]["bytes"] += _shape_bytes(match.group(1))
-    return {op: v for op, v in out.items() if v["count"]}
-
-
-def _shape_bytes(shape_text: str) -> int:
-    """Bytes of an HLO result shape such as `f32[8,128]{1,0}` or a tuple of them."""
-    total = 0
-    for dtype, dims in re.findall(r"([a-z]+[0-9a-z]*)\[([0-9,]*)\]", shape_text):
-        if dtype in _DTYPE_BYTES:
-            total += _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
-    return total
-
-
 def model_flops_per_token(config: Any) -> float:
     """6 x active parameters (forward + backward) plus attention's 12 x layers x heads x (q.k + p.v dims) x
     seq / 2 (causal), per trained token."""
@@ -146,6 +166,9 @@ def compile_train_step(config: Any, target: Target, dump_hlo: str | None = None)
 
     config.validate()
     devices = target_devices(target)
+    # `auto` dispatch is decided for the target, not for this host's backend
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, moe_dispatch=resolve_moe_dispatch(
+        config.model.moe_dispatch, target.platform, config.model.fp8)))
     plan = sharding.plan_from_config(config, devices, every_param=False)  # impossible meshes fail here
     mc, tc = config.model, config.train
     graphdef, abstract = abstract_train_state(mc, tc, plan)
@@ -178,9 +201,10 @@ def compile_train_step(config: Any, target: Target, dump_hlo: str | None = None)
                 "error": str(err).splitlines()[0][:400]}
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
+    cost = compiled.cost_analysis()  # None on GPU
     cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
     hlo = compiled.as_text()
+    hlo_cost = analyse_hlo(hlo)
     if dump_hlo:
         os.makedirs(dump_hlo, exist_ok=True)
         with open(os.path.join(dump_hlo, "train_step.optimized.hlo.txt"), "w") as f:
@@ -190,12 +214,16 @@ def compile_train_step(config: Any, target: Target, dump_hlo: str | None = None)
     # donated state: outputs alias the arguments, so they are counted once
     hbm["total"] = hbm["arguments"] + hbm["outputs"] - hbm["aliased"] + hbm["temporaries"]
     hbm["capacity"] = target.hbm_gib
+    tokens = tc.batch_size * tc.seq_len
+    model_flops = model_flops_per_token(config) * tokens
+    flops = hlo_cost["matmul_flops"] * len(devices)
     return {**base, "compile_s": round(compile_s, 1),
             "hbm_gib": {k: round(v, 3) for k, v in hbm.items()}, "fits": hbm["total"] <= target.hbm_gib,
+            "flops_per_step": flops, "flops_per_device": hlo_cost["matmul_flops"],
+            "model_flops_per_token": model_flops_per_token(config), "model_flops_per_step": model_flops,
+            "flops_over_model": round(flops / model_flops, 3), "tokens_per_step": tokens,
             "xla_flops_loop_bodies_once": float(cost["flops"]) if cost and "flops" in cost else None,
-            "model_flops_per_token": model_flops_per_token(config),
-            "tokens_per_step": tc.batch_size * tc.seq_len,
-            "collectives": hlo_collectives(hlo)}
+            "while_loop_trips": hlo_cost["while_loops"], "collectives": hlo_cost["collectives"]}
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -214,8 +242,10 @@ def format_report(report: dict[str, Any]) -> str:
              f"(aliased {hbm['aliased']:.3f}), temporaries {hbm['temporaries']:.3f} GiB, total {hbm['total']:.3f} "
              f"of {hbm['capacity']:g} GiB -> {'fits' if report['fits'] else 'DOES NOT FIT'}",
              f"plan's estimate: {report['plan_gib']['total']:.3f} GiB per device",
-             f"model FLOPs per token {report['model_flops_per_token']:.3e}; XLA cost analysis (loop bodies once) "
-             f"{report['xla_flops_loop_bodies_once']}"]
+             f"matmul FLOPs per step {report['flops_per_step']:.4e} (all devices, from the optimised HLO with loop "
+             f"trip counts) = {report['flops_over_model']:.3f} x the model's 6N_active + attention "
+             f"({report['model_flops_per_token']:.4e} per token x {report['tokens_per_step']} tokens)",
+             "collectives per step (per device, loops expanded):"]
     for op, v in report["collectives"].items():
-        lines.append(f"  {op}: {v['count']} ops, {v['bytes'] / 2**20:.1f} MiB of results")
+        lines.append(f"  {op}: {v['count']} ops, {v['bytes'] / 2**30:.2f} GiB of results")
     return "\n".join(lines)

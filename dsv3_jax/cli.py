@@ -289,9 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="machine-readable output")
     plan.set_defaults(func=cmd_plan)
 
-    aot = sub.add_parser("compile", help="AOT-compile the sharded train step for a TPU slice on this host (no TPU "
-                                         "needed): memory per chip, fit, collectives")
-    aot.add_argument("--target", required=True, help="TPU topology, e.g. v5p:2x2x1 (4 chips), v5p:8x8x8, v5e:4x4")
+    aot = sub.add_parser("compile", help="AOT-compile the sharded train step for a TPU slice or GPU nodes on this "
+                                         "host (no accelerator needed): memory per device, fit, FLOPs, collectives")
+    aot.add_argument("--target", required=True, help="TPU topology, e.g. v5p:2x2x1 (4 chips), v5p:8x8x8, v5e:4x4; "
+                                                     "or GPU nodes: h100:8 (one node of 8), h200:8x4 (4 nodes)")
     aot.add_argument("--preset", choices=sorted(PRESETS), default="small")
     aot.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                      help="model/train/mesh overrides, e.g. --set mesh.expert=4 --set model.remat=full")

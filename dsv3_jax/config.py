@@ -17,9 +17,13 @@ from typing import Any, Mapping
 DTYPES = ("float32", "bfloat16", "float16")
 # "auto" resolves per backend (resolve_moe_dispatch): ragged on GPU/TPU, capacity on CPU.
 MOE_DISPATCH = ("auto", "dense", "capacity", "blocked", "ragged")
+# How `ragged` dispatch runs its grouped GEMMs (moe_ragged.py): XLA's ragged_dot (a true grouped matmul on TPU,
+# a dense one over every expert on GPU/CPU) or padded blocks of rows (plain matmuls, ~1.25x the useful FLOPs).
+GROUPED_GEMMS = ("auto", "ragged_dot", "blocks")
 # ModelConfig fields that say how we compute, not what the architecture is (absent from HF config.json).
 COMPUTE_FIELDS = ("dtype", "param_dtype", "moe_dispatch", "capacity_factor", "init_std", "fp8",
-                  "fp8_power_of_2_scales", "fp8_accumulation_interval", "scan_layers", "remat")
+                  "fp8_power_of_2_scales", "fp8_accumulation_interval", "scan_layers", "remat", "attention_chunk",
+                  "grouped_gemm")
 # Ablation switches that change the architecture away from DeepSeek-V3 (no HF equivalent: to_hf refuses them).
 ABLATION_FIELDS = ("attention",)
 ATTENTION_KINDS = ("mla", "mha")  # mha: dsv3_jax/mha.py, the baseline of the MLA experiment
@@ -169,6 +173,10 @@ class ModelConfig:
     # promoted to FP32 every N elements (tensor-core model, slow; N >= K means never promoted)
     scan_layers: bool = True  # dense prefix and MoE layers as two stacks with a leading layer axis, scanned
     remat: str = "none"  # recompute in the backward pass: none | full | minimal (REMAT_POLICIES)
+    # Training attention over query chunks of this many positions (None: all at once). Same result; the
+    # [B, H, T, S] fp32 scores then exist one [B, H, chunk, S] slice at a time, forward and backward.
+    attention_chunk: int | None = None
+    grouped_gemm: str = "auto"  # ragged dispatch's grouped GEMM: auto | ragged_dot | blocks (GROUPED_GEMMS)
 
     # ---- derived sizes -------------------------------------------------------------------------
     @property
@@ -256,13 +264,16 @@ class ModelConfig:
 
     def _check_compute(self) -> None:
         for name, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("moe_dispatch", MOE_DISPATCH),
-                              ("attention", ATTENTION_KINDS), ("fp8", FP8_RECIPES), ("remat", REMAT_POLICIES)):
+                              ("attention", ATTENTION_KINDS), ("fp8", FP8_RECIPES), ("remat", REMAT_POLICIES),
+                              ("grouped_gemm", GROUPED_GEMMS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(name, f"must be one of {allowed}, got {getattr(self, name)!r}")
         if self.capacity_factor is not None and not self.capacity_factor > 0:
             raise ConfigError("capacity_factor", f"must be positive or None (dropless), got {self.capacity_factor!r}")
         if self.fp8_accumulation_interval is not None:
             _require_int(self, "fp8_accumulation_interval", minimum=1)
+        if self.attention_chunk is not None:
+            _require_int(self, "attention_chunk", minimum=1)
         if self.fp8 != "none" and self.moe_dispatch == "ragged":
             raise ConfigError("moe_dispatch", "ragged dispatch runs jax.lax.ragged_dot, which has no FP8 "
                               f"emulation; with fp8={self.fp8!r} use capacity, blocked or dense")
@@ -425,6 +436,28 @@ def _hf_int(value: Any, field: str) -> int:
 PRESETS: dict[str, ModelConfig] = {
     # The real thing (HF hub config.json of deepseek-ai/DeepSeek-V3).
     "deepseek-v3-671b": ModelConfig(dtype="bfloat16"),
+    # DeepSeek-V2-Lite's published dims (HF config of deepseek-ai/DeepSeek-V2-Lite: 27 layers, 1 dense, hidden
+    # 2048, 16 heads, no q-LoRA, kv_lora 512, 64 routed experts of width 1408 top-6 + 2 shared, vocab 102400)
+    # with DeepSeek-V3's features on: sigmoid routing in 8 groups (top-4 groups, as V3's 8/4), the aux-loss-
+    # free bias, V3's routed scaling 2.5 and one MTP module. Main model 15.7B total / 2.66B active per token
+    # (`params`; 16.3B / 2.75B with MTP): the scale of V3's small MTP and balancing ablations.
+    "dsv2-lite": ModelConfig(
+        vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
+        num_hidden_layers=27, first_k_dense_replace=1, num_attention_heads=16, q_lora_rank=None,
+        kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64,
+        num_experts_per_tok=6, n_shared_experts=2, n_group=8, topk_group=4, routed_scaling_factor=2.5,
+        rope_scaling=None, max_position_embeddings=4096, num_nextn_predict_layers=1, dtype="bfloat16"),
+    # The 1B MoE of the aux-loss-free balancing paper (arXiv 2408.15664: hidden 1024, 8 heads, 9 MoE layers,
+    # 2 shared + 64 routed experts top-6). The paper leaves the rest unstated; ours: expert width 512 (for ~1B
+    # total), MLA at V3's head-dim ratios (nope 64, rope 32, value 64, kv_lora 256, no q-LoRA), V3's 8 routing
+    # groups (top-4), a 32K vocabulary, one MTP module. Main model 1.02B total / 0.20B active (1.13B / 0.21B
+    # with MTP).
+    "moe-1b": ModelConfig(
+        vocab_size=32768, hidden_size=1024, intermediate_size=4096, moe_intermediate_size=512,
+        num_hidden_layers=9, first_k_dense_replace=0, num_attention_heads=8, q_lora_rank=None,
+        kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=64,
+        num_experts_per_tok=6, n_shared_experts=2, n_group=8, topk_group=4, routed_scaling_factor=2.5,
+        rope_scaling=None, max_position_embeddings=4096, num_nextn_predict_layers=1, dtype="bfloat16"),
     # CPU-sized model for training curves and ablations on one machine.
     "small": ModelConfig(
         vocab_size=8192, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
@@ -465,6 +498,22 @@ def resolve_moe_dispatch(dispatch: str, backend: str | None = None, fp8: str = "
 
         backend = jax.default_backend()
     return "capacity" if backend == "cpu" else "ragged"
+
+
+def resolve_grouped_gemm(grouped_gemm: str, backend: str | None = None) -> str:
+    """The concrete grouped GEMM of `ragged` dispatch on `backend` (default: JAX's default backend).
+
+    `ragged_dot` only where XLA compiles it to a grouped matmul (TPU). On GPU, XLA 0.10.2 rewrites it into one
+    dense matmul over every group with a masked, expanded input (measured from the optimised HLO for an H100:
+    63.6x the useful FLOPs of a 64-expert top-8 layer), and on CPU likewise; there `blocks` does ~1.25x.
+    """
+    if grouped_gemm != "auto":
+        return grouped_gemm
+    if backend is None:
+        import jax
+
+        backend = jax.default_backend()
+    return "ragged_dot" if backend == "tpu" else "blocks"
 
 
 def get_preset(name: str) -> ModelConfig:

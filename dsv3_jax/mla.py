@@ -82,10 +82,8 @@ class MLA(nnx.Module):
             c_kv_BTC, k_pe_BTR = self.latent(x_BTD, cos, sin)
             k_nope_BTHN, v_BTHV = self.expand_kv(c_kv_BTC)
         with jax.named_scope("mla_attention"):
-            seq_len = x_BTD.shape[1]
-            causal_TS = jnp.tril(jnp.ones((seq_len, seq_len), bool))
-            out_BTHV = attend(q_nope_BTHN, q_pe_BTHR, k_nope_BTHN, k_pe_BTR, v_BTHV, causal_TS,
-                              softmax_scale(self.cfg))
+            out_BTHV = attend_causal(q_nope_BTHN, q_pe_BTHR, k_nope_BTHN, k_pe_BTR, v_BTHV, softmax_scale(self.cfg),
+                                     self.cfg.attention_chunk)
             out_BTHV = constrain(out_BTHV, *HEADS_AXES)
         with jax.named_scope("mla_out_proj"):
             out_BTD = self.o_proj(tag(out_BTHV.reshape(*x_BTD.shape[:2], -1), MLA_ATTENTION_OUT))
@@ -147,6 +145,41 @@ def attend(q_nope_BTHN: jax.Array, q_pe_BTHR: jax.Array, k_nope_BSHN: jax.Array,
     scores_BHTS = jnp.where(mask_TS, scores_BHTS * scale, -jnp.inf)
     probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(v_BSHV.dtype)
     return jnp.einsum("bhts,bshv->bthv", probs_BHTS, v_BSHV)
+
+
+def attend_causal(q_nope_BTHN: jax.Array, q_pe_BTHR: jax.Array, k_nope_BSHN: jax.Array, k_pe_BSR: jax.Array,
+                  v_BSHV: jax.Array, scale: float, chunk: int | None = None) -> jax.Array:
+    """Causal self-attention (T == S), optionally over query chunks of `chunk` positions.
+
+    Unchunked, the fp32 scores are one [B, H, T, S] tensor (8 GiB per sequence for V3's 128 heads at 4K), and
+    autodiff keeps the probabilities for the backward pass. Chunked, a `lax.scan` walks [B, chunk, H, *] query
+    slices against all keys under `jax.checkpoint`, so only one [B, H, chunk, S] slice of scores exists at a
+    time in either pass (the backward recomputes each slice's scores, one extra QK^T). Each query row's softmax
+    is the same computation either way; a last partial chunk is padded with queries whose rows are dropped.
+    """
+    seq_len = q_nope_BTHN.shape[1]
+    if chunk is None or chunk >= seq_len:
+        causal_TS = jnp.tril(jnp.ones((seq_len, seq_len), bool))
+        return attend(q_nope_BTHN, q_pe_BTHR, k_nope_BSHN, k_pe_BSR, v_BSHV, causal_TS, scale)
+    n_chunks = -(-seq_len // chunk)
+    pad = n_chunks * chunk - seq_len
+
+    def chunked(x_BTHK: jax.Array) -> jax.Array:  # [B, T, H, K] -> [n, B, chunk, H, K]
+        x_BTHK = jnp.pad(x_BTHK, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        return jnp.moveaxis(x_BTHK.reshape(x_BTHK.shape[0], n_chunks, chunk, *x_BTHK.shape[2:]), 1, 0)
+
+    key_positions_S = jnp.arange(seq_len)
+
+    @jax.checkpoint  # keep only the chunk's inputs; its scores are recomputed in the backward pass
+    def one_chunk(carry: None, xs: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[None, jax.Array]:
+        q_nope_BCHN, q_pe_BCHR, start = xs
+        mask_CS = (start + jnp.arange(chunk))[:, None] >= key_positions_S[None, :]
+        return carry, attend(q_nope_BCHN, q_pe_BCHR, k_nope_BSHN, k_pe_BSR, v_BSHV, mask_CS, scale)
+
+    starts_n = jnp.arange(n_chunks) * chunk
+    _, out_nBCHV = jax.lax.scan(one_chunk, None, (chunked(q_nope_BTHN), chunked(q_pe_BTHR), starts_n))
+    out_BTHV = jnp.moveaxis(out_nBCHV, 0, 1).reshape(out_nBCHV.shape[1], n_chunks * chunk, *out_nBCHV.shape[3:])
+    return out_BTHV[:, :seq_len]
 
 
 def attend_latent(q_lat_BTHC: jax.Array, q_pe_BTHR: jax.Array, c_kv_BSC: jax.Array, k_pe_BSR: jax.Array,

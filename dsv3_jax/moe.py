@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from dsv3_jax.config import ModelConfig, resolve_moe_dispatch
+from dsv3_jax.config import ModelConfig, resolve_grouped_gemm, resolve_moe_dispatch
 from dsv3_jax.layers import MLP, DotGeneral, normal_init
 from dsv3_jax.moe_ragged import ragged_experts, ragged_experts_ep, sort_by_expert
 from dsv3_jax.remat_names import EXPERT_GATE, EXPERT_UP, tag
@@ -214,6 +214,7 @@ class RoutedExperts(nnx.Module):
         divide (e.g. one sequence while generating) runs unsplit instead.
         """
         weights = self._weights()
+        grouped_gemm = resolve_grouped_gemm(self.cfg.grouped_gemm)
         plan = active_plan()
         if plan is not None and plan.mesh.devices.size > 1:
             token_axes = tuple(plan.rules["batch"])
@@ -223,9 +224,10 @@ class RoutedExperts(nnx.Module):
                 tensor_axis = tensor_axes[0] if tensor_axes and plan.mesh.shape[tensor_axes[0]] > 1 else None
                 out_ND, _, dropped = ragged_experts_ep(
                     x_ND, topk_idx_NK, topk_weight_NK, *weights, mesh=plan.mesh, expert_axis=expert_axis,
-                    token_axes=token_axes, tensor_axis=tensor_axis, capacity_factor=self.cfg.capacity_factor)
+                    token_axes=token_axes, tensor_axis=tensor_axis, capacity_factor=self.cfg.capacity_factor,
+                    grouped_gemm=grouped_gemm)
                 return out_ND, dropped.astype(jnp.float32) / topk_idx_NK.size
-        return ragged_experts(x_ND, topk_idx_NK, topk_weight_NK, *weights), jnp.float32(0.0)
+        return ragged_experts(x_ND, topk_idx_NK, topk_weight_NK, *weights, grouped_gemm), jnp.float32(0.0)
 
 
 def expert_capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: float | None) -> int:

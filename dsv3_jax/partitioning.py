@@ -31,7 +31,7 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "batch": ("data", "expert"),  # sequences of a global batch
     "length": (),  # positions within a sequence (no sequence parallelism)
     "act_embed": (),  # hidden dim of activations
-    "embed": (),  # hidden dim of weights; ("data",) with mesh.fsdp
+    "embed": (),  # hidden dim of weights; ("data", "expert") with mesh.fsdp
     "vocab": ("tensor",),
     "heads": ("tensor",),  # attention heads (q/k/v/o projections are split by whole heads)
     "mlp": ("tensor",),  # dense and shared-expert SwiGLU hidden dim
@@ -43,9 +43,14 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "norm": (),
     "layers": (),  # the leading axis of a scanned layer stack: never sharded (the scan walks it)
 }
-# ZeRO-3 style: every weight matrix also split over data, on its hidden dim (or its MLA latent dim for q_b/kv_b,
-# which have no hidden dim); norms and router biases stay replicated. XLA all-gathers each weight where used.
-FSDP_RULES: dict[str, tuple[str, ...]] = {"embed": ("data",), "q_lora": ("data",), "kv_lora": ("data",)}
+# ZeRO-3 style: every weight matrix also split over every batch-sharding axis (data and expert), on its hidden dim
+# (or its MLA latent dim for q_b/kv_b, which have no hidden dim); norms and router biases stay replicated. XLA
+# all-gathers each weight where used. Routed experts already use `expert` for their expert dim, so `spec` drops
+# it there and their hidden dim goes over `data` alone; attention, dense and shared-expert weights go over
+# data*expert, the whole batch-parallel group (otherwise every expert rank would hold a full copy: at 671B on
+# 512 chips that is 13 GiB of parameters per chip instead of 5).
+FSDP_AXES = ("data", "expert")
+FSDP_RULES: dict[str, tuple[str, ...]] = {"embed": FSDP_AXES, "q_lora": FSDP_AXES, "kv_lora": FSDP_AXES}
 
 # Parameter path (regex searched in "a/b/c", list indices included) -> logical axes, one per dimension.
 # Order matters: the first match wins (routed experts before the dense/shared-expert SwiGLU kernels).
@@ -244,8 +249,8 @@ def check_divisibility(model_cfg: ModelConfig, mesh: Mapping[str, int], fsdp: bo
 
     The one place that decides which sizes each mesh axis must divide (`sharding.check_model_fits` on a real
     mesh and `plan.validate_mesh` on a hypothetical one both call it): `tensor` splits heads, vocabulary,
-    expert width and dense width; `expert` the routed experts; `data` with FSDP the hidden and latent dims;
-    `data*expert` the batch (and each microbatch under gradient accumulation)."""
+    expert width and dense width; `expert` the routed experts; `data*expert` with FSDP the hidden and latent
+    dims, and the batch (and each microbatch under gradient accumulation)."""
     tensor, expert, data = mesh["tensor"], mesh["expert"], mesh["data"]
     checks = [
         ("tensor", tensor, "num_attention_heads", model_cfg.num_attention_heads, ""),
@@ -256,14 +261,15 @@ def check_divisibility(model_cfg: ModelConfig, mesh: Mapping[str, int], fsdp: bo
     if model_cfg.first_k_dense_replace > 0:
         checks.append(("tensor", tensor, "intermediate_size", model_cfg.intermediate_size, ""))
     if fsdp:
-        why = " (fsdp splits the weight matrices over data)"
-        checks.append(("data", data, "hidden_size", model_cfg.hidden_size, why))
-        checks.append(("data", data, "kv_lora_rank", model_cfg.kv_lora_rank, why))
+        why = " (fsdp splits the weight matrices over data*expert)"
+        checks.append(("data", data * expert, "hidden_size", model_cfg.hidden_size, why))
+        checks.append(("data", data * expert, "kv_lora_rank", model_cfg.kv_lora_rank, why))
         if model_cfg.q_lora_rank is not None:
-            checks.append(("data", data, "q_lora_rank", model_cfg.q_lora_rank, why))
+            checks.append(("data", data * expert, "q_lora_rank", model_cfg.q_lora_rank, why))
     for axis, size, field, value, why in checks:
         if value % size:
-            raise ConfigError(f"mesh.{axis}", f"{axis}={size} does not divide model.{field}={value}{why}")
+            shown = "data*expert" if why and expert > 1 else axis
+            raise ConfigError(f"mesh.{axis}", f"{shown}={size} does not divide model.{field}={value}{why}")
     if batch_size is not None:
         shards = data * expert
         if batch_size % shards:

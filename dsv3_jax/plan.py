@@ -11,8 +11,8 @@ per-device size follows the mesh's sharding rules, which `partition_spec` return
   `tensor`; dense-layer MLP and shared experts: the hidden width over `tensor`;
 * `embed_tokens` ([V, D]) and `lm_head` ([D, V]): the vocabulary over `tensor`;
 * everything else (norms, `q_a_proj`, `kv_a_proj_with_mqa`, router kernels, `eh_proj`) replicated;
-* `fsdp=True` additionally splits every weight matrix over `data`, on its hidden (model) dimension, or on the
-  MLA latent for `q_b_proj` / `kv_b_proj`; optimizer moments and gradients follow their parameters. Router
+* `fsdp=True` additionally splits every weight matrix over `data` x `expert` (routed experts: over `data`),
+  on its hidden (model) dimension, or on the MLA latent for `q_b_proj` / `kv_b_proj`; optimizer moments and gradients follow their parameters. Router
   biases and norms stay replicated.
 
 The batch is split over data x expert; the expert-parallel MoE sees the tokens of the `expert` devices that
@@ -158,8 +158,9 @@ def validate_mesh(model_cfg: ModelConfig, mesh_shape: Mapping[str, int], batch_s
 
 # ---- parameter sharding --------------------------------------------------------------------------------------
 def partition_spec(path: tuple, shape: tuple[int, ...], mesh_shape: Mapping[str, int] | None = None,
-                   fsdp: bool = False) -> tuple[str | None, ...]:
-    """The mesh axis (or None) each dimension of the parameter at `path` is split over.
+                   fsdp: bool = False) -> tuple[str | tuple[str, ...] | None, ...]:
+    """The mesh axis, axes (a tuple, as in a PartitionSpec) or None each dimension of the parameter at `path`
+    is split over.
 
     `path` is an nnx flat-state path such as ('layers', 3, 'mlp', 'experts', 'gate_proj'). The answer comes
     from dsv3_jax.partitioning's tables (PARAM_AXES: parameter -> logical axes; the rule table: logical -> mesh
@@ -170,20 +171,22 @@ def partition_spec(path: tuple, shape: tuple[int, ...], mesh_shape: Mapping[str,
     del mesh_shape
     logical = param_logical_axes(path_str(path), len(shape)) or (None,) * len(shape)
     rules = rules_for(fsdp)
-    spec: list[str | None] = []
+    spec: list[str | tuple[str, ...] | None] = []
     used: set[str] = set()
     for name in logical:
-        axes = [a for a in (rules[name] if name else ()) if a not in used]
-        if len(axes) > 1:
-            raise ValueError(f"{path_str(path)}: logical axis {name!r} maps to several mesh axes {axes}")
+        axes = tuple(a for a in (rules[name] if name else ()) if a not in used)
         used.update(axes)
-        spec.append(axes[0] if axes else None)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
     return tuple(spec)
 
 
-def local_shape(shape: tuple[int, ...], spec: tuple[str | None, ...], mesh: Mapping[str, int]) -> tuple[int, ...]:
+def local_shape(shape: tuple[int, ...], spec: tuple[str | tuple[str, ...] | None, ...],
+                mesh: Mapping[str, int]) -> tuple[int, ...]:
     """Per-device shape (ceil division, as GSPMD pads an uneven split)."""
-    return tuple(-(-dim // (mesh[axis] if axis else 1)) for dim, axis in zip(shape, spec))
+    def ways(axes: str | tuple[str, ...] | None) -> int:
+        return 1 if axes is None else mesh[axes] if isinstance(axes, str) else math.prod(mesh[a] for a in axes)
+
+    return tuple(-(-dim // ways(axes)) for dim, axes in zip(shape, spec))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,7 +194,7 @@ class ParamShard:
     path: str
     shape: tuple[int, ...]
     dtype: str
-    spec: tuple[str | None, ...]
+    spec: tuple[str | tuple[str, ...] | None, ...]
     local_shape: tuple[int, ...]
 
     @property
@@ -373,9 +376,14 @@ def activation_breakdown(model_cfg: ModelConfig, local_batch: int, positions: in
         per_token = (2 * d + 2 * q_lora + heads * cfg.qk_head_dim + cfg.kv_cache_dim + cfg.kv_lora_rank
                      + cfg.qk_rope_head_dim + heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)
                      + heads * cfg.v_head_dim)
-        scores = local_batch * heads * n * n
-        add["attention"] = tokens * per_token * a + scores * (4 + a)
-        own_transient = 2 * scores * 4
+        chunk = cfg.attention_chunk
+        if chunk is None or chunk >= n:  # fp32 scores and the kept probabilities, [B, H, T, S] each
+            scores = local_batch * heads * n * n
+            add["attention"] = tokens * per_token * a + scores * (4 + a)
+            own_transient = 2 * scores * 4
+        else:  # mla.attend_causal: one checkpointed [B, H, chunk, S] slice at a time, nothing kept
+            add["attention"] = tokens * per_token * a
+            own_transient = 3 * local_batch * heads * chunk * n * 4  # scores, probabilities, their gradient
         shared_width = cfg.n_shared_experts * cfg.moe_intermediate_size // t
         if moe:
             add["moe_router"] = 2 * d * tokens * a + 2 * tokens * cfg.n_routed_experts * 4

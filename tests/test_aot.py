@@ -13,7 +13,7 @@ import importlib.util
 import pytest
 
 from dsv3_jax import cli
-from dsv3_jax.aot import Target, hlo_collectives, parse_target
+from dsv3_jax.aot import Target, parse_target
 from dsv3_jax.config import ConfigError
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
@@ -23,24 +23,14 @@ def test_parse_target():
     assert parse_target("v5p:2x2x1") == Target("v5p:2x2x1", "tpu", "v5p", 4, 95)
     assert parse_target("v5e:4x4").chips == 16 and parse_target("v5e:4x4").hbm_gib == 16
     assert parse_target("v5p:8x8x8").chips == 512
-    for bad in ("v5p", "v5p:", "v5p:2x", "v9:2x2", "h100:8", "2x2x1", "v5p:axb"):
-        with pytest.raises(ConfigError, match="--target"):
+    assert parse_target("h100:8") == Target("h100:8", "gpu", "h100", 8, 80, nodes=1)
+    assert parse_target("h200:8x4") == Target("h200:8x4", "gpu", "h200", 32, 141, nodes=4)
+    for bad in ("v5p", "v5p:", "v5p:2x", "v9:2x2", "2x2x1", "v5p:axb", "a100:8", "h100:", "h100:2x2x2"):
+        with pytest.raises(ConfigError, match="--target: .* is not a TPU topology"):
             parse_target(bad)
-
-
-def test_hlo_collectives_counts_ops_and_result_bytes():
-    hlo = "\n".join([
-        "  %all-gather.1 = f32[8,128]{1,0} all-gather(f32[2,128]{1,0} %p), dimensions={0}",
-        "  %ag-start = (bf16[4,4]{1,0}, bf16[16,4]{1,0}) all-gather-start(bf16[4,4]{1,0} %x)",
-        "  %ata = s32[16]{0} all-to-all(s32[16]{0} %y), dimensions={0}",
-        "  %rata = bf16[64,32]{1,0} ragged-all-to-all(bf16[64,32]{1,0} %a, ...)",
-        "  %add.3 = f32[8]{0} add(f32[8]{0} %u, f32[8]{0} %v)",
-    ])
-    out = hlo_collectives(hlo)
-    assert out["all-gather"] == {"count": 2, "bytes": 8 * 128 * 4 + (16 + 64) * 2}
-    assert out["all-to-all"] == {"count": 1, "bytes": 64}
-    assert out["ragged-all-to-all"] == {"count": 1, "bytes": 64 * 32 * 2}
-    assert "all-reduce" not in out
+    for bad in ("h100:16", "h100:0", "h100:8x0"):
+        with pytest.raises(ConfigError, match="a node holds 1 to 8 GPUs"):
+            parse_target(bad)
 
 
 def _one_error_line(capsys) -> str:
@@ -50,8 +40,8 @@ def _one_error_line(capsys) -> str:
 
 
 def test_cli_rejects_a_bad_target_in_one_line(capsys):
-    assert cli.main(["compile", "--target", "h100:8"]) == 2
-    assert "--target: 'h100:8' is not a TPU topology" in _one_error_line(capsys)
+    assert cli.main(["compile", "--target", "h100:9"]) == 2
+    assert "--target: 'h100:9': a node holds 1 to 8 GPUs" in _one_error_line(capsys)
 
 
 @pytest.mark.skipif(HAS_LIBTPU, reason="libtpu is installed here, so the install hint never shows")

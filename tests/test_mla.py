@@ -57,10 +57,12 @@ def naive_mla(mla: MLA, x, cfg):
     return o @ p["o_proj.kernel"]
 
 
-@pytest.mark.parametrize("variant", ["q_lora_yarn", "direct_q_no_yarn"])
+@pytest.mark.parametrize("variant", ["q_lora_yarn", "direct_q_no_yarn", "chunked_3", "chunked_4_padded_tail"])
 def test_mla_matches_naive_reference(variant):
     cfg = TINY.replace(init_std=0.3) if variant == "q_lora_yarn" else TINY.replace(
         q_lora_rank=None, rope_scaling=None, init_std=0.3)
+    if variant.startswith("chunked"):  # 9 positions: 3 chunks of 3, or 2 of 4 and one padded: model.attention_chunk
+        cfg = cfg.replace(attention_chunk=int(variant.split("_")[1]))
     mla = MLA(cfg, nnx.Rngs(params=3))
     x = np.random.default_rng(0).standard_normal((2, 9, cfg.hidden_size)).astype(np.float32)
     pos = jnp.broadcast_to(jnp.arange(9), (2, 9))
@@ -70,6 +72,23 @@ def test_mla_matches_naive_reference(variant):
     # by a few ulps of its terms, which are about as large as the outputs: 32 ulps of max |output| (measured 2.4).
     # A wrong rope pairing, scale or mask is off by O(0.1).
     assert_close_f32(out, naive_mla(mla, x.astype(np.float64), cfg), atol_ulps=32)
+
+
+def test_chunked_attention_gradients_match_unchunked():
+    """The chunked scan recomputes each chunk's scores in the backward pass: same gradients (a few ulps)."""
+    cfg = TINY.replace(init_std=0.3)
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 11, cfg.hidden_size)), jnp.float32)
+    pos = jnp.broadcast_to(jnp.arange(11), (2, 11))
+
+    def grads(chunk):
+        mla = MLA(cfg.replace(attention_chunk=chunk), nnx.Rngs(params=5))
+        loss = lambda m, x: jnp.sum(jnp.sin(m(x, pos)))  # noqa: E731
+        return nnx.grad(loss, argnums=(0, 1))(mla, x)
+
+    (dm_full, dx_full), (dm_chunk, dx_chunk) = grads(None), grads(4)
+    assert_close_f32(dx_chunk, dx_full, atol_ulps=32)
+    for (path, a), (_, b) in zip(nnx.to_flat_state(dm_chunk), nnx.to_flat_state(dm_full)):
+        assert_close_f32(a[...], b[...], atol_ulps=32, err_msg=str(path))
 
 
 def test_mla_is_causal():

@@ -1,6 +1,7 @@
 """`ragged` MoE dispatch: single-device ragged_dot path against a dense oracle (outputs and gradients), and the
 expert-parallel shard_map path on 8 fake CPU devices (run in a subprocess: see tests/_ragged_ep_check.py)."""
 
+import functools
 import json
 import os
 import subprocess
@@ -68,11 +69,12 @@ def out_and_grads(fn, idx, a):
 CASES = {"spread": (48, 16, 8, 12, 3, 9), "top1": (20, 8, 4, 6, 1, 4), "one_expert": (16, 8, 4, 5, 1, 1)}
 
 
+@pytest.mark.parametrize("grouped_gemm", ["ragged_dot", "blocks"])
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_ragged_matches_dense_oracle(name):
+def test_ragged_matches_dense_oracle(name, grouped_gemm):
     n, d, f, e, k, used = CASES[name]
     idx, a = make_case(n, d, f, e, k, used, seed=len(name))
-    out, grads = out_and_grads(ragged_experts, idx, a)
+    out, grads = out_and_grads(functools.partial(ragged_experts, grouped_gemm=grouped_gemm), idx, a)
     ref_out, ref_grads = out_and_grads(dense_oracle, idx, a)
     assert out.shape == (n, d) and out.dtype == jnp.float32
     assert_close_f32(out, ref_out, atol_ulps=ULPS)
@@ -91,6 +93,34 @@ def test_ragged_matches_routed_experts_dense():
     want = experts.dense(a["x"], idx, a["w"])
     assert got.dtype == want.dtype == jnp.float32  # the tiny preset computes in float32
     assert_close_f32(got, want, atol_ulps=ULPS)  # outputs ~6e-5 here (init_std): an absolute 1e-5 was 17% of them
+
+
+def test_blocks_with_many_groups_small_blocks_and_empty_rows():
+    """`_blocked_grouped_swiglu` against ragged_dot where blocks straddle steps, groups are empty or span several
+    blocks, and trailing rows past the groups must come out zero."""
+    from dsv3_jax.moe_ragged import _blocked_grouped_swiglu, _grouped_swiglu
+
+    rng = np.random.default_rng(11)
+    sizes = jnp.asarray([5, 0, 9, 1, 0, 3], jnp.int32)  # 18 grouped rows
+    rows = jnp.asarray(rng.standard_normal((21, 8)), jnp.float32).at[18:].set(0.0)
+    gate, up = (jnp.asarray(rng.standard_normal((6, 8, 4)), jnp.float32) for _ in range(2))
+    down = jnp.asarray(rng.standard_normal((6, 4, 8)), jnp.float32)
+    want = _grouped_swiglu(rows, gate, up, down, sizes, "ragged_dot")
+    for block, per_step in ((2, 3), (4, 1), (128, 8)):
+        got = _blocked_grouped_swiglu(rows, gate, up, down, sizes, block=block, blocks_per_step=per_step)
+        assert_close_f32(got, want, atol_ulps=ULPS, err_msg=f"block={block}")
+        assert not np.any(np.asarray(got)[18:])
+
+
+def test_grouped_gemm_per_backend_is_pinned():
+    """ragged_dot only where XLA makes it a grouped GEMM: TPU. GPU compiles it to a dense matmul over every
+    expert (63.6x the useful FLOPs measured for an H100), so GPU and CPU use blocks (benchmarks/README.md)."""
+    from dsv3_jax.config import resolve_grouped_gemm, resolve_moe_dispatch
+
+    assert resolve_grouped_gemm("auto", "tpu") == "ragged_dot"
+    assert resolve_grouped_gemm("auto", "gpu") == resolve_grouped_gemm("auto", "cpu") == "blocks"
+    assert resolve_grouped_gemm("ragged_dot", "gpu") == "ragged_dot"
+    assert resolve_moe_dispatch("auto", "gpu") == resolve_moe_dispatch("auto", "tpu") == "ragged"
 
 
 def test_ep_on_one_device_mesh():

@@ -1,0 +1,173 @@
+"""What an optimised HLO module (the text of `compiled.as_text()`) costs: matmul FLOPs and collectives.
+
+XLA's own cost analysis is unavailable on GPU (the CUDA plugin returns None) and, where it exists, counts the
+body of a `while` loop once. A scanned layer stack or a gradient-accumulation loop is exactly such a loop, so
+here every computation's cost is multiplied by how often it runs: a `while` body by its `known_trip_count`, a
+fusion or call by the number of times its caller runs. Only matmuls are counted (`dot`, `ragged-dot`, and
+cuBLAS/cuDNN GEMM custom calls carrying dot dimension numbers): 2 x output elements x contracted size, which is
+what MFU is measured against; elementwise work is left out on purpose. The text is the per-device (SPMD
+partitioned) program, so the answers are per device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Iterator
+
+COLLECTIVES = ("ragged-all-to-all", "all-to-all", "all-gather", "reduce-scatter", "all-reduce",
+               "collective-permute")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
+                "s64": 8, "u64": 8, "f64": 8, "f8e4m3fn": 1, "f8e5m2": 1}
+_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*(\(.*\))?\s*->.*\{\s*$")
+_INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([a-z][\w\-]*)\((.*)$")
+_ARRAY = re.compile(r"([a-z]+[0-9a-z]*)\[([0-9,]*)\]")
+# Attributes naming the computations an instruction runs (`calls=%f`, `body=%b`, `to_apply=%r`, ...).
+_CALLEES = re.compile(r"\b(calls|body|to_apply|condition)=%?([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+
+
+@dataclasses.dataclass
+class _Instruction:
+    name: str
+    shape: str  # result shape text, e.g. "bf16[4096,1024]{1,0}" or a tuple
+    opcode: str
+    rest: str  # operands and attributes
+
+
+@dataclasses.dataclass
+class _Computation:
+    name: str
+    instructions: list[_Instruction]
+    params: dict[str, str]  # parameter name -> shape text (from the header)
+
+
+def _parse(hlo_text: str) -> tuple[dict[str, _Computation], str | None]:
+    computations: dict[str, _Computation] = {}
+    entry = None
+    current: _Computation | None = None
+    for line in hlo_text.splitlines():
+        if current is None:
+            header = _HEADER.match(line.strip())
+            if header:
+                current = _Computation(header.group(2), [], {})
+                if header.group(1):
+                    entry = current.name
+            continue
+        if line.strip() == "}":
+            computations[current.name] = current
+            current = None
+            continue
+        match = _INSTRUCTION.match(line)
+        if match:
+            current.instructions.append(_Instruction(match.group(2), match.group(3), match.group(4), match.group(5)))
+    return computations, entry
+
+
+def _dims(shape_text: str) -> list[int]:
+    """Dimensions of the first array in a shape text (a tuple's first element: a GEMM's output)."""
+    match = _ARRAY.search(shape_text)
+    return [int(d) for d in match.group(2).split(",") if d] if match else []
+
+
+def _operands(rest: str) -> list[str]:
+    """Operand names of an instruction (`%a, %b` up to the closing parenthesis)."""
+    depth, end = 1, len(rest)
+    for i, ch in enumerate(rest):
+        depth += ch == "("
+        depth -= ch == ")"
+        if depth == 0:
+            end = i
+            break
+    return re.findall(r"%([\w.\-]+)", rest[:end])
+
+
+def _contracting(rest: str) -> list[int] | None:
+    match = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", rest)
+    if match:
+        return [int(d) for d in match.group(1).split(",") if d]
+    match = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', rest)  # cuBLAS GEMM backend config
+    if match:
+        return [int(d) for d in re.findall(r"\d+", match.group(1))]
+    return None
+
+
+def _matmul_flops(inst: _Instruction, shapes: dict[str, str]) -> float:
+    if inst.opcode not in ("dot", "ragged-dot") and not (
+            inst.opcode == "custom-call" and "dot_dimension_numbers" in inst.rest):
+        return 0.0
+    contracting = _contracting(inst.rest)
+    operands = _operands(inst.rest)
+    if contracting is None or not operands or operands[0] not in shapes:
+        return 0.0
+    lhs = _dims(shapes[operands[0]])
+    return 2.0 * math.prod(_dims(inst.shape)) * math.prod(lhs[d] for d in contracting)
+
+
+def _walk(computations: dict[str, _Computation], entry: str) -> Iterator[tuple[_Instruction, float]]:
+    """Every instruction reachable from `entry` with how many times it runs per execution of the module."""
+    stack = [(entry, 1.0)]
+    while stack:
+        name, times = stack.pop()
+        comp = computations.get(name)
+        if comp is None:
+            continue
+        for inst in comp.instructions:
+            yield inst, times
+            trips = 1.0
+            if inst.opcode == "while":
+                trip = _TRIP_COUNT.search(inst.rest)
+                trips = float(trip.group(1)) if trip else 1.0
+            for kind, callee in _CALLEES.findall(inst.rest):
+                if kind == "to_apply" and inst.opcode not in ("call", "async-start"):
+                    continue  # a reduce/sort/scatter's scalar combiner: no matmuls in it
+                stack.append((callee, times * (trips if kind == "body" else 1.0)))
+            branches = _BRANCHES.search(inst.rest)
+            if branches:  # a conditional: one branch runs; count each (an upper bound, rare in our programs)
+                stack.extend((b, times) for b in re.findall(r"%?([\w.\-]+)", branches.group(1)))
+
+
+def analyse(hlo_text: str) -> dict:
+    """{"matmul_flops": per-device FLOPs with loops expanded, "while_loops": [trip counts],
+    "collectives": {op: {"count", "bytes"}} with loop bodies counted as often as they run}."""
+    computations, entry = _parse(hlo_text)
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text")
+    shapes = {}
+    for comp in computations.values():
+        shapes.update({inst.name: inst.shape for inst in comp.instructions})
+    flops = 0.0
+    trips = []
+    collectives = {op: {"count": 0, "bytes": 0} for op in COLLECTIVES}
+    for inst, times in _walk(computations, entry):
+        flops += times * _matmul_flops(inst, shapes)
+        if inst.opcode == "while":
+            trip = _TRIP_COUNT.search(inst.rest)
+            trips.append(int(trip.group(1)) if trip else None)
+        op = inst.opcode.removesuffix("-start")
+        if op in collectives and not inst.opcode.endswith("-done"):
+            collectives[op]["count"] += int(times)
+            collectives[op]["bytes"] += int(times) * _result_bytes(inst)
+    return {"matmul_flops": flops, "while_loops": trips,
+            "collectives": {op: v for op, v in collectives.items() if v["count"]}}
+
+
+def _result_bytes(inst: _Instruction) -> int:
+    """A collective's result size; an async `-start` returns a tuple (operands, results, scratch...): its
+    largest array stands for the result."""
+    if inst.opcode.endswith("-start") and inst.shape.startswith("("):
+        return max((shape_bytes(f"{d}[{dims}]") for d, dims in _ARRAY.findall(inst.shape)), default=0)
+    return shape_bytes(inst.shape)
+
+
+def shape_bytes(shape_text: str) -> int:
+    """Bytes of an HLO result shape such as `f32[8,128]{1,0}` or a tuple of them."""
+    total = 0
+    for dtype, dims in _ARRAY.findall(shape_text):
+        if dtype in _DTYPE_BYTES:
+            total += _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+    return total
+
+
