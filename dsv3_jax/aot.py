@@ -32,7 +32,7 @@ from typing import Any, Iterator
 import jax
 import jax.numpy as jnp
 
-from dsv3_jax.config import ConfigError, resolve_moe_dispatch
+from dsv3_jax.config import ConfigError, resolve_for_backend
 from dsv3_jax.gpu_specs import GPU_SPECS, target_config_textproto
 from dsv3_jax.hlo_cost import analyse as analyse_hlo
 
@@ -88,12 +88,15 @@ def prepare_backend(target: Target) -> None:
     """Settings that must be in place before JAX starts a backend. A GPU target compiles through the CUDA plugin
     with no GPU present, so JAX must not try to start it as a device backend (it would fail `cuInit` and never
     register the plugin's compiler), and XLA must not use CUB's radix sort, whose scratch size is asked of a
-    real device."""
+    real device, nor autotune Triton GEMMs."""
     if target.platform != "gpu":
         return
-    flag = "--xla_gpu_enable_cub_radix_sort=false"
-    if flag not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
+    # Without a device XLA cannot autotune Triton GEMM tilings, and its untuned default finds none for some
+    # shapes (e.g. [16388, 1024] x [1024, 7168]: "Couldn't find output tile sizes"); cuBLAS GEMMs need no
+    # tuning. Memory figures are those of that program; a real node may pick Triton GEMMs after autotuning.
+    for flag in ("--xla_gpu_enable_cub_radix_sort=false", "--xla_gpu_enable_triton_gemm=false"):
+        if flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
     jax.config.update("jax_platforms", "cpu")
 
 
@@ -166,9 +169,8 @@ def compile_train_step(config: Any, target: Target, dump_hlo: str | None = None)
 
     config.validate()
     devices = target_devices(target)
-    # `auto` dispatch is decided for the target, not for this host's backend
-    config = dataclasses.replace(config, model=dataclasses.replace(config.model, moe_dispatch=resolve_moe_dispatch(
-        config.model.moe_dispatch, target.platform, config.model.fp8)))
+    # `auto` choices are made for the target, not for this host's backend
+    config = dataclasses.replace(config, model=resolve_for_backend(config.model, target.platform))
     plan = sharding.plan_from_config(config, devices, every_param=False)  # impossible meshes fail here
     mc, tc = config.model, config.train
     graphdef, abstract = abstract_train_state(mc, tc, plan)
@@ -186,6 +188,7 @@ def compile_train_step(config: Any, target: Target, dump_hlo: str | None = None)
             "plan_gib": {"total": round(estimate.total / GIB, 3),
                          "activations_and_gradients": round((estimate.activations + estimate.gradients) / GIB, 3)},
             "config": {"layers": mc.num_hidden_layers, "moe_dispatch": mc.moe_dispatch,
+                       "grouped_gemm": mc.grouped_gemm, "attention_chunk": mc.attention_chunk,
                        "capacity_factor": mc.capacity_factor, "remat": mc.remat, "scan_layers": mc.scan_layers,
                        "grad_accum": tc.grad_accum, "batch_size": tc.batch_size, "seq_len": tc.seq_len,
                        "dtype": mc.dtype}}
@@ -216,14 +219,23 @@ def compile_train_step(config: Any, target: Target, dump_hlo: str | None = None)
     hbm["capacity"] = target.hbm_gib
     tokens = tc.batch_size * tc.seq_len
     model_flops = model_flops_per_token(config) * tokens
-    flops = hlo_cost["matmul_flops"] * len(devices)
+    # None on TPU, whose matmuls are `convolution`s the HLO counter does not read (dsv3_jax/hlo_cost.py)
+    flops = hlo_cost["matmul_flops"] * len(devices) or None
     return {**base, "compile_s": round(compile_s, 1),
             "hbm_gib": {k: round(v, 3) for k, v in hbm.items()}, "fits": hbm["total"] <= target.hbm_gib,
-            "flops_per_step": flops, "flops_per_device": hlo_cost["matmul_flops"],
+            "flops_per_step": flops, "flops_per_device": flops / len(devices) if flops else None,
+            "host_peak_rss_gib": round(_peak_rss_gib(), 2),
             "model_flops_per_token": model_flops_per_token(config), "model_flops_per_step": model_flops,
-            "flops_over_model": round(flops / model_flops, 3), "tokens_per_step": tokens,
+            "flops_over_model": round(flops / model_flops, 3) if flops else None, "tokens_per_step": tokens,
             "xla_flops_loop_bodies_once": float(cost["flops"]) if cost and "flops" in cost else None,
             "while_loop_trips": hlo_cost["while_loops"], "collectives": hlo_cost["collectives"]}
+
+
+def _peak_rss_gib() -> float:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -242,9 +254,13 @@ def format_report(report: dict[str, Any]) -> str:
              f"(aliased {hbm['aliased']:.3f}), temporaries {hbm['temporaries']:.3f} GiB, total {hbm['total']:.3f} "
              f"of {hbm['capacity']:g} GiB -> {'fits' if report['fits'] else 'DOES NOT FIT'}",
              f"plan's estimate: {report['plan_gib']['total']:.3f} GiB per device",
-             f"matmul FLOPs per step {report['flops_per_step']:.4e} (all devices, from the optimised HLO with loop "
-             f"trip counts) = {report['flops_over_model']:.3f} x the model's 6N_active + attention "
-             f"({report['model_flops_per_token']:.4e} per token x {report['tokens_per_step']} tokens)",
+             (f"matmul FLOPs per step {report['flops_per_step']:.4e} (all devices, from the optimised HLO with "
+              f"loop trip counts) = {report['flops_over_model']:.3f} x the model's 6N_active + attention "
+              f"({report['model_flops_per_token']:.4e} per token x {report['tokens_per_step']} tokens)"
+              if report["flops_per_step"] else
+              f"model FLOPs per token {report['model_flops_per_token']:.4e}; XLA cost analysis (loop bodies once) "
+              f"{report['xla_flops_loop_bodies_once']:.4e}"),
+             f"host peak memory while compiling {report['host_peak_rss_gib']} GiB",
              "collectives per step (per device, loops expanded):"]
     for op, v in report["collectives"].items():
         lines.append(f"  {op}: {v['count']} ops, {v['bytes'] / 2**30:.2f} GiB of results")

@@ -516,6 +516,13 @@ def resolve_grouped_gemm(grouped_gemm: str, backend: str | None = None) -> str:
     return "ragged_dot" if backend == "tpu" else "blocks"
 
 
+def resolve_for_backend(cfg: ModelConfig, backend: str) -> ModelConfig:
+    """`cfg` with its per-backend choices (`moe_dispatch`, `grouped_gemm` = auto) decided for `backend`, as a
+    run on that backend would decide them: for compiling on one host for another (dsv3_jax/aot.py)."""
+    return cfg.replace(moe_dispatch=resolve_moe_dispatch(cfg.moe_dispatch, backend, cfg.fp8),
+                       grouped_gemm=resolve_grouped_gemm(cfg.grouped_gemm, backend))
+
+
 def get_preset(name: str) -> ModelConfig:
     """A named preset, validated."""
     if name not in PRESETS:

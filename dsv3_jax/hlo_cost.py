@@ -7,6 +7,10 @@ fusion or call by the number of times its caller runs. Only matmuls are counted 
 cuBLAS/cuDNN GEMM custom calls carrying dot dimension numbers): 2 x output elements x contracted size, which is
 what MFU is measured against; elementwise work is left out on purpose. The text is the per-device (SPMD
 partitioned) program, so the answers are per device.
+
+Limit: XLA:TPU rewrites matmuls into `convolution` instructions whose batch dimensions become padded windows;
+those are not counted, so on TPU `matmul_flops` is 0 and callers fall back to XLA's own cost analysis. Trip
+counts are read on both (GPU: `known_trip_count`; TPU: the loop condition's `counter < constant`).
 """
 
 from __future__ import annotations
@@ -106,6 +110,26 @@ def _matmul_flops(inst: _Instruction, shapes: dict[str, str]) -> float:
     return 2.0 * math.prod(_dims(inst.shape)) * math.prod(lhs[d] for d in contracting)
 
 
+def _trip_count(inst: _Instruction, computations: dict[str, _Computation]) -> int | None:
+    """A while loop's trip count: XLA's `known_trip_count` (GPU) or, failing that (TPU), the bound of a
+    `counter < constant` condition, the form every `lax.scan` / `fori_loop` from zero takes."""
+    known = _TRIP_COUNT.search(inst.rest)
+    if known:
+        return int(known.group(1))
+    cond = re.search(r"condition=%?([\w.\-]+)", inst.rest)
+    comp = computations.get(cond.group(1)) if cond else None
+    if comp is None:
+        return None
+    constants = {i.name: int(m.group(1)) for i in comp.instructions
+                 if i.opcode == "constant" and (m := re.match(r"(-?\d+)\)", i.rest))}
+    for i in comp.instructions:
+        if i.opcode == "compare" and "direction=LT" in i.rest:
+            bound = [constants[o] for o in _operands(i.rest) if o in constants]
+            if len(bound) == 1:
+                return bound[0]
+    return None
+
+
 def _walk(computations: dict[str, _Computation], entry: str) -> Iterator[tuple[_Instruction, float]]:
     """Every instruction reachable from `entry` with how many times it runs per execution of the module."""
     stack = [(entry, 1.0)]
@@ -118,8 +142,7 @@ def _walk(computations: dict[str, _Computation], entry: str) -> Iterator[tuple[_
             yield inst, times
             trips = 1.0
             if inst.opcode == "while":
-                trip = _TRIP_COUNT.search(inst.rest)
-                trips = float(trip.group(1)) if trip else 1.0
+                trips = float(_trip_count(inst, computations) or 1)
             for kind, callee in _CALLEES.findall(inst.rest):
                 if kind == "to_apply" and inst.opcode not in ("call", "async-start"):
                     continue  # a reduce/sort/scatter's scalar combiner: no matmuls in it
@@ -144,8 +167,7 @@ def analyse(hlo_text: str) -> dict:
     for inst, times in _walk(computations, entry):
         flops += times * _matmul_flops(inst, shapes)
         if inst.opcode == "while":
-            trip = _TRIP_COUNT.search(inst.rest)
-            trips.append(int(trip.group(1)) if trip else None)
+            trips.append(_trip_count(inst, computations))
         op = inst.opcode.removesuffix("-start")
         if op in collectives and not inst.opcode.endswith("-done"):
             collectives[op]["count"] += int(times)

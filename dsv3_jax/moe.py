@@ -118,6 +118,9 @@ class RoutedExperts(nnx.Module):
         dispatch = resolve_moe_dispatch(self.cfg.moe_dispatch, fp8=self.cfg.fp8)
         if dispatch in ("capacity", "ragged"):  # the two that may drop under a capacity_factor
             return getattr(self, dispatch)(x_ND, topk_idx_NK, topk_weight_NK)
+        if dispatch == "blocked" and self.cfg.fp8 == "none" and self._expert_parallel(x_ND.shape[0]):
+            # the same block-padded grouped GEMM, on each shard's own experts after a ragged exchange
+            return self.ragged(x_ND, topk_idx_NK, topk_weight_NK, grouped_gemm="blocks")
         exact = {"dense": self.dense, "blocked": self.blocked}[dispatch]
         return exact(x_ND, topk_idx_NK, topk_weight_NK), jnp.float32(0.0)
 
@@ -175,8 +178,9 @@ class RoutedExperts(nnx.Module):
         blocks of `block` rows, and every block is multiplied by its own expert's weights.
 
         Work is A + E*(block-1) rows at most (A = N*K) instead of the E*N rows of dropless `capacity`, which
-        makes this the fast dropless path on one device. The per-block weight gather would become an
-        all-gather under expert sharding, so expert-parallel meshes use `capacity` (or `ragged`).
+        makes this the fast dropless path on one device. Under an expert-parallel mesh the per-block weight
+        gather would become an all-gather of every expert, so there `__call__` runs the same block-padded
+        GEMM on each shard's own experts after `ragged`'s exchange (whose `capacity_factor` then applies).
         """
         cfg = self.cfg
         n_tokens, top_k = topk_idx_NK.shape
@@ -204,8 +208,19 @@ class RoutedExperts(nnx.Module):
         out_ND = jnp.zeros(x_ND.shape, jnp.float32).at[token_A].add(y_RD[row_A].astype(jnp.float32) * weight_A[:, None])
         return out_ND.astype(x_ND.dtype)
 
-    def ragged(self, x_ND: jax.Array, topk_idx_NK: jax.Array, topk_weight_NK: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Dropless `jax.lax.ragged_dot` grouped GEMMs (moe_ragged.py); expert-parallel under a mesh.
+    @staticmethod
+    def _expert_parallel(n_tokens: int) -> bool:
+        """Whether an active mesh plan splits tokens over the expert axis in a way `ragged_experts_ep` can use."""
+        plan = active_plan()
+        if plan is None or plan.mesh.devices.size == 1:
+            return False
+        token_axes = tuple(plan.rules["batch"])
+        return plan.rules["experts"][0] in token_axes and n_tokens % plan.axis_size("batch") == 0
+
+    def ragged(self, x_ND: jax.Array, topk_idx_NK: jax.Array, topk_weight_NK: jax.Array,
+               grouped_gemm: str | None = None) -> tuple[jax.Array, jax.Array]:
+        """Dropless grouped GEMMs (moe_ragged.py: `ragged_dot` on TPU, padded blocks elsewhere, or as
+        `grouped_gemm` / model.grouped_gemm says); expert-parallel under a mesh.
 
         Under an active mesh plan the tokens stay split over the batch axes and each device runs only its own
         experts (`ragged_experts_ep`: all-to-all there and back, expert width split over `tensor`). There
@@ -214,19 +229,17 @@ class RoutedExperts(nnx.Module):
         divide (e.g. one sequence while generating) runs unsplit instead.
         """
         weights = self._weights()
-        grouped_gemm = resolve_grouped_gemm(self.cfg.grouped_gemm)
+        grouped_gemm = grouped_gemm or resolve_grouped_gemm(self.cfg.grouped_gemm)
         plan = active_plan()
-        if plan is not None and plan.mesh.devices.size > 1:
+        if self._expert_parallel(x_ND.shape[0]):
             token_axes = tuple(plan.rules["batch"])
-            expert_axis = plan.rules["experts"][0]
-            if expert_axis in token_axes and x_ND.shape[0] % plan.axis_size("batch") == 0:
-                tensor_axes = plan.rules["expert_mlp"]
-                tensor_axis = tensor_axes[0] if tensor_axes and plan.mesh.shape[tensor_axes[0]] > 1 else None
-                out_ND, _, dropped = ragged_experts_ep(
-                    x_ND, topk_idx_NK, topk_weight_NK, *weights, mesh=plan.mesh, expert_axis=expert_axis,
-                    token_axes=token_axes, tensor_axis=tensor_axis, capacity_factor=self.cfg.capacity_factor,
-                    grouped_gemm=grouped_gemm)
-                return out_ND, dropped.astype(jnp.float32) / topk_idx_NK.size
+            tensor_axes = plan.rules["expert_mlp"]
+            tensor_axis = tensor_axes[0] if tensor_axes and plan.mesh.shape[tensor_axes[0]] > 1 else None
+            out_ND, _, dropped = ragged_experts_ep(
+                x_ND, topk_idx_NK, topk_weight_NK, *weights, mesh=plan.mesh, expert_axis=plan.rules["experts"][0],
+                token_axes=token_axes, tensor_axis=tensor_axis, capacity_factor=self.cfg.capacity_factor,
+                grouped_gemm=grouped_gemm)
+            return out_ND, dropped.astype(jnp.float32) / topk_idx_NK.size
         return ragged_experts(x_ND, topk_idx_NK, topk_weight_NK, *weights, grouped_gemm), jnp.float32(0.0)
 
 

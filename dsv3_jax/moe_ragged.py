@@ -108,15 +108,24 @@ def _blocked_grouped_swiglu(rows_RD: jax.Array, gate_EDF: jax.Array, up_EDF: jax
     block_group_B = jnp.minimum(jnp.searchsorted(padded_end_E, jnp.arange(n_blocks) * block, side="right"),
                                 n_groups - 1)  # blocks past the last group hold zero rows
 
-    @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.checkpoint_dots)
-    def step(carry: None, xs: tuple[jax.Array, jax.Array]) -> tuple[None, jax.Array]:
-        x_SbD, group_S = xs
+    used_blocks = padded_end_E[-1] // block  # blocks holding any row; the rest are all zeros
+
+    def multiply(x_SbD: jax.Array, group_S: jax.Array) -> jax.Array:
         gate_SDF, up_SDF, down_SFD = gate_EDF[group_S], up_EDF[group_S], down_EFD[group_S]
         h_SbF = (jax.nn.silu(tag(jnp.einsum("sbd,sdf->sbf", x_SbD, gate_SDF), EXPERT_GATE))
                  * tag(jnp.einsum("sbd,sdf->sbf", x_SbD, up_SDF), EXPERT_UP))
-        return carry, jnp.einsum("sbf,sfd->sbd", h_SbF, down_SFD)
+        return jnp.einsum("sbf,sfd->sbd", h_SbF, down_SFD)
 
-    xs = (padded_PD.reshape(n_steps, blocks_per_step, block, dim), block_group_B.reshape(n_steps, blocks_per_step))
+    @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.checkpoint_dots)
+    def step(carry: None, xs: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[None, jax.Array]:
+        x_SbD, group_S, first_block = xs
+        # Steps past the used blocks (static buffers sized for the worst case, e.g. an expert-parallel receive
+        # buffer) skip their matmuls at run time, forward and backward; the HLO still holds them.
+        return carry, jax.lax.cond(first_block < used_blocks, multiply, lambda x, g: jnp.zeros_like(x),
+                                   x_SbD, group_S)
+
+    xs = (padded_PD.reshape(n_steps, blocks_per_step, block, dim), block_group_B.reshape(n_steps, blocks_per_step),
+          jnp.arange(n_steps) * blocks_per_step)
     _, y_nSbD = jax.lax.scan(step, None, xs)
     return y_nSbD.reshape(n_blocks * block, dim).at[dest_R].get(mode="fill", fill_value=0)
 

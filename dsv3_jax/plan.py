@@ -294,13 +294,16 @@ def estimate_memory(model_cfg: ModelConfig, train_cfg, mesh_shape: Mapping[str, 
     optimizer_bytes = round(moments_per_param * param_bytes) + scalar_bytes
 
     local_batch = train_cfg.batch_size // (mesh["data"] * mesh["expert"])
+    micro_batch = local_batch // train_cfg.grad_accum  # activations exist for one microbatch at a time
     positions = train_cfg.seq_len + model_cfg.mtp_depth
-    breakdown = activation_breakdown(model_cfg, local_batch, positions, mesh,
+    breakdown = activation_breakdown(model_cfg, micro_batch, positions, mesh,
                                      sum(math.prod(s.local_shape) * copies for s, copies in shards))
+    # under accumulation the running sum and the microbatch's own gradients coexist
+    gradient_bytes = param_bytes * (2 if train_cfg.grad_accum > 1 else 1)
     return MemoryPlan(
         mesh=dict(mesh), fsdp=fsdp, n_devices=math.prod(mesh.values()), local_batch=local_batch,
         positions=positions, moe_dispatch=model_cfg.moe_dispatch, params=param_bytes, optimizer=optimizer_bytes,
-        router_biases=bias_bytes, gradients=param_bytes, activations=sum(breakdown.values()),
+        router_biases=bias_bytes, gradients=gradient_bytes, activations=sum(breakdown.values()),
         batch_inputs=local_batch * (train_cfg.seq_len + 1 + model_cfg.mtp_depth) * 4, counters=3 * 4,
         kv_cache_bytes_per_token=kv_cache_bytes_per_token(model_cfg),
         activation_breakdown=breakdown)
@@ -333,7 +336,8 @@ def _dispatch_bytes(cfg: ModelConfig, tokens: int, mesh: Mapping[str, int]) -> i
     if cfg.moe_dispatch == "capacity":
         rows = e_local * expert_capacity(group, k, cfg.n_routed_experts, cfg.capacity_factor)
         return rows * (2 * d + 3 * f_local) * a + 2 * assignments * d * a + tokens * d * 4
-    if cfg.moe_dispatch == "ragged":
+    if cfg.moe_dispatch == "ragged" or (cfg.moe_dispatch == "blocked" and mesh["expert"] > 1 and cfg.fp8 == "none"):
+        # (blocked under expert parallelism runs ragged's exchange: moe.RoutedExperts.__call__)
         # moe_ragged's receive buffer: `expert` sources x exchange_capacity rows each (dropless: min(K, E_l)
         # rows per token; with a capacity_factor the bounded fair share); received, regrouped, output and
         # returned rows [M, D], gate/up/product [M, F_l]; sent and returned assignment rows [A, D]; fp32

@@ -10,6 +10,10 @@ from hypothesis import settings
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
+# The suite runs on CPU. Where the CUDA plugin is installed (requirements-gpu.txt, for the GPU compile tests) it
+# must never start as a device backend: with no GPU it fails cuInit and is then unusable for AOT compilation.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 settings.register_profile("dsv3", deadline=None, max_examples=int(os.environ.get("HYPOTHESIS_EXAMPLES", "40")),
                           derandomize=True, print_blob=True)
 settings.load_profile("dsv3")

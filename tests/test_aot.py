@@ -1,9 +1,10 @@
-"""AOT compilation for TPU slices (dsv3_jax/aot.py, `python -m dsv3_jax compile`).
+"""AOT compilation for TPU slices and GPU nodes (dsv3_jax/aot.py, `python -m dsv3_jax compile`).
 
-Target parsing, HLO collective counting and the CLI's errors run everywhere. The compile test needs libtpu
-(`pip install -r requirements-tpu.txt`) and is skipped without it; with it, the tiny preset's sharded train
-step of the small preset compiles for a 4-chip v5p slice and its memory matches a hand-written
-lower().compile() and `plan`.
+Target parsing and the CLI's errors run everywhere. The compile tests need libtpu (`pip install -r
+requirements-tpu.txt`) or the CUDA plugin (`pip install -r requirements-gpu.txt`) and are skipped without
+them; with them, the small preset's sharded train step compiles for a 4-chip v5p slice and for one 8-GPU H100
+node, its memory matches a hand-written lower().compile() and `plan` on both targets, and on the H100 the
+`auto` MoE dispatch compiles to at most 1.5x the useful expert FLOPs.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from dsv3_jax.aot import Target, parse_target
 from dsv3_jax.config import ConfigError
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+HAS_CUDA_PLUGIN = importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+NEEDS_CUDA = pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="needs the CUDA plugin (pip install -r "
+                                "requirements-gpu.txt; compiles without a GPU)")
 
 
 def test_parse_target():
@@ -50,17 +54,79 @@ def test_cli_without_libtpu_says_how_to_install(capsys):
     assert "pip install -r requirements-tpu.txt" in _one_error_line(capsys)
 
 
-@pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu (pip install -r requirements-tpu.txt)")
-def test_small_step_compiles_for_a_v5p_slice_and_matches_a_hand_written_compile():
+@pytest.mark.skipif(HAS_CUDA_PLUGIN, reason="the CUDA plugin is installed here, so the install hint never shows")
+def test_cli_without_the_cuda_plugin_says_how_to_install(capsys):
+    assert cli.main(["compile", "--target", "h100:8", "--preset", "tiny"]) == 2
+    assert "pip install -r requirements-gpu.txt" in _one_error_line(capsys)
+
+
+def _hand_written_memory(config, target):
+    """memory_analysis() of the same step, lowered and compiled without compile_train_step."""
     import jax
     import jax.numpy as jnp
 
     from dsv3_jax import sharding
-    from dsv3_jax.aot import compile_train_step, target_devices
+    from dsv3_jax.aot import target_devices
+    from dsv3_jax.config import resolve_for_backend
+    from dsv3_jax.train.step import abstract_train_state, jit_train_step, state_shardings
+
+    model = resolve_for_backend(config.model, target.platform)
+    plan = sharding.plan_for(config.mesh.data, config.mesh.expert, config.mesh.tensor,
+                             devices=target_devices(target))
+    graphdef, abstract = abstract_train_state(model, config.train, plan)
+    window = jax.ShapeDtypeStruct((config.train.batch_size, config.train.seq_len + 1 + model.mtp_depth), jnp.int32,
+                                  sharding=plan.batch_sharding())
+    return jit_train_step(graphdef, model, config.train, plan, state_shardings(plan, abstract)).lower(
+        abstract, window).compile().memory_analysis()
+
+
+@NEEDS_CUDA
+def test_small_step_compiles_for_an_h100_node_and_matches_a_hand_written_compile():
+    from dsv3_jax.aot import compile_train_step
     from dsv3_jax.config import get_preset
     from dsv3_jax.train.config import Config, apply_overrides
     from dsv3_jax.train.presets import train_preset
-    from dsv3_jax.train.step import abstract_train_state, jit_train_step, state_shardings
+
+    config = apply_overrides(Config(model=get_preset("small"), train=train_preset("small")), ["mesh.expert=8"])
+    target = parse_target("h100:8")
+    report = compile_train_step(config, target)
+    assert report["devices"] == 8 and report["device_kind"] == "NVIDIA H100 80GB HBM3" and report["fits"]
+    # blocked dispatch under expert parallelism: ragged exchange + block GEMMs, no dense ragged_dot
+    assert report["collectives"]["ragged-all-to-all"]["count"] > 0
+    assert 1.0 < report["flops_over_model"] < 2.5
+    mem = _hand_written_memory(config, target)
+    assert report["hbm_gib"]["temporaries"] == pytest.approx(mem.temp_size_in_bytes / 2**30, abs=1e-3)
+    assert report["hbm_gib"]["arguments"] == pytest.approx(mem.argument_size_in_bytes / 2**30, abs=1e-3)
+    # plan against XLA on this target (the v5p test below is the other one)
+    assert 0.75 < report["plan_gib"]["total"] / report["hbm_gib"]["total"] < 1.6
+
+
+@NEEDS_CUDA
+def test_auto_dispatch_on_gpu_is_not_a_dense_ragged_dot():
+    """The MoE layer of the issue that set the GPU default (4,096 tokens, D 1024, F 256, 64 experts top-8,
+    bf16), compiled for one H100: `auto` within 1.5x the useful FLOPs; ragged_dot there is ~63x."""
+    import argparse
+
+    from benchmarks.dispatch_cost import CASES, run_case
+    from dsv3_jax.aot import prepare_backend, target_devices
+
+    target = parse_target("h100:1")
+    prepare_backend(target)
+    devices = target_devices(target)
+    args = argparse.Namespace(expert=1, tokens=4096, v3=False)
+    cases = {c[0]: c for c in CASES}
+    auto = run_case(args, devices, "gpu", cases["auto"])
+    assert auto["grouped_gemm"] == "blocks" and auto["flops_over_useful"] <= 1.5
+    dense_ragged = run_case(args, devices, "gpu", cases["ragged + ragged_dot"])
+    assert dense_ragged["flops_over_useful"] > 30
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu (pip install -r requirements-tpu.txt)")
+def test_small_step_compiles_for_a_v5p_slice_and_matches_a_hand_written_compile():
+    from dsv3_jax.aot import compile_train_step
+    from dsv3_jax.config import get_preset
+    from dsv3_jax.train.config import Config, apply_overrides
+    from dsv3_jax.train.presets import train_preset
 
     # the small preset (TPU tiles pad the tiny preset's 32-wide tensors far beyond their size, which no byte
     # formula over logical shapes can follow), at a short sequence to keep the compile near a minute
@@ -70,13 +136,7 @@ def test_small_step_compiles_for_a_v5p_slice_and_matches_a_hand_written_compile(
     report = compile_train_step(config, target)
     assert report["devices"] == 4 and report["mesh"] == {"data": 1, "expert": 4, "tensor": 1}
     assert report["fits"] and report["collectives"].get("ragged-all-to-all", {}).get("count", 0) > 0
-    # the same numbers from a lower().compile() written out by hand
-    plan = sharding.plan_for(1, 4, 1, devices=target_devices(target))
-    graphdef, abstract = abstract_train_state(config.model, config.train, plan)
-    window = jax.ShapeDtypeStruct((8, config.train.seq_len + 1 + config.model.mtp_depth), jnp.int32,
-                                  sharding=plan.batch_sharding())
-    mem = jit_train_step(graphdef, config.model, config.train, plan, state_shardings(plan, abstract)).lower(
-        abstract, window).compile().memory_analysis()
+    mem = _hand_written_memory(config, target)  # the same numbers from a lower().compile() written by hand
     assert report["hbm_gib"]["temporaries"] == pytest.approx(mem.temp_size_in_bytes / 2**30, abs=1e-3)
     assert report["hbm_gib"]["arguments"] == pytest.approx(mem.argument_size_in_bytes / 2**30, abs=1e-3)
     assert 0.75 < report["plan_gib"]["total"] / report["hbm_gib"]["total"] < 1.35
@@ -84,10 +144,11 @@ def test_small_step_compiles_for_a_v5p_slice_and_matches_a_hand_written_compile(
 
 @pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu (pip install -r requirements-tpu.txt)")
 def test_a_step_that_does_not_fit_is_a_result_not_a_crash(capsys):
-    """The 671B preset (61 scanned layers) on a v5p-1024 slice: XLA's out-of-memory verdict comes back as
-    fits=false with the temporaries it needed (seconds of compilation: the scan keeps it small)."""
+    """The 671B preset (61 scanned layers) on a v5p-1024 slice without rematerialisation or chunked attention:
+    XLA's out-of-memory verdict comes back as fits=false with the temporaries it needed (seconds of
+    compilation: XLA checks the memory before its expensive passes)."""
     args = ["compile", "--target", "v5p:8x8x8", "--preset", "deepseek-v3-671b", "--set", "mesh.data=8",
-            "--set", "mesh.expert=64", "--set", "mesh.fsdp=true", "--set", "model.remat=full",
+            "--set", "mesh.expert=64", "--set", "mesh.fsdp=true", "--set", "model.remat=none",
             "--set", "model.capacity_factor=1.25", "--set", "train.batch_size=512", "--json"]
     assert cli.main(args) == 0
     import json
