@@ -96,12 +96,14 @@ def test_param_specs_on_the_671b_preset(scan_layers):
 
     fsdp = sharding.MeshPlan(plan.mesh, sharding.rules_for(fsdp=True))
     specs = _Specs(_specs(fsdp, params), scan_layers)
+    # fsdp: routed experts' hidden dim over data (their expert dim took `expert`), the rest over data x expert
+    de = ("data", "expert")
     assert specs["layers/3/mlp/experts/gate_proj"] == P("expert", "data", "tensor")
-    assert specs["embed_tokens/embedding"] == P("tensor", "data")
-    assert specs["layers/0/self_attn/o_proj/kernel"] == P("tensor", "data")
-    assert specs["layers/0/self_attn/q_b_proj/kernel"] == P("data", "tensor")
-    assert specs["layers/0/self_attn/kv_a_proj_with_mqa/kernel"] == P("data")
-    assert specs["norm/weight"] == P() and specs["layers/3/mlp/gate/kernel"] == P("data")
+    assert specs["embed_tokens/embedding"] == P("tensor", de)
+    assert specs["layers/0/self_attn/o_proj/kernel"] == P("tensor", de)
+    assert specs["layers/0/self_attn/q_b_proj/kernel"] == P(de, "tensor")
+    assert specs["layers/0/self_attn/kv_a_proj_with_mqa/kernel"] == P(de)
+    assert specs["norm/weight"] == P() and specs["layers/3/mlp/gate/kernel"] == P(de)
 
 
 def test_size_one_axes_are_dropped_and_axes_used_once():
