@@ -28,7 +28,7 @@ _HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*(\(.*\))?\s*->.*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([a-z][\w\-]*)\((.*)$")
 _ARRAY = re.compile(r"([a-z]+[0-9a-z]*)\[([0-9,]*)\]")
 # Attributes naming the computations an instruction runs (`calls=%f`, `body=%b`, `to_apply=%r`, ...).
-_CALLEES = re.compile(r"\b(calls|body|to_apply|condition)=%?([\w.\-]+)")
+_CALLEES = re.compile(r"\b(calls|body|to_apply|condition|true_computation|false_computation)=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 

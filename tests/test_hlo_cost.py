@@ -79,6 +79,17 @@ ENTRY %main (x: f32[16,32], g: s32[4], lhs: bf16[64,8], rhs: bf16[4,8,16]) -> f3
                                   "all-to-all": {"count": 1, "bytes": 64 * 16 * 2}}
 
 
+def test_both_branches_of_a_conditional_are_counted():
+    """A `lax.cond` compiles to a conditional with true/false computations; its matmuls count (an upper bound:
+    which branch runs is decided at run time)."""
+    def branchy(p, a, b):
+        return jax.lax.cond(p > 0, lambda x, y: x @ y, lambda x, y: jnp.zeros((x.shape[0], y.shape[1])), a, b)
+
+    compiled = jax.jit(branchy).lower(jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((16, 8), jnp.float32),
+                                      jax.ShapeDtypeStruct((8, 4), jnp.float32)).compile()
+    assert analyse(compiled.as_text())["matmul_flops"] == 2 * 16 * 8 * 4
+
+
 def test_text_without_an_entry_is_refused():
     with pytest.raises(ValueError, match="no ENTRY computation"):
         analyse("HloModule empty\n")
