@@ -102,6 +102,23 @@ def test_small_step_compiles_for_an_h100_node_and_matches_a_hand_written_compile
 
 
 @NEEDS_CUDA
+@pytest.mark.parametrize("target, sets, message", [
+    ("h100:8", ["mesh.expert=16"], "mesh.data: -1 cannot fill the mesh: the other axes multiply to 16, which does "
+                                   "not divide the 8 devices"),
+    ("h100:8", ["mesh.tensor=8"], "mesh.tensor: tensor=8 does not divide model.num_attention_heads=2"),
+    ("h200:8x2", ["mesh.expert=16"], "mesh.expert: expert=16 does not divide model.n_routed_experts=8"),
+    ("h200:8x2", ["mesh.expert=8", "train.batch_size=4"], "data*expert = 2*8 = 16 does not divide "
+                                                           "train.batch_size=4"),
+])
+def test_gpu_meshes_that_cannot_work_fail_before_compiling(capsys, target, sets, message):
+    args = ["compile", "--target", target, "--preset", "tiny"]
+    for item in sets:
+        args += ["--set", item]
+    assert cli.main(args) == 2
+    assert message in _one_error_line(capsys)
+
+
+@NEEDS_CUDA
 def test_auto_dispatch_on_gpu_is_not_a_dense_ragged_dot():
     """The MoE layer of the issue that set the GPU default (4,096 tokens, D 1024, F 256, 64 experts top-8,
     bf16), compiled for one H100: `auto` within 1.5x the useful FLOPs; ragged_dot there is ~63x."""
