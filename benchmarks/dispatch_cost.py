@@ -91,7 +91,7 @@ def run_case(args, devices, platform: str, case: tuple) -> dict:
     compile_s = time.perf_counter() - t0
     hlo = analyse(compiled.as_text())
     flops, source = hlo["matmul_flops"], "hlo matmuls, loops expanded"
-    if not flops:  # TPU: matmuls are convolutions the HLO counter does not read; XLA's own analysis instead
+    if not flops:  # a program whose matmuls the HLO counter does not know: XLA's own analysis instead
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         flops, source = float(cost["flops"]), "xla cost analysis (loop bodies once)"

@@ -28,15 +28,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "fit_table.json")
 
 # name -> (preset, target, overrides). Batches are the presets' global batches; grad_accum sets the microbatch.
+# Slice names count TensorCores (v5p-8 = 4 chips = v5p:2x2x1); GPU rows are nodes x 8 GPUs.
 ROWS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "moe-1b/v5p-8": ("moe-1b", "v5p:2x2x1", (
         "mesh.expert=4", "mesh.fsdp=true", "model.remat=minimal", "train.grad_accum=16")),
     "moe-1b/h100x8": ("moe-1b", "h100:8", (
         "mesh.expert=8", "model.remat=minimal", "train.grad_accum=8")),
+    "moe-1b/h200x8": ("moe-1b", "h200:8", (
+        "mesh.expert=8", "model.remat=minimal", "train.grad_accum=8")),
+    "dsv2-lite/v5p-16": ("dsv2-lite", "v5p:2x2x2", (
+        "mesh.expert=8", "mesh.fsdp=true", "model.remat=full", "model.attention_chunk=1024",
+        "train.grad_accum=64")),
     "dsv2-lite/v5p-32": ("dsv2-lite", "v5p:2x2x4", (
         "mesh.data=2", "mesh.expert=8", "mesh.fsdp=true", "model.remat=full", "model.attention_chunk=1024",
         "train.grad_accum=32")),
     "dsv2-lite/h100x8": ("dsv2-lite", "h100:8", (
+        "mesh.expert=8", "mesh.fsdp=true", "model.remat=full", "model.attention_chunk=1024",
+        "train.grad_accum=128")),
+    "dsv2-lite/h200x8": ("dsv2-lite", "h200:8", (
         "mesh.expert=8", "mesh.fsdp=true", "model.remat=full", "model.attention_chunk=1024",
         "train.grad_accum=128")),
     "deepseek-v3-671b/v5p-1024": ("deepseek-v3-671b", "v5p:8x8x8", (
@@ -97,7 +106,8 @@ def markdown(results: dict) -> str:
                   f"does not fit: {hbm.get('temporaries', 0):.1f} GiB temporaries > {hbm.get('available', 0):g}")
         extras = [f"cf {c['capacity_factor']}" if c.get("capacity_factor") else "",
                   f"attention chunk {c['attention_chunk']}" if c.get("attention_chunk") else ""]
-        lines.append(f"| {name.split('/')[0]} | {r['target']} ({r['devices']} x {r['device_kind']}) | {mesh} | "
+        preset, label = name.split("/")
+        lines.append(f"| {preset} | {label} (`{r['target']}`, {r['devices']} x {r['device_kind']}) | {mesh} | "
                      f"{c['remat']} | {micro} x {c['seq_len']} ({', '.join(e for e in extras if e) or 'dropless'}) | "
                      f"{memory} | {r['plan_gib']['total']:.1f} GiB | {r['compile_s']:.0f} s | "
                      f"{r.get('host_peak_rss_gib', float('nan')):.1f} GiB |")

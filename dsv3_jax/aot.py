@@ -13,8 +13,8 @@ device description written in `dsv3_jax/gpu_specs.py`.
 
 FLOPs: XLA's cost analysis does not exist on GPU and counts the body of a `while` loop once (one layer per
 scanned stack, one microbatch), so `flops_per_step` comes from `dsv3_jax.hlo_cost`, which counts the matmuls of
-the optimised HLO with every loop expanded by its trip count. XLA's own figure is kept, for TPU, as
-`xla_flops_loop_bodies_once`.
+the optimised HLO (GPU dots and GEMM calls, TPU convolutions and grouped-matmul kernels) with every loop
+expanded by its trip count. XLA's own figure is kept, for TPU, as `xla_flops_loop_bodies_once`.
 """
 
 from __future__ import annotations
@@ -219,8 +219,7 @@ def compile_train_step(config: Any, target: Target, dump_hlo: str | None = None)
     hbm["capacity"] = target.hbm_gib
     tokens = tc.batch_size * tc.seq_len
     model_flops = model_flops_per_token(config) * tokens
-    # None on TPU, whose matmuls are `convolution`s the HLO counter does not read (dsv3_jax/hlo_cost.py)
-    flops = hlo_cost["matmul_flops"] * len(devices) or None
+    flops = hlo_cost["matmul_flops"] * len(devices) or None  # None: no matmul the counter knows (hlo_cost.py)
     return {**base, "compile_s": round(compile_s, 1),
             "hbm_gib": {k: round(v, 3) for k, v in hbm.items()}, "fits": hbm["total"] <= target.hbm_gib,
             "flops_per_step": flops, "flops_per_device": flops / len(devices) if flops else None,

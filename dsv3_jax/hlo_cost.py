@@ -8,9 +8,11 @@ cuBLAS/cuDNN GEMM custom calls carrying dot dimension numbers): 2 x output eleme
 what MFU is measured against; elementwise work is left out on purpose. The text is the per-device (SPMD
 partitioned) program, so the answers are per device.
 
-Limit: XLA:TPU rewrites matmuls into `convolution` instructions whose batch dimensions become padded windows;
-those are not counted, so on TPU `matmul_flops` is 0 and callers fall back to XLA's own cost analysis. Trip
-counts are read on both (GPU: `known_trip_count`; TPU: the loop condition's `counter < constant`).
+XLA:TPU writes its matmuls as `convolution`s (counted as 2 x outputs x kernel input features x the window's
+non-dilated positions) and
+ragged_dot as a grouped-matmul kernel call (`ragged-dot-*` custom calls, counted at the rows their static
+shapes allow). Trip counts are read on both (GPU: `known_trip_count`; TPU: the loop condition's
+`counter < constant`).
 """
 
 from __future__ import annotations
@@ -98,7 +100,44 @@ def _contracting(rest: str) -> list[int] | None:
     return None
 
 
+def _convolution_flops(inst: _Instruction, shapes: dict[str, str]) -> float:
+    """XLA:TPU's matmuls: 2 x output elements x the kernel's input features x its window (spatial) size,
+    read from `dim_labels` (rhs: `i` input feature, `o` output feature, digits spatial)."""
+    labels = re.search(r"dim_labels=[0-9a-z]+_([0-9a-z]+)->", inst.rest)
+    operands = _operands(inst.rest)
+    if labels is None or len(operands) < 2 or operands[1] not in shapes:
+        return 0.0
+    rhs = _dims(shapes[operands[1]])
+    dilation = re.search(r"lhs_dilate=([0-9x]+)", inst.rest)
+    dilate = [int(d) for d in dilation.group(1).split("x")] if dilation else []
+    contracted, spatial = 1, 0
+    for label, size in zip(labels.group(1), rhs):
+        if label == "i":
+            contracted *= size
+        elif label.isdigit():  # a window over an input dilated by d meets ceil(size / d) real elements
+            contracted *= -(-size // dilate[spatial]) if spatial < len(dilate) else size
+            spatial += 1
+    return 2.0 * math.prod(_dims(inst.shape)) * contracted
+
+
+def _tpu_ragged_dot_flops(inst: _Instruction, shapes: dict[str, str]) -> float:
+    """XLA:TPU's grouped-matmul kernel for ragged_dot (a `tpu_custom_call` named ragged-dot-*): 2 x M x K x N
+    for lhs [M, K] and output [M, N], the rows the static shapes allow (the kernel may skip empty tiles)."""
+    out = _dims(inst.shape)
+    if len(out) != 2:
+        return 0.0
+    for name in _operands(inst.rest):
+        lhs = _dims(shapes.get(name, ""))
+        if len(lhs) == 2 and lhs[0] == out[0]:
+            return 2.0 * out[0] * lhs[1] * out[1]
+    return 0.0
+
+
 def _matmul_flops(inst: _Instruction, shapes: dict[str, str]) -> float:
+    if inst.opcode == "convolution":
+        return _convolution_flops(inst, shapes)
+    if inst.opcode == "custom-call" and inst.name.startswith("ragged-dot") and "tpu_custom_call" in inst.rest:
+        return _tpu_ragged_dot_flops(inst, shapes)
     if inst.opcode not in ("dot", "ragged-dot") and not (
             inst.opcode == "custom-call" and "dot_dimension_numbers" in inst.rest):
         return 0.0
