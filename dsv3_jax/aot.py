@@ -85,11 +85,14 @@ def parse_target(text: str) -> Target:
 
 
 def prepare_backend(target: Target) -> None:
-    """Settings that must be in place before JAX starts a backend. A GPU target compiles through the CUDA plugin
-    with no GPU present, so JAX must not try to start it as a device backend (it would fail `cuInit` and never
-    register the plugin's compiler), and XLA must not use CUB's radix sort, whose scratch size is asked of a
-    real device, nor autotune Triton GEMMs."""
-    if target.platform != "gpu":
+    """Settings that must be in place before JAX starts a backend (or libtpu loads). A GPU target compiles
+    through the CUDA plugin with no GPU present, so JAX must not try to start it as a device backend (it would
+    fail `cuInit` and never register the plugin's compiler), and XLA must not use CUB's radix sort, whose
+    scratch size is asked of a real device, nor autotune Triton GEMMs."""
+    if target.platform == "tpu":
+        # Compiling needs no TPU, so several compiles may share a host; without this libtpu takes a host-wide
+        # lock (/tmp/libtpu_lockfile) that refuses a second process and outlives a killed one.
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         return
     # Without a device XLA cannot autotune Triton GEMM tilings, and its untuned default finds none for some
     # shapes (e.g. [16388, 1024] x [1024, 7168]: "Couldn't find output tile sizes"); cuBLAS GEMMs need no
@@ -122,6 +125,7 @@ def target_devices(target: Target) -> list[Any]:
         return list(topology.devices)
     if importlib.util.find_spec("libtpu") is None:
         raise ConfigError("--target", TPU_INSTALL)
+    prepare_backend(target)
     try:
         with _native_stderr_quiet():  # libtpu warns that this host has no TPU metadata: true and harmless here
             topology = topologies.get_topology_desc(topology_name=target.text, platform="tpu")
