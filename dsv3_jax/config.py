@@ -503,17 +503,17 @@ def resolve_moe_dispatch(dispatch: str, backend: str | None = None, fp8: str = "
 def resolve_grouped_gemm(grouped_gemm: str, backend: str | None = None) -> str:
     """The concrete grouped GEMM of `ragged` dispatch on `backend` (default: JAX's default backend).
 
-    `ragged_dot` only where XLA compiles it to a grouped matmul (TPU). On GPU, XLA 0.10.2 rewrites it into one
-    dense matmul over every group with a masked, expanded input (measured from the optimised HLO for an H100:
-    63.6x the useful FLOPs of a 64-expert top-8 layer), and on CPU likewise; there `blocks` does ~1.25x.
+    `blocks` on every backend, decided from the compiled programs of a 64-expert top-8 training step
+    (forward and backward; benchmarks/README.md, "MoE dispatch per backend"): XLA 0.10.2 compiles
+    `ragged_dot` on GPU (and CPU) into one dense matmul over every group with a masked, expanded input (63x the
+    useful FLOPs on an H100); on TPU its forward is a true grouped-matmul kernel (1.00x) but its weight
+    gradient a dense masked convolution over every group (21.8x for the whole step on v5p). `blocks` compiles
+    to ~1.25x on both. The backend stays an argument so that a future XLA can change one answer.
     """
     if grouped_gemm != "auto":
         return grouped_gemm
-    if backend is None:
-        import jax
-
-        backend = jax.default_backend()
-    return "ragged_dot" if backend == "tpu" else "blocks"
+    del backend  # same answer everywhere today (see above)
+    return "blocks"
 
 
 def resolve_for_backend(cfg: ModelConfig, backend: str) -> ModelConfig:

@@ -219,8 +219,8 @@ class RoutedExperts(nnx.Module):
 
     def ragged(self, x_ND: jax.Array, topk_idx_NK: jax.Array, topk_weight_NK: jax.Array,
                grouped_gemm: str | None = None) -> tuple[jax.Array, jax.Array]:
-        """Dropless grouped GEMMs (moe_ragged.py: `ragged_dot` on TPU, padded blocks elsewhere, or as
-        `grouped_gemm` / model.grouped_gemm says); expert-parallel under a mesh.
+        """Dropless grouped GEMMs (moe_ragged.py: padded row blocks, or `jax.lax.ragged_dot` when
+        `grouped_gemm` / model.grouped_gemm says so); expert-parallel under a mesh.
 
         Under an active mesh plan the tokens stay split over the batch axes and each device runs only its own
         experts (`ragged_experts_ep`: all-to-all there and back, expert width split over `tensor`). There

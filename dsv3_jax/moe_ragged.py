@@ -22,10 +22,11 @@ min(K, L) rows to any one shard: each source sends <= C = n*min(K, L) rows to a 
 receives at most M = P*C rows. Routing that repeats an expert within a token breaks this bound: the padded
 transport would then silently drop rows (duplicate experts are never produced by route()).
 
-Grouped GEMMs (`grouped_gemm`, model.grouped_gemm): XLA lowers `ragged_dot` to a true grouped matmul on TPU
-but to a masked dense matmul over every group on GPU and CPU (63.6x the useful FLOPs for a 64-expert top-8
-layer compiled for an H100), so there the same dispatch multiplies padded blocks of rows by their group's
-weights instead (`_blocked_grouped_swiglu`, ~1.25x); `auto` picks per backend.
+Grouped GEMMs (`grouped_gemm`, model.grouped_gemm): XLA lowers `ragged_dot` to a masked dense matmul over
+every group on GPU and CPU (63x the useful FLOPs for a 64-expert top-8 layer compiled for an H100), and on
+TPU to a grouped-matmul kernel whose weight gradient is a dense masked convolution (21.8x for forward and
+backward on v5p). `blocks` multiplies padded blocks of rows by their group's weights instead
+(`_blocked_grouped_swiglu`, ~1.25x on both), and is what `auto` picks.
 """
 
 from __future__ import annotations
@@ -70,8 +71,7 @@ def _grouped_swiglu(rows_RD: jax.Array, gate_EDF: jax.Array, up_EDF: jax.Array, 
     """SwiGLU of expert-grouped rows; rows past sum(group_sizes) come out as zeros.
 
     `grouped_gemm` says how the grouped matmuls run (config.resolve_grouped_gemm): `ragged_dot` is XLA's
-    grouped GEMM, a true one on TPU but a dense matmul over every group on GPU and CPU; `blocks` is
-    `_blocked_grouped_swiglu`."""
+    grouped GEMM (see the module docstring for what it compiles to), `blocks` is `_blocked_grouped_swiglu`."""
     if grouped_gemm == "blocks":
         return _blocked_grouped_swiglu(rows_RD, gate_EDF, up_EDF, down_EFD, group_sizes_E)
     h_RF = (jax.nn.silu(tag(jax.lax.ragged_dot(rows_RD, gate_EDF, group_sizes_E), EXPERT_GATE))
