@@ -54,6 +54,9 @@ ROWS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "deepseek-v3-671b/v5p-512": ("deepseek-v3-671b", "v5p:8x8x4", (
         "mesh.data=4", "mesh.expert=64", "mesh.fsdp=true", "model.remat=full", "model.capacity_factor=1.25",
         "model.attention_chunk=512", "train.batch_size=256")),
+    "deepseek-v3-671b/h100x8x32": ("deepseek-v3-671b", "h100:8x32", (
+        "mesh.data=4", "mesh.expert=64", "mesh.fsdp=true", "model.remat=full", "model.capacity_factor=1.25",
+        "model.attention_chunk=512", "train.batch_size=256")),
     "deepseek-v3-671b/h200x8x16": ("deepseek-v3-671b", "h200:8x16", (
         "mesh.data=2", "mesh.expert=64", "mesh.fsdp=true", "model.remat=full", "model.capacity_factor=1.25",
         "model.attention_chunk=512", "train.batch_size=128")),
