@@ -103,6 +103,16 @@ def prepare_backend(target: Target) -> None:
     jax.config.update("jax_platforms", "cpu")
 
 
+def has_cuda_plugin() -> bool:
+    """Whether JAX's CUDA 12 plugin (requirements-gpu.txt) is installed, without importing it."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+    except ModuleNotFoundError:  # no jax_plugins package at all
+        return False
+
+
 def target_devices(target: Target) -> list[Any]:
     """The target's (abstract) devices; a ConfigError with the install line when the plugin is missing."""
     import importlib.util
@@ -110,7 +120,7 @@ def target_devices(target: Target) -> list[Any]:
     from jax.experimental import topologies
 
     if target.platform == "gpu":
-        if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+        if not has_cuda_plugin():
             raise ConfigError("--target", GPU_INSTALL)
         prepare_backend(target)
         config = target_config_textproto(GPU_SPECS[target.generation])

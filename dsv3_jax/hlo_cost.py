@@ -8,8 +8,8 @@ cuBLAS/cuDNN GEMM custom calls carrying dot dimension numbers): 2 x output eleme
 what MFU is measured against; elementwise work is left out on purpose. The text is the per-device (SPMD
 partitioned) program, so the answers are per device.
 
-XLA:TPU writes its matmuls as `convolution`s (counted as 2 x outputs x kernel input features x the window's
-non-dilated positions) and
+XLA:TPU writes its matmuls as `convolution`s (counted as 2 x the multiply-adds that touch a real input
+element: padding and dilation holes excluded, every output position's window walked) and
 ragged_dot as a grouped-matmul kernel call (`ragged-dot-*` custom calls, counted at the rows their static
 shapes allow). Trip counts are read on both (GPU: `known_trip_count`; TPU: the loop condition's
 `counter < constant`).
@@ -21,6 +21,8 @@ import dataclasses
 import math
 import re
 from typing import Iterator
+
+import numpy as np
 
 COLLECTIVES = ("ragged-all-to-all", "all-to-all", "all-gather", "reduce-scatter", "all-reduce",
                "collective-permute")
@@ -101,23 +103,35 @@ def _contracting(rest: str) -> list[int] | None:
 
 
 def _convolution_flops(inst: _Instruction, shapes: dict[str, str]) -> float:
-    """XLA:TPU's matmuls: 2 x output elements x the kernel's input features x its window (spatial) size,
-    read from `dim_labels` (rhs: `i` input feature, `o` output feature, digits spatial)."""
-    labels = re.search(r"dim_labels=[0-9a-z]+_([0-9a-z]+)->", inst.rest)
+    """XLA:TPU's matmuls (it writes dots, batched or not, as convolutions whose batch dims become spatial dims
+    with dilated, padded windows): 2 x multiply-adds that touch a real input element. Per spatial dim the taps
+    landing on real elements (not padding, not dilation holes) are counted exactly over every output position;
+    the kernel's input-feature dim is contracted whole."""
+    labels = re.search(r"dim_labels=([0-9a-z]+)_([0-9a-z]+)->([0-9a-z]+)", inst.rest)
     operands = _operands(inst.rest)
-    if labels is None or len(operands) < 2 or operands[1] not in shapes:
+    if labels is None or len(operands) < 2 or operands[0] not in shapes or operands[1] not in shapes:
         return 0.0
-    rhs = _dims(shapes[operands[1]])
-    dilation = re.search(r"lhs_dilate=([0-9x]+)", inst.rest)
-    dilate = [int(d) for d in dilation.group(1).split("x")] if dilation else []
-    contracted, spatial = 1, 0
-    for label, size in zip(labels.group(1), rhs):
-        if label == "i":
-            contracted *= size
-        elif label.isdigit():  # a window over an input dilated by d meets ceil(size / d) real elements
-            contracted *= -(-size // dilate[spatial]) if spatial < len(dilate) else size
-            spatial += 1
-    return 2.0 * math.prod(_dims(inst.shape)) * contracted
+    lhs_labels, rhs_labels, out_labels = labels.groups()
+    lhs, rhs, out = _dims(shapes[operands[0]]), _dims(shapes[operands[1]]), _dims(inst.shape)
+    window = re.search(r"window=\{([^}]*)\}", inst.rest)
+    attrs = dict(re.findall(r"(\w+)=([0-9x_]+)", window.group(1))) if window else {}
+
+    def per_dim(name: str, n: int, default: int) -> list[int]:
+        return [int(v) for v in attrs[name].split("x")] if name in attrs else [default] * n
+
+    n_spatial = sum(c.isdigit() for c in rhs_labels)
+    sizes = per_dim("size", n_spatial, 1)
+    strides, lhs_dilate, rhs_dilate = (per_dim(k, n_spatial, 1) for k in ("stride", "lhs_dilate", "rhs_dilate"))
+    pads = [tuple(int(x) for x in p.split("_")) for p in attrs["pad"].split("x")] if "pad" in attrs else [(0, 0)] * n_spatial
+    flops = 2.0 * math.prod(size for label, size in zip(out_labels, out) if not label.isdigit())
+    flops *= math.prod(size for label, size in zip(rhs_labels, rhs) if label == "i")
+    for k in range(n_spatial):
+        length, out_len = lhs[lhs_labels.index(str(k))], out[out_labels.index(str(k))]
+        o = np.arange(out_len)[:, None]
+        tap = o * strides[k] + np.arange(sizes[k])[None, :] * rhs_dilate[k] - pads[k][0]
+        real = (tap >= 0) & (tap <= (length - 1) * lhs_dilate[k]) & (tap % lhs_dilate[k] == 0)
+        flops *= int(real.sum())
+    return flops
 
 
 def _tpu_ragged_dot_flops(inst: _Instruction, shapes: dict[str, str]) -> float:

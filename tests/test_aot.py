@@ -14,11 +14,11 @@ import importlib.util
 import pytest
 
 from dsv3_jax import cli
-from dsv3_jax.aot import Target, parse_target
+from dsv3_jax.aot import Target, has_cuda_plugin, parse_target
 from dsv3_jax.config import ConfigError
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
-HAS_CUDA_PLUGIN = importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+HAS_CUDA_PLUGIN = has_cuda_plugin()
 NEEDS_CUDA = pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="needs the CUDA plugin (pip install -r "
                                 "requirements-gpu.txt; compiles without a GPU)")
 
@@ -181,3 +181,30 @@ def test_a_mesh_the_torus_cannot_hold_is_one_error_line(capsys):
             "--set", "mesh.expert=64", "--set", "train.batch_size=2048"]
     assert cli.main(args) == 2
     assert "cannot be laid out on the devices' physical mesh [8, 16, 16]" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu (pip install -r requirements-tpu.txt)")
+def test_hlo_matmul_count_on_tpu_equals_the_analytic_count():
+    """XLA:TPU writes batched matmuls as convolutions with dilated, padded windows (the shared rope key even as
+    a reversed window over the heads); hlo_cost must count exactly the multiply-adds of MLA's attention."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from dsv3_jax.aot import target_devices
+    from dsv3_jax.hlo_cost import analyse
+    from dsv3_jax.mla import attend_causal
+
+    mesh = Mesh(np.array(target_devices(parse_target("v5p:2x2x1"))[:1]), ("x",))
+    b, t, h, n, r, v = 2, 256, 4, 32, 16, 32
+
+    def spec(*shape):
+        return jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=NamedSharding(mesh, P()))
+
+    loss = lambda *a: jnp.sum(attend_causal(*a, scale=0.1).astype(jnp.float32) ** 2)  # noqa: E731
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).lower(
+        spec(b, t, h, n), spec(b, t, h, r), spec(b, t, h, n), spec(b, t, r), spec(b, t, h, v)).compile()
+    forward = 2 * b * h * t * t * (n + r + v)  # q.k (nope and rope) and p.v over the full (masked) square
+    assert analyse(compiled.as_text())["matmul_flops"] == 3 * forward
+    assert compiled.cost_analysis()["flops"] >= 3 * forward  # XLA's also counts the softmax

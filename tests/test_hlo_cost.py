@@ -91,26 +91,26 @@ def test_both_branches_of_a_conditional_are_counted():
 
 
 def test_tpu_matmul_forms():
-    """XLA:TPU's forms, as it prints them: a matmul as a window-1 convolution, ragged_dot's weight gradient as a
-    dilated convolution over every group (2 real elements per window here: ceil(4 / 2)), and the grouped-matmul
-    kernel call of ragged_dot's forward."""
+    """XLA:TPU's forms, as it prints them: a matmul as a window-1 convolution, a batched matmul (4 groups) as a
+    convolution whose batch dim is a dilated window (one real tap per output position), and the
+    grouped-matmul kernel call of ragged_dot's forward."""
     hlo = """HloModule tpu
 
-ENTRY %main (a: bf16[2,257,64], w: bf16[64,96], x: bf16[8,512,32], y: bf16[4,512,16], g: s32[1], l: bf16[512,32], r: bf16[8,32,16]) -> bf16[2,257,96] {
+ENTRY %main (a: bf16[2,257,64], w: bf16[64,96,1], x: bf16[4,512,32], y: bf16[4,512,16], g: s32[1], l: bf16[512,32], r: bf16[8,32,16]) -> bf16[2,257,96] {
   %a = bf16[2,257,64]{2,1,0} parameter(0)
-  %w = bf16[64,96]{1,0} parameter(1)
-  %x = bf16[8,512,32]{2,1,0} parameter(2)
+  %w = bf16[64,96,1]{2,1,0} parameter(1)
+  %x = bf16[4,512,32]{2,1,0} parameter(2)
   %y = bf16[4,512,16]{2,1,0} parameter(3)
   %g = s32[1]{0} parameter(4)
   %l = bf16[512,32]{1,0} parameter(5)
   %r = bf16[8,32,16]{2,1,0} parameter(6)
-  %dw = bf16[8,32,16]{2,1,0} convolution(%x, %y), window={size=4 stride=3 lhs_dilate=2}, dim_labels=0fb_0io->0bf
+  %dw = bf16[4,32,16]{2,1,0} convolution(%x, %y), window={size=4 stride=3 lhs_dilate=4}, dim_labels=0fb_0io->0bf
   %ragged-dot-none = bf16[512,16]{1,0} custom-call(%g, %l, %r), custom_call_target="tpu_custom_call"
-  ROOT %mm = bf16[2,257,96]{2,1,0} convolution(%a, %w), window={size=1}, dim_labels=0bf_io->0bf
+  ROOT %mm = bf16[2,257,96]{2,1,0} convolution(%a, %w), window={size=1}, dim_labels=0bf_io0->0bf
 }
 """
     out = analyse(hlo)
-    assert out["matmul_flops"] == 2 * 2 * 257 * 96 * 64 + 2 * 8 * 32 * 16 * 512 * 2 + 2 * 512 * 32 * 16
+    assert out["matmul_flops"] == 2 * 2 * 257 * 96 * 64 + 2 * 4 * 32 * 16 * 512 + 2 * 512 * 32 * 16
 
 
 def test_text_without_an_entry_is_refused():
