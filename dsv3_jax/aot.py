@@ -209,12 +209,16 @@ def compile_train_step(config: Any, target: Target, dump_hlo: str | None = None)
     try:
         compiled = lowered.compile()
     except Exception as err:  # noqa: BLE001 - only XLA's out-of-memory verdict is a result, the rest re-raises
-        needed = re.search(r"HLO temporaries \(([0-9.]+)G\) exceeds available HBM \(([0-9.]+)G\)", str(err))
+        needed = re.search(r"HLO temporaries \(([0-9.]+)([KMGT])\) exceeds available HBM \(([0-9.]+)([KMGT])\)",
+                           str(err))
         if "RESOURCE_EXHAUSTED" not in str(err) or needed is None:
             raise
+        unit = {"K": 2 ** -20, "M": 2 ** -10, "G": 1, "T": 2 ** 10}  # XLA's binary units, to GiB
         return {**base, "compile_s": round(time.perf_counter() - t0, 1), "fits": False,
-                "hbm_gib": {"temporaries": float(needed.group(1)), "available": float(needed.group(2)),
+                "hbm_gib": {"temporaries": round(float(needed.group(1)) * unit[needed.group(2)], 3),
+                            "available": round(float(needed.group(3)) * unit[needed.group(4)], 3),
                             "capacity": target.hbm_gib},
+                "flops_per_step": None, "collectives": None, "host_peak_rss_gib": round(_peak_rss_gib(), 2),
                 "error": str(err).splitlines()[0][:400]}
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
