@@ -54,6 +54,14 @@ def _maybe_distributed(args: argparse.Namespace) -> None:
         print(f"process {index} of {count} joined the cluster", file=sys.stderr)
 
 
+def _tokenizer_source(own_tokenizer, config) -> dict:
+    """prepare_data's tokenizer arguments: the run's own copy when it has one, else `data.tokenizer` (or None:
+    the BPE trained on the corpus)."""
+    if own_tokenizer is not None:
+        return {"tokenizer_path": own_tokenizer, "tokenizer_origin": "the run's own"}
+    return {"tokenizer_path": config.data.tokenizer}
+
+
 def _prepare_data_in_turn(config, **kwargs):
     """prepare_data, process 0 first: the others then read (or, without a shared cache, rebuild) its cache."""
     import jax
@@ -118,7 +126,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         own_tokenizer = rundir.run_tokenizer_path(args.run_dir) if resuming else None
         _, slice_count = plan.process_batch_slice(config.train.batch_size)
         data = _prepare_data_in_turn(config, batch_size=config.train.batch_size, process_count=slice_count,
-                                     tokenizer_path=own_tokenizer)
+                                     **_tokenizer_source(own_tokenizer, config))
         result = train(config, args.run_dir, data, show_progress=not args.no_progress, profile=profile)
     if result.last_eval is not None:
         print(f"final validation loss {result.last_eval['val_loss']:.4f}, "
@@ -156,7 +164,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     own_tokenizer = rundir.run_tokenizer_path(args.run_dir)
     if own_tokenizer is None:
         print(rundir.legacy_tokenizer_note(args.run_dir, config.data.corpus), file=sys.stderr)
-    data = _prepare_data_in_turn(config, tokenizer_path=own_tokenizer)
+    data = _prepare_data_in_turn(config, **_tokenizer_source(own_tokenizer, config))
     change = rundir.corpus_change(rundir.read_data_record(args.run_dir), data.corpus_name, data.corpus_hash)
     if change is not None:
         print(f"note: {change}; evaluating on its current validation split with the run's tokenizer",

@@ -4,6 +4,8 @@ Layout of `RUN/`:
     config.json          the run's configuration (written by `train`)
     LOCK                 held by the one `train` process writing this run (see `RunLock`)
     tokenizer.json       the exact tokenizer the run trained with; `eval`/`generate` read this one
+    tokenizer_config.json  its end-of-text token, when the run was given a tokenizer (`data.tokenizer`) whose
+                         separator is not `<|endoftext|>`
     data.json            what the run trained on: corpus name and hashes, tokenizer hash, window, split sizes
     checkpoints/<step>/  orbax checkpoints (`dsv3_jax.checkpoint`)
     checkpoints_broken/  checkpoints that failed to restore, moved aside (never deleted) so the steps they
@@ -25,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
+
+from dsv3_jax.data.tokenizer import EOS_TOKEN, TOKENIZER_CONFIG
 
 LOCK_NAME = "LOCK"
 TOKENIZER_NAME = "tokenizer.json"
@@ -258,6 +262,9 @@ def save_run_data(run_dir: str | os.PathLike, dataset: Any) -> None:
     target, tokenizer = run_dir / TOKENIZER_NAME, Path(dataset.tokenizer.path).read_bytes()
     if not target.is_file() or target.read_bytes() != tokenizer:
         atomic_write(target, tokenizer)
+    eos = dataset.tokenizer.eos_token
+    if eos != EOS_TOKEN:  # a given tokenizer: its copy must find the same end-of-text token on its own
+        atomic_write(run_dir / TOKENIZER_CONFIG, json.dumps({"eos_token": eos}, ensure_ascii=False) + "\n")
     atomic_write(run_dir / DATA_RECORD_NAME, json.dumps(data_record(dataset), indent=2, sort_keys=True) + "\n")
 
 

@@ -16,11 +16,14 @@ from dsv3_jax.data.tokenizer import (DEFAULT_VOCAB_SIZE, MIN_VOCAB_SIZE, get_tok
 def prepare_data(corpus_name: str = "shakespeare", vocab_size: int = DEFAULT_VOCAB_SIZE, seq_len: int = 256,
                  mtp_depth: int = 1, cache_dir: str | os.PathLike | None = None, *, batch_size: int | None = None,
                  process_count: int | None = None, val_fraction: float = DEFAULT_VAL_FRACTION,
-                 tokenizer_path: str | os.PathLike | None = None, verbose: bool = True) -> TokenDataset:
+                 tokenizer_path: str | os.PathLike | None = None, tokenizer_origin: str = "given",
+                 verbose: bool = True) -> TokenDataset:
     """Load/download the corpus, train/load its tokenizer, write/load its windows; print one line per step.
 
-    `tokenizer_path` uses that tokenizer file (a run's own `tokenizer.json`) instead of the one trained on the
-    corpus, so a resumed or evaluated run encodes exactly as it did when it trained.
+    `tokenizer_path` uses that tokenizer file (or directory holding one) instead of the one trained on the
+    corpus: the user's own (`data.tokenizer`, any HF tokenizer.json), or a run's own copy, so a resumed or
+    evaluated run encodes exactly as it did when it trained (`tokenizer_origin` says which, in the log). A given
+    tokenizer is loaded and checked against `vocab_size` before the corpus is read.
 
     With `batch_size`, also check that both splits hold a global batch divisible among the processes, so a
     bad setting fails here rather than after the model is built.
@@ -30,7 +33,16 @@ def prepare_data(corpus_name: str = "shakespeare", vocab_size: int = DEFAULT_VOC
             print(f"data: {msg}", file=sys.stderr, flush=True)
 
     # Cheap argument checks first: nothing is downloaded or trained for a call that cannot succeed.
-    if vocab_size < MIN_VOCAB_SIZE:
+    given = None
+    if tokenizer_path is not None:
+        try:
+            given = load_tokenizer(tokenizer_path)
+        except (OSError, ValueError) as err:
+            raise DataError(str(err)) from None
+        if given.vocab_size > vocab_size:
+            raise DataError(f"the tokenizer {given.path} has {given.vocab_size} ids but model.vocab_size is "
+                            f"{vocab_size}: set --set model.vocab_size={given.vocab_size} (or more)")
+    elif vocab_size < MIN_VOCAB_SIZE:
         raise DataError(f"vocab_size must be >= {MIN_VOCAB_SIZE}, got {vocab_size}")
     if seq_len < 1 or mtp_depth < 0:
         raise DataError(f"need seq_len >= 1 and mtp_depth >= 0, got seq_len={seq_len}, mtp_depth={mtp_depth}")
@@ -45,12 +57,13 @@ def prepare_data(corpus_name: str = "shakespeare", vocab_size: int = DEFAULT_VOC
         f"hash {corpus.hash[:12]} ({time.perf_counter() - t0:.1f} s)")
 
     t0 = time.perf_counter()
-    if tokenizer_path is not None:
-        tokenizer, origin = load_tokenizer(tokenizer_path), "the run's own"
+    if given is not None:
+        tokenizer, origin = given, tokenizer_origin
     else:
         cached = (tokenizer_dir(corpus, vocab_size, cache) / "tokenizer.json").is_file()
-        tokenizer, origin = get_tokenizer(corpus, vocab_size, cache), "cached" if cached else "trained"
-    log(f"tokenizer: byte-level BPE, {tokenizer.vocab_size} ids, eos id {tokenizer.eos_id}, "
+        tokenizer, origin = get_tokenizer(corpus, vocab_size, cache), "byte-level BPE, " + (
+            "cached" if cached else "trained")
+    log(f"tokenizer: {tokenizer.vocab_size} ids, end of text {tokenizer.eos_token!r} = id {tokenizer.eos_id}, "
         f"{origin} ({time.perf_counter() - t0:.1f} s) {tokenizer.path}")
 
     t0 = time.perf_counter()

@@ -1,9 +1,14 @@
-"""Byte-level BPE tokenizer trained with HF `tokenizers` on a corpus's train split, cached by corpus hash.
+"""Tokenizers: the byte-level BPE trained with HF `tokenizers` on a corpus's train split (cached by corpus
+hash, the default), or any HF `tokenizer.json` the user names (`data.tokenizer`, e.g. DeepSeek-V3's own).
 
 Byte level: every string encodes (no unknown token) and `decode(encode(s)) == s` exactly. The one special
 token, `<|endoftext|>` (id 0), separates documents in the token stream; `encode` treats that string in text
 literally (as ordinary bytes), so only the pipeline inserts the separator. Training is deterministic: the same
 corpus and vocabulary size give a byte-identical `tokenizer.json`.
+
+A given tokenizer's separator is its end-of-text token, found in this order: the `eos_token` of a
+`tokenizer_config.json` beside the file (as HF hub checkpoints ship it), then `<|endoftext|>`, then the
+common names in `KNOWN_EOS_TOKENS`.
 """
 
 from __future__ import annotations
@@ -23,13 +28,17 @@ from dsv3_jax.data.corpus import Corpus
 from dsv3_jax.data.fetch import resolve_cache_dir
 
 EOS_TOKEN = "<|endoftext|>"
+# End-of-text tokens of common tokenizers, tried after tokenizer_config.json and EOS_TOKEN: DeepSeek-V3/R1,
+# Llama/Mistral/T5-style, Gemma, Llama 3, ChatML.
+KNOWN_EOS_TOKENS = ("<｜end▁of▁sentence｜>", "</s>", "<eos>", "<|end_of_text|>", "<|im_end|>")
+TOKENIZER_CONFIG = "tokenizer_config.json"
 DEFAULT_VOCAB_SIZE = 8192
 MIN_VOCAB_SIZE = 257  # 256 byte symbols + the separator
 _RECIPE = "bytelevel-bpe-v1"  # bump when the training recipe changes: it is part of the cache key
 
 
 class Tokenizer:
-    """A trained tokenizer file: encode/decode text, the separator id and the file's hash."""
+    """A tokenizer file: encode/decode text, the separator (end-of-text) token and id, and the file's hash."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -39,10 +48,8 @@ class Tokenizer:
             self.inner = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
         except Exception as err:  # noqa: BLE001 - the Rust library raises a bare Exception
             raise ValueError(f"{self.path}: not a valid tokenizer.json ({' '.join(str(err).split())[:200]})") from None
-        eos = self.inner.token_to_id(EOS_TOKEN)
-        if eos is None:
-            raise ValueError(f"{self.path} has no {EOS_TOKEN} token: not a dsv3_jax tokenizer")
-        self.eos_id: int = eos
+        self.eos_token: str = _end_of_text(self.inner, self.path)
+        self.eos_id: int = self.inner.token_to_id(self.eos_token)
         # Text that happens to contain "<|endoftext|>" must not turn into the separator.
         self.inner.encode_special_tokens = True
 
@@ -65,6 +72,26 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id}, path={str(self.path)!r})"
+
+
+def _end_of_text(inner: tokenizers.Tokenizer, path: Path) -> str:
+    """The tokenizer's end-of-text token (module docstring); a ValueError naming the file if it has none."""
+    config = path.parent / TOKENIZER_CONFIG
+    if config.is_file():
+        try:
+            eos = json.loads(config.read_text()).get("eos_token")
+        except (ValueError, AttributeError) as err:
+            raise ValueError(f"{config}: not a valid tokenizer config ({err})") from None
+        eos = eos.get("content") if isinstance(eos, dict) else eos
+        if isinstance(eos, str) and inner.token_to_id(eos) is not None:
+            return eos
+        if eos is not None:
+            raise ValueError(f"{config}: eos_token {eos!r} is not a token of {path}")
+    for name in (EOS_TOKEN, *KNOWN_EOS_TOKENS):
+        if inner.token_to_id(name) is not None:
+            return name
+    raise ValueError(f"{path} has no end-of-text token (none of {', '.join((EOS_TOKEN, *KNOWN_EOS_TOKENS))}); "
+                     f"name it as eos_token in a {TOKENIZER_CONFIG} beside the file")
 
 
 def train_bpe(texts: Sequence[str], vocab_size: int = DEFAULT_VOCAB_SIZE) -> tokenizers.Tokenizer:

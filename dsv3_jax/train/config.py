@@ -99,6 +99,16 @@ class DataConfig:
     corpus: str = "shakespeare"
     vocab_size: int | None = None  # None: the model's vocab_size
     cache_dir: str = "data_cache"
+    # An HF tokenizer.json (or a directory holding one, as a hub checkpoint does) instead of the BPE trained on
+    # the corpus; its vocabulary and end-of-text token are read from it.
+    tokenizer: str | None = None
+
+    def validate(self) -> "DataConfig":
+        if self.tokenizer is not None:
+            path = os.path.join(self.tokenizer, "tokenizer.json") if os.path.isdir(self.tokenizer) else self.tokenizer
+            if not os.path.isfile(path):
+                raise ConfigError("data.tokenizer", f"no tokenizer.json at {self.tokenizer}")
+        return self
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +157,7 @@ class Config:
             raise err.within("model") from None
         self.train.validate()
         self.mesh.validate()
+        self.data.validate()
         if self.data.vocab_size is not None and self.data.vocab_size != self.model.vocab_size:
             raise ConfigError("data.vocab_size", f"{self.data.vocab_size} differs from model.vocab_size="
                               f"{self.model.vocab_size}; set model.vocab_size instead")
