@@ -72,6 +72,7 @@ def _prepare_data_in_turn(config, **kwargs):
     def prepare():
         return prepare_data(config.data.corpus, config.model.vocab_size, config.train.seq_len,
                             config.model.mtp_depth, cache_dir=config.data.cache_dir,
+                            text_field=config.data.text_field,
                             verbose=jax.process_index() == 0, **kwargs)
     if jax.process_index() != 0:
         distributed.barrier("dsv3_jax.data_ready")

