@@ -25,7 +25,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dsv3_jax.aot import parse_target, prepare_backend, target_devices  # noqa: E402
+from dsv3_jax.aot import parse_target, target_devices  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -36,7 +36,6 @@ def main(argv=None) -> int:
     p.add_argument("--heads", type=int, default=128)
     args = p.parse_args(argv)
     target = parse_target(args.target)
-    prepare_backend(target)
     devices = target_devices(target)[:1]
 
     import jax

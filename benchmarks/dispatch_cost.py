@@ -28,7 +28,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dsv3_jax.aot import parse_target, prepare_backend, target_devices  # noqa: E402
+from dsv3_jax.aot import parse_target, target_devices  # noqa: E402
 
 # (case, moe_dispatch, grouped_gemm, capacity_factor); "auto" rows are resolved for the target.
 CASES = (
@@ -106,7 +106,6 @@ def run_case(args, devices, platform: str, case: tuple) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     target = parse_target(args.target)
-    prepare_backend(target)
     devices = target_devices(target)
     rows = []
     for case in CASES:

@@ -27,39 +27,32 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "fit_table.json")
 
-# name -> (preset, target, overrides). Batches are the presets' global batches; grad_accum sets the microbatch.
-# Slice names count TensorCores (v5p-8 = 4 chips = v5p:2x2x1); GPU rows are nodes x 8 GPUs.
+# What the larger rows share: weights split everywhere, layers recomputed, attention in query chunks; the 671B
+# also bounds its expert exchange to 1.25x a shard's fair share.
+DSV2_LITE_FIT = ("mesh.fsdp=true", "model.remat=full", "model.attention_chunk=1024")
+V3_FIT = ("mesh.fsdp=true", "model.remat=full", "model.capacity_factor=1.25", "model.attention_chunk=512")
+
+# name -> (preset, target, overrides). Batches are the presets' global batches; grad_accum sets the microbatch
+# (the 671B rows take one sequence per device). Slice names count TensorCores (v5p-8 = 4 chips = v5p:2x2x1);
+# GPU rows are nodes x 8 GPUs.
 ROWS: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "moe-1b/v5p-8": ("moe-1b", "v5p:2x2x1", (
-        "mesh.expert=4", "mesh.fsdp=true", "model.remat=minimal", "train.grad_accum=16")),
-    "moe-1b/h100x8": ("moe-1b", "h100:8", (
-        "mesh.expert=8", "model.remat=minimal", "train.grad_accum=8")),
-    "moe-1b/h200x8": ("moe-1b", "h200:8", (
-        "mesh.expert=8", "model.remat=minimal", "train.grad_accum=8")),
-    "dsv2-lite/v5p-16": ("dsv2-lite", "v5p:2x2x2", (
-        "mesh.expert=8", "mesh.fsdp=true", "model.remat=full", "model.attention_chunk=1024",
-        "train.grad_accum=64")),
-    "dsv2-lite/v5p-32": ("dsv2-lite", "v5p:2x2x4", (
-        "mesh.data=2", "mesh.expert=8", "mesh.fsdp=true", "model.remat=full", "model.attention_chunk=1024",
-        "train.grad_accum=32")),
-    "dsv2-lite/h100x8": ("dsv2-lite", "h100:8", (
-        "mesh.expert=8", "mesh.fsdp=true", "model.remat=full", "model.attention_chunk=1024",
-        "train.grad_accum=128")),
-    "dsv2-lite/h200x8": ("dsv2-lite", "h200:8", (
-        "mesh.expert=8", "mesh.fsdp=true", "model.remat=full", "model.attention_chunk=1024",
-        "train.grad_accum=128")),
-    "deepseek-v3-671b/v5p-1024": ("deepseek-v3-671b", "v5p:8x8x8", (
-        "mesh.data=8", "mesh.expert=64", "mesh.fsdp=true", "model.remat=full", "model.capacity_factor=1.25",
-        "model.attention_chunk=512", "train.batch_size=512")),
-    "deepseek-v3-671b/v5p-512": ("deepseek-v3-671b", "v5p:8x8x4", (
-        "mesh.data=4", "mesh.expert=64", "mesh.fsdp=true", "model.remat=full", "model.capacity_factor=1.25",
-        "model.attention_chunk=512", "train.batch_size=256")),
-    "deepseek-v3-671b/h100x8x32": ("deepseek-v3-671b", "h100:8x32", (
-        "mesh.data=4", "mesh.expert=64", "mesh.fsdp=true", "model.remat=full", "model.capacity_factor=1.25",
-        "model.attention_chunk=512", "train.batch_size=256")),
-    "deepseek-v3-671b/h200x8x16": ("deepseek-v3-671b", "h200:8x16", (
-        "mesh.data=2", "mesh.expert=64", "mesh.fsdp=true", "model.remat=full", "model.capacity_factor=1.25",
-        "model.attention_chunk=512", "train.batch_size=128")),
+    "moe-1b/v5p-8": ("moe-1b", "v5p:2x2x1", ("mesh.expert=4", "mesh.fsdp=true", "model.remat=minimal",
+                                             "train.grad_accum=16")),
+    "moe-1b/h100x8": ("moe-1b", "h100:8", ("mesh.expert=8", "model.remat=minimal", "train.grad_accum=8")),
+    "moe-1b/h200x8": ("moe-1b", "h200:8", ("mesh.expert=8", "model.remat=minimal", "train.grad_accum=8")),
+    "dsv2-lite/v5p-16": ("dsv2-lite", "v5p:2x2x2", ("mesh.expert=8", *DSV2_LITE_FIT, "train.grad_accum=64")),
+    "dsv2-lite/v5p-32": ("dsv2-lite", "v5p:2x2x4", ("mesh.data=2", "mesh.expert=8", *DSV2_LITE_FIT,
+                                                    "train.grad_accum=32")),
+    "dsv2-lite/h100x8": ("dsv2-lite", "h100:8", ("mesh.expert=8", *DSV2_LITE_FIT, "train.grad_accum=128")),
+    "dsv2-lite/h200x8": ("dsv2-lite", "h200:8", ("mesh.expert=8", *DSV2_LITE_FIT, "train.grad_accum=128")),
+    "deepseek-v3-671b/v5p-1024": ("deepseek-v3-671b", "v5p:8x8x8", ("mesh.data=8", "mesh.expert=64", *V3_FIT,
+                                                                     "train.batch_size=512")),
+    "deepseek-v3-671b/v5p-512": ("deepseek-v3-671b", "v5p:8x8x4", ("mesh.data=4", "mesh.expert=64", *V3_FIT,
+                                                                   "train.batch_size=256")),
+    "deepseek-v3-671b/h100x8x32": ("deepseek-v3-671b", "h100:8x32", ("mesh.data=4", "mesh.expert=64", *V3_FIT,
+                                                                     "train.batch_size=256")),
+    "deepseek-v3-671b/h200x8x16": ("deepseek-v3-671b", "h200:8x16", ("mesh.data=2", "mesh.expert=64", *V3_FIT,
+                                                                     "train.batch_size=128")),
 }
 
 
@@ -80,8 +73,7 @@ def run_row(name: str, args: argparse.Namespace) -> dict:
     if done.returncode != 0:
         raise SystemExit(f"[{name}] failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
     report = json.loads(done.stdout)
-    shown = [os.path.basename(python) if c == python else c for c in cmd]
-    report["command"] = shlex.join(["python", *shown[1:]])
+    report["command"] = shlex.join(["python", *cmd[1:]])
     report["date"] = datetime.date.today().isoformat()
     return report
 

@@ -58,10 +58,6 @@ class Target:
     hbm_gib: float  # per device
     nodes: int = 1  # GPU hosts (a TPU slice's hosts are libtpu's business)
 
-    def describe(self) -> str:
-        where = f" on {self.nodes} node(s)" if self.platform == "gpu" else ""
-        return f"{self.text}: {self.chips} {self.generation} devices{where}, {self.hbm_gib:g} GiB HBM each"
-
 
 def parse_target(text: str) -> Target:
     """`v5p:2x2x1` or `h100:8[xN]` -> Target; a ConfigError naming --target for anything else (before any

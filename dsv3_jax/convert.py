@@ -4,7 +4,8 @@ Import (`from_hf`) builds the model abstractly and fills it one tensor at a time
 size of the result; FP8 block-scaled weights (`<name>_scale_inv`) are dequantised on the way in. Export
 (`to_hf`) streams tensors into safetensors files one at a time, optionally FP8-quantised like the official
 checkpoint and optionally sharded with an index. Both directions use the same name table (`BLOCK`, ...), so
-they cannot drift apart.
+they cannot drift apart. The file format itself (reading headers and tensors, FP8 block scaling, streaming
+files out) is `dsv3_jax.safetensors_io`.
 
 Kinds of tensor (how a leaf maps to HF tensors):
   copy     stored as-is (norm weights, the embedding table)
@@ -24,25 +25,23 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import DeepSeekV3
 from dsv3_jax.layout import LayerSlot, by_variable, layer_slots, leaves
+from dsv3_jax.safetensors_io import (DEFAULT_BLOCK, FP8_DTYPES, FP8_MAX, INDEX_FILE, ST_DTYPES, ST_NAMES,
+                                     CheckpointError, SafetensorsDir, dequantize_blockwise, quantize_blockwise,
+                                     scale_shape, write_safetensors)
 
 __all__ = ["CheckpointError", "from_hf", "to_hf", "dequantize_blockwise", "quantize_blockwise", "hf_name",
            "FP8_MAX", "DEFAULT_BLOCK"]
 
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
-DEFAULT_BLOCK = (128, 128)
-INDEX_FILE = "model.safetensors.index.json"
 
 COPY, BIAS, DENSE, FP8, EXPERTS = "copy", "bias", "dense", "fp8", "experts"
 
@@ -91,20 +90,6 @@ MTP_SHARED_COPIES: dict[str, str] = {
 # Tensors found in some checkpoints that carry no parameters (recomputed buffers).
 IGNORED = (re.compile(r"(^|\.)rotary_emb\.inv_freq$"),)
 
-_ST_DTYPES: dict[str, np.dtype] = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
-}
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
-_NUMPY_NATIVE = {"F64", "F32", "F16"}  # read with safe_open(framework="numpy"); the others as raw bytes
-_FP8 = {"F8_E4M3", "F8_E5M2"}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be loaded as this model; the message names the tensor or file at fault."""
-
-
 def hf_name(leaf: str, cfg: ModelConfig) -> tuple[str, str]:
     """(HF tensor name, kind) of one of our dotted leaf paths; expert names keep a `{j}` placeholder."""
     if leaf in TOP_LEVEL:
@@ -132,184 +117,6 @@ def _hf_shapes(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def _expanded(name: str, kind: str, cfg: ModelConfig) -> list[str]:
     return [name.replace("{j}", str(j)) for j in range(cfg.n_routed_experts)] if kind == EXPERTS else [name]
-
-
-# ---- FP8 block quantisation --------------------------------------------------------------------------------
-def _scale_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, int]:
-    return math.ceil(shape[0] / block[0]), math.ceil(shape[1] / block[1])
-
-
-def dequantize_blockwise(q: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int] = DEFAULT_BLOCK) -> np.ndarray:
-    """W[r, c] = float(q[r, c]) * scale_inv[r // b0, c // b1] in float32; partial edge blocks use their own scale."""
-    q = np.asarray(q)
-    scale_inv = np.asarray(scale_inv, np.float32)
-    if q.ndim != 2 or scale_inv.shape != _scale_shape(q.shape, block):
-        raise ValueError(f"scale_inv shape {scale_inv.shape} does not match weight {q.shape} with blocks {block} "
-                         f"(expected {_scale_shape(q.shape, block)})")
-    out = q.astype(np.float32)
-    for i in range(scale_inv.shape[0]):  # one band of block rows at a time: no full-size scale temporary
-        out[i * block[0]:(i + 1) * block[0]] *= np.repeat(scale_inv[i], block[1])[: q.shape[1]]
-    return out
-
-
-def quantize_blockwise(w: np.ndarray, block: tuple[int, int] = DEFAULT_BLOCK) -> tuple[np.ndarray, np.ndarray]:
-    """(q float8_e4m3fn [M, N], scale_inv float32 [ceil(M/b0), ceil(N/b1)]) with scale_inv = block amax / 448.
-
-    The inverse of `dequantize_blockwise` up to e4m3 rounding; all-zero blocks get scale 1 (their q is 0).
-    """
-    w = np.asarray(w, np.float32)
-    if w.ndim != 2:
-        raise ValueError(f"quantize_blockwise needs a 2-D weight, got shape {w.shape}")
-    rows, cols = w.shape
-    grid = _scale_shape(w.shape, block)
-    padded = np.zeros((grid[0] * block[0], grid[1] * block[1]), np.float32)
-    padded[:rows, :cols] = w
-    blocks = padded.reshape(grid[0], block[0], grid[1], block[1])
-    amax = np.abs(blocks).max(axis=(1, 3))
-    scale_inv = np.where(amax > 0, amax / FP8_MAX, 1.0).astype(np.float32)
-    scaled = np.clip(blocks / scale_inv[:, None, :, None], -FP8_MAX, FP8_MAX)  # guard rounding past 448 (-> NaN)
-    q = scaled.reshape(padded.shape)[:rows, :cols].astype(ml_dtypes.float8_e4m3fn)
-    return q, scale_inv
-
-
-# ---- reading ------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Entry:
-    file: Path
-    dtype: str
-    shape: tuple[int, ...]
-    start: int  # absolute byte offset of the data in the file
-    stop: int
-
-
-def _read_header(file: Path) -> tuple[dict[str, Any], int]:
-    """(header JSON, absolute offset of the data section) of one safetensors file."""
-    try:
-        with open(file, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            if not 2 <= size <= os.path.getsize(file) - 8:
-                raise ValueError(f"header size {size}")
-            return json.loads(f.read(size)), 8 + size
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from e
-
-
-class _Checkpoint:
-    """Header-level view of a directory of safetensors files; reads one tensor at a time."""
-
-    def __init__(self, directory: Path):
-        self.directory = directory
-        index_path = directory / INDEX_FILE
-        if index_path.is_file():
-            try:
-                weight_map = json.loads(index_path.read_text())["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index_path}: invalid index ({e!r})") from e
-            files = sorted(set(weight_map.values()))
-            for name in files:
-                if not (directory / name).is_file():
-                    tensors = sorted(k for k, v in weight_map.items() if v == name)
-                    raise CheckpointError(f"{index_path} names shard {name!r}, which does not exist in {directory} "
-                                          f"(it should hold {len(tensors)} tensors, e.g. {tensors[0]!r})")
-        else:
-            weight_map = None
-            files = sorted(p.name for p in directory.glob("*.safetensors"))
-        if not files:
-            raise CheckpointError(f"no *.safetensors files in {directory}")
-        self.entries: dict[str, _Entry] = {}
-        for name in files:
-            file = directory / name
-            header, data_start = _read_header(file)
-            file_size = file.stat().st_size
-            for tensor, info in header.items():
-                if tensor == "__metadata__":
-                    continue
-                if weight_map is not None and weight_map.get(tensor, name) != name:
-                    continue  # the index maps this name to another shard, which is the one we read
-                if tensor in self.entries:
-                    raise CheckpointError(f"tensor {tensor!r} appears in both {self.entries[tensor].file.name} "
-                                          f"and {name}")
-                try:
-                    begin, end = (int(x) for x in info["data_offsets"])
-                    entry = _Entry(file, str(info["dtype"]), tuple(int(d) for d in info["shape"]),
-                                   data_start + begin, data_start + end)
-                except (KeyError, TypeError, ValueError) as e:
-                    raise CheckpointError(f"{file}: malformed header entry for tensor {tensor!r} ({e!r})") from e
-                if not data_start <= entry.start <= entry.stop <= file_size:
-                    raise CheckpointError(f"{file}: data of tensor {tensor!r} lies outside the file (truncated?)")
-                self.entries[tensor] = entry
-        if weight_map is not None:
-            absent = sorted(set(weight_map) - set(self.entries))
-            if absent:
-                raise CheckpointError(f"tensor {absent[0]!r} is listed in {INDEX_FILE} under "
-                                      f"{weight_map[absent[0]]!r} but that file does not contain it")
-        self.consumed: set[str] = set()
-        self._handles: dict[Path, Any] = {}
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.entries
-
-    def check(self, name: str, shape: tuple[int, ...], block: tuple[int, int] | None = None) -> None:
-        """Raise unless `name` exists with `shape` and a float dtype (FP8 needs a well-shaped scale_inv)."""
-        if name not in self.entries:
-            raise CheckpointError(f"missing tensor {name!r}")
-        entry = self.entries[name]
-        if entry.shape != tuple(shape):
-            raise CheckpointError(f"tensor {name!r} has shape {list(entry.shape)}, expected {list(shape)}")
-        if entry.dtype not in _ST_DTYPES:
-            raise CheckpointError(f"tensor {name!r} has unsupported dtype {entry.dtype}")
-        if entry.dtype in _FP8:
-            scale = name + "_scale_inv"
-            if block is None or len(shape) != 2:
-                raise CheckpointError(f"tensor {name!r} is stored as {entry.dtype}, but this tensor is never "
-                                      "block-quantised")
-            if scale not in self.entries:
-                raise CheckpointError(f"FP8 tensor {name!r} has no {scale!r}")
-            expected = _scale_shape(tuple(shape), block)
-            if self.entries[scale].shape != expected:
-                raise CheckpointError(f"tensor {scale!r} has shape {list(self.entries[scale].shape)}, expected "
-                                      f"{list(expected)} for weight {list(shape)} with blocks {list(block)}")
-
-    def read(self, name: str, block: tuple[int, int] = DEFAULT_BLOCK) -> np.ndarray:
-        """The tensor as stored (FP8 is dequantised to float32 with its scale_inv); marks it consumed."""
-        entry = self.entries[name]
-        self.consumed.add(name)
-        array = self._raw(name, entry)
-        if entry.dtype in _FP8:
-            scale_name = name + "_scale_inv"
-            self.consumed.add(scale_name)
-            array = dequantize_blockwise(array, self._raw(scale_name, self.entries[scale_name]), block)
-        return array
-
-    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) of an unquantised tensor, without reading the rest."""
-        entry = self.entries[name]
-        if entry.dtype in _NUMPY_NATIVE:
-            return self._handle(entry.file).get_slice(name)[start:stop]
-        row_bytes = _ST_DTYPES[entry.dtype].itemsize * math.prod(entry.shape[1:])
-        return self._bytes(entry.file, entry.start + start * row_bytes, (stop - start) * row_bytes, entry.dtype,
-                           (stop - start, *entry.shape[1:]))
-
-    def _raw(self, name: str, entry: _Entry) -> np.ndarray:
-        if entry.dtype in _NUMPY_NATIVE:
-            return self._handle(entry.file).get_tensor(name)
-        # bfloat16 / float8 are not numpy dtypes: reinterpret the raw little-endian bytes with ml_dtypes.
-        return self._bytes(entry.file, entry.start, entry.stop - entry.start, entry.dtype, entry.shape)
-
-    @staticmethod
-    def _bytes(file: Path, offset: int, count: int, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
-        data = np.fromfile(file, dtype=np.uint8, count=count, offset=offset)
-        if data.size != count:
-            raise CheckpointError(f"{file}: truncated data for a tensor at byte {offset}")
-        return data.view(_ST_DTYPES[dtype]).reshape(shape)
-
-    def _handle(self, file: Path):
-        if file not in self._handles:
-            self._handles[file] = safe_open(str(file), framework="numpy")
-        return self._handles[file]
-
-    def close(self) -> None:
-        self._handles.clear()
 
 
 def _load_config(directory: Path) -> dict[str, Any]:
@@ -354,7 +161,7 @@ def from_hf(path: str | os.PathLike, dtype: Any = jnp.float32, *, compute_dtype:
     dtypes = {"param_dtype": jnp.dtype(dtype).name, "dtype": jnp.dtype(compute_dtype or dtype).name}
     cfg = ModelConfig.from_hf(hf, **{**dtypes, **config_overrides})
     block = _block_size(hf)
-    ckpt = _Checkpoint(directory)
+    ckpt = SafetensorsDir(directory)
     try:
         model = nnx.eval_shape(lambda: DeepSeekV3(cfg, nnx.Rngs(0)))
         slots = layer_slots(model)
@@ -367,7 +174,7 @@ def from_hf(path: str | os.PathLike, dtype: Any = jnp.float32, *, compute_dtype:
     return cfg, model
 
 
-def _plan_import(slots: list[LayerSlot], cfg: ModelConfig, ckpt: _Checkpoint,
+def _plan_import(slots: list[LayerSlot], cfg: ModelConfig, ckpt: SafetensorsDir,
                  block) -> list[tuple[LayerSlot, str, str]]:
     """Check every tensor's presence, shape and scale from the headers before any data is read."""
     plan, missing = [], []
@@ -402,7 +209,7 @@ def _layer_index(tensor: str) -> int:
     return int(m.group(1)) if m else -1
 
 
-def _fill(plan: list[tuple[LayerSlot, str, str]], ckpt: _Checkpoint, cfg: ModelConfig, block) -> None:
+def _fill(plan: list[tuple[LayerSlot, str, str]], ckpt: SafetensorsDir, cfg: ModelConfig, block) -> None:
     """Set every variable from its HF tensors, one tensor at a time. A stacked variable is assembled in one
     preallocated host buffer, layer by layer, so at most one variable is ever held twice (host and device)."""
     for entries in by_variable(plan, lambda entry: entry[0]):
@@ -420,7 +227,7 @@ def _fill(plan: list[tuple[LayerSlot, str, str]], ckpt: _Checkpoint, cfg: ModelC
         del buffer
 
 
-def _load_leaf(ckpt: _Checkpoint, shape: tuple[int, ...], out_dtype: np.dtype, name: str, kind: str,
+def _load_leaf(ckpt: SafetensorsDir, shape: tuple[int, ...], out_dtype: np.dtype, name: str, kind: str,
                cfg: ModelConfig, block, out: np.ndarray | None = None) -> np.ndarray:
     """One layer's share of one of our leaves, assembled from its HF tensor(s) in `out_dtype` (into `out`)."""
     if out is None:
@@ -434,7 +241,7 @@ def _load_leaf(ckpt: _Checkpoint, shape: tuple[int, ...], out_dtype: np.dtype, n
     return out
 
 
-def _check_mtp_copies(ckpt: _Checkpoint, cfg: ModelConfig, chunk_bytes: int = 1 << 26) -> None:
+def _check_mtp_copies(ckpt: SafetensorsDir, cfg: ModelConfig, chunk_bytes: int = 1 << 26) -> None:
     """Warn when an MTP module's embed/head copy differs from the main tensor (we keep the main one)."""
     for k in range(cfg.mtp_depth):
         for copy, main_leaf in MTP_SHARED_COPIES.items():
@@ -448,11 +255,11 @@ def _check_mtp_copies(ckpt: _Checkpoint, cfg: ModelConfig, chunk_bytes: int = 1 
                               stacklevel=3)
 
 
-def _equal_tensors(ckpt: _Checkpoint, a: str, b: str, chunk_bytes: int) -> bool:
+def _equal_tensors(ckpt: SafetensorsDir, a: str, b: str, chunk_bytes: int) -> bool:
     ea, eb = ckpt.entries[a], ckpt.entries[b]
     if ea.shape != eb.shape:
         return False
-    if ea.dtype in _FP8 or eb.dtype in _FP8 or len(ea.shape) != 2:
+    if ea.dtype in FP8_DTYPES or eb.dtype in FP8_DTYPES or len(ea.shape) != 2:
         return bool(np.array_equal(ckpt.read(a).astype(np.float32), ckpt.read(b).astype(np.float32)))
     rows = max(1, chunk_bytes // (4 * max(1, ea.shape[1])))
     for start in range(0, ea.shape[0], rows):
@@ -463,7 +270,7 @@ def _equal_tensors(ckpt: _Checkpoint, a: str, b: str, chunk_bytes: int) -> bool:
     return True
 
 
-def _reject_unconsumed(ckpt: _Checkpoint, cfg: ModelConfig, file_mtp_depth: int) -> None:
+def _reject_unconsumed(ckpt: SafetensorsDir, cfg: ModelConfig, file_mtp_depth: int) -> None:
     """Every tensor in the files must have been used, except ignorable buffers and deliberately dropped MTP layers."""
     first_dropped = cfg.num_hidden_layers + cfg.mtp_depth
     last_dropped = cfg.num_hidden_layers + file_mtp_depth
@@ -486,7 +293,7 @@ class _Group:
 
     @property
     def nbytes(self) -> int:
-        return sum(_ST_DTYPES[d].itemsize * math.prod(s) for _, d, s in self.specs)
+        return sum(ST_DTYPES[d].itemsize * math.prod(s) for _, d, s in self.specs)
 
 
 def _export_groups(model: DeepSeekV3, dtype: np.dtype, fp8: bool, block: tuple[int, int]) -> list[_Group]:
@@ -497,10 +304,10 @@ def _export_groups(model: DeepSeekV3, dtype: np.dtype, fp8: bool, block: tuple[i
         if fp8 and kind in (FP8, EXPERTS):
             def produce() -> list[np.ndarray]:
                 return list(quantize_blockwise(fetch(), block))
-            return _Group([(name, "F8_E4M3", shape), (name + "_scale_inv", "F32", _scale_shape(shape, block))],
+            return _Group([(name, "F8_E4M3", shape), (name + "_scale_inv", "F32", scale_shape(shape, block))],
                           produce)
         out = np.dtype(np.float32) if kind == BIAS else dtype
-        return _Group([(name, _ST_NAMES[out], shape)], lambda: [np.asarray(fetch(), np.float32).astype(out)])
+        return _Group([(name, ST_NAMES[out], shape)], lambda: [np.asarray(fetch(), np.float32).astype(out)])
 
     def fetch(var: nnx.Variable, kind: str, *index: int) -> Callable[[], np.ndarray]:
         """Reads only the slice asked for (a layer of a stack, an expert), never a whole stacked variable."""
@@ -536,32 +343,6 @@ def _sort_key(name: str) -> tuple:
     return (1, layer, name) if layer >= 0 else (2, 0, name)
 
 
-def _write_safetensors(file: Path, groups: Iterable[_Group], metadata: Mapping[str, str]) -> None:
-    """Stream one safetensors file: header from the specs, then each group's arrays as they are produced."""
-    groups = list(groups)
-    header: dict[str, Any] = {"__metadata__": dict(metadata)}
-    offset = 0
-    for g in groups:
-        for name, dtype, shape in g.specs:
-            size = _ST_DTYPES[dtype].itemsize * math.prod(shape)
-            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
-            offset += size
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as the reference writer does
-    tmp = file.with_name(file.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for g in groups:
-            arrays = g.produce()
-            for (name, dtype, shape), array in zip(g.specs, arrays, strict=True):
-                array = np.ascontiguousarray(array)
-                if array.shape != tuple(shape) or array.dtype != _ST_DTYPES[dtype]:
-                    raise AssertionError(f"{name}: produced {array.dtype}{array.shape}, header says {dtype}{shape}")
-                f.write(array.reshape(-1).view(np.uint8).data)
-    os.replace(tmp, file)
-
-
 def to_hf(model: DeepSeekV3, path: str | os.PathLike, dtype: str = "bfloat16", fp8: bool = False,
           max_shard_bytes: int | None = None, block: tuple[int, int] = DEFAULT_BLOCK, overwrite: bool = False) -> Path:
     """Write `config.json` and HF-named safetensors (optionally FP8 block-quantised and sharded with an index).
@@ -575,7 +356,7 @@ def to_hf(model: DeepSeekV3, path: str | os.PathLike, dtype: str = "bfloat16", f
         raise NotImplementedError("safetensors export needs a little-endian host")
     cfg = model.cfg
     out_dtype = np.dtype(jnp.dtype(dtype))
-    if out_dtype not in _ST_NAMES or out_dtype in (_ST_DTYPES["F8_E4M3"], _ST_DTYPES["F8_E5M2"]):
+    if out_dtype not in ST_NAMES or out_dtype in (ST_DTYPES["F8_E4M3"], ST_DTYPES["F8_E5M2"]):
         raise ValueError(f"export dtype must be a float16/bfloat16/float32/float64 type, got {dtype!r}; use fp8=True")
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
@@ -605,12 +386,12 @@ def to_hf(model: DeepSeekV3, path: str | os.PathLike, dtype: str = "bfloat16", f
         size += g.nbytes
     metadata = {"format": "pt"}
     if max_shard_bytes is None:
-        _write_safetensors(directory / "model.safetensors", shards[0], metadata)
+        write_safetensors(directory / "model.safetensors", shards[0], metadata)
         return directory
     weight_map = {}
     for i, shard in enumerate(shards, start=1):
         file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        _write_safetensors(directory / file, shard, metadata)
+        write_safetensors(directory / file, shard, metadata)
         weight_map.update({name: file for g in shard for name, _, _ in g.specs})
     index = {"metadata": {"total_size": sum(g.nbytes for g in groups)}, "weight_map": dict(sorted(weight_map.items()))}
     (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")

@@ -183,8 +183,9 @@ def _trip_count(inst: _Instruction, computations: dict[str, _Computation]) -> in
     return None
 
 
-def _walk(computations: dict[str, _Computation], entry: str) -> Iterator[tuple[_Instruction, float]]:
-    """Every instruction reachable from `entry` with how many times it runs per execution of the module."""
+def _walk(computations: dict[str, _Computation], entry: str) -> Iterator[tuple[_Instruction, float, int | None]]:
+    """Every instruction reachable from `entry` with how many times it runs per execution of the module, and
+    for a `while`, its trip count (None when unknown: its body is then counted once)."""
     stack = [(entry, 1.0)]
     while stack:
         name, times = stack.pop()
@@ -192,10 +193,9 @@ def _walk(computations: dict[str, _Computation], entry: str) -> Iterator[tuple[_
         if comp is None:
             continue
         for inst in comp.instructions:
-            yield inst, times
-            trips = 1.0
-            if inst.opcode == "while":
-                trips = float(_trip_count(inst, computations) or 1)
+            trip = _trip_count(inst, computations) if inst.opcode == "while" else None
+            yield inst, times, trip
+            trips = float(trip or 1)
             for kind, callee in _CALLEES.findall(inst.rest):
                 if kind == "to_apply" and inst.opcode not in ("call", "async-start"):
                     continue  # a reduce/sort/scatter's scalar combiner: no matmuls in it
@@ -217,10 +217,10 @@ def analyse(hlo_text: str) -> dict:
     flops = 0.0
     trips = []
     collectives = {op: {"count": 0, "bytes": 0} for op in COLLECTIVES}
-    for inst, times in _walk(computations, entry):
+    for inst, times, trip in _walk(computations, entry):
         flops += times * _matmul_flops(inst, shapes)
         if inst.opcode == "while":
-            trips.append(_trip_count(inst, computations))
+            trips.append(trip)
         op = inst.opcode.removesuffix("-start")
         if op in collectives and not inst.opcode.endswith("-done"):
             collectives[op]["count"] += int(times)

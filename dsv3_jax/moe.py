@@ -15,7 +15,7 @@ from flax import nnx, struct
 
 from dsv3_jax.config import ModelConfig, resolve_grouped_gemm, resolve_moe_dispatch
 from dsv3_jax.layers import MLP, DotGeneral, normal_init
-from dsv3_jax.moe_ragged import ragged_experts, ragged_experts_ep, sort_by_expert
+from dsv3_jax.moe_ragged import block_layout, ragged_experts, ragged_experts_ep, sort_by_expert
 from dsv3_jax.remat_names import EXPERT_GATE, EXPERT_UP, tag
 from dsv3_jax.partitioning import active_plan, constrain
 
@@ -118,7 +118,8 @@ class RoutedExperts(nnx.Module):
         dispatch = resolve_moe_dispatch(self.cfg.moe_dispatch, fp8=self.cfg.fp8)
         if dispatch in ("capacity", "ragged"):  # the two that may drop under a capacity_factor
             return getattr(self, dispatch)(x_ND, topk_idx_NK, topk_weight_NK)
-        if dispatch == "blocked" and self.cfg.fp8 == "none" and self._expert_parallel(x_ND.shape[0]):
+        if dispatch == "blocked" and uses_ragged_exchange(dispatch, self.cfg.fp8) and self._expert_parallel(
+                x_ND.shape[0]):
             # the same block-padded grouped GEMM, on each shard's own experts after a ragged exchange
             return self.ragged(x_ND, topk_idx_NK, topk_weight_NK, grouped_gemm="blocks")
         exact = {"dense": self.dense, "blocked": self.blocked}[dispatch]
@@ -187,15 +188,11 @@ class RoutedExperts(nnx.Module):
         n_experts = cfg.n_routed_experts
         n_assign = n_tokens * top_k
         block = max(1, min(block, n_assign))
-        n_blocks = -(-(n_assign + n_experts * (block - 1)) // block)  # static bound on padded rows / block
         order_A, sorted_expert_A, token_A, counts_E, rank_A = sort_by_expert(topk_idx_NK, n_experts)
-        padded_E = -(-counts_E // block) * block
-        padded_end_E = jnp.cumsum(padded_E)
-        padded_start_E = padded_end_E - padded_E
-        row_A = padded_start_E[sorted_expert_A] + rank_A
         # The expert owning each block; blocks past the last expert's padding hold only zero rows.
-        block_expert_B = jnp.minimum(jnp.searchsorted(padded_end_E, jnp.arange(n_blocks) * block, side="right"),
-                                     n_experts - 1)
+        padded_start_E, _, block_expert_B = block_layout(counts_E, n_assign, block)
+        n_blocks = block_expert_B.shape[0]
+        row_A = padded_start_E[sorted_expert_A] + rank_A
 
         gate_EDF, up_EDF, down_EFD = self._weights()
         x_ND = x_ND.astype(gate_EDF.dtype)
@@ -241,6 +238,12 @@ class RoutedExperts(nnx.Module):
                 grouped_gemm=grouped_gemm)
             return out_ND, dropped.astype(jnp.float32) / topk_idx_NK.size
         return ragged_experts(x_ND, topk_idx_NK, topk_weight_NK, *weights, grouped_gemm), jnp.float32(0.0)
+
+
+def uses_ragged_exchange(dispatch: str, fp8: str) -> bool:
+    """Whether `dispatch`, on an expert-parallel mesh, moves tokens with `ragged`'s exchange (moe_ragged.py).
+    `blocked` does, unless an FP8 recipe needs its dot_general (then GSPMD shards it as written)."""
+    return dispatch == "ragged" or (dispatch == "blocked" and fp8 == "none")
 
 
 def expert_capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: float | None) -> int:

@@ -79,6 +79,22 @@ def _grouped_swiglu(rows_RD: jax.Array, gate_EDF: jax.Array, up_EDF: jax.Array, 
     return jax.lax.ragged_dot(h_RF, down_EFD, group_sizes_E)
 
 
+def block_layout(group_sizes_E: jax.Array, n_rows: int, block: int,
+                 round_to: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Rows grouped by expert, each group padded to whole blocks of `block` rows: (padded start [E], padded end
+    [E], the group of each block [n_blocks]). n_blocks is the static bound ceil((R + E*(block-1)) / block),
+    rounded up to a multiple of `round_to`; blocks past the last group hold only zero rows (and name the last
+    group). Shared by `blocked` dispatch and the `blocks` grouped GEMM."""
+    n_groups = group_sizes_E.shape[0]
+    n_blocks = -(-(n_rows + n_groups * (block - 1)) // block)
+    n_blocks = -(-n_blocks // round_to) * round_to
+    padded_E = -(-group_sizes_E // block) * block
+    padded_end_E = jnp.cumsum(padded_E)
+    block_group_B = jnp.minimum(jnp.searchsorted(padded_end_E, jnp.arange(n_blocks) * block, side="right"),
+                                n_groups - 1)
+    return padded_end_E - padded_E, padded_end_E, block_group_B
+
+
 def _blocked_grouped_swiglu(rows_RD: jax.Array, gate_EDF: jax.Array, up_EDF: jax.Array, down_EFD: jax.Array,
                             group_sizes_E: jax.Array, block: int = GROUP_BLOCK,
                             blocks_per_step: int = BLOCKS_PER_STEP) -> jax.Array:
@@ -92,21 +108,17 @@ def _blocked_grouped_swiglu(rows_RD: jax.Array, gate_EDF: jax.Array, up_EDF: jax
     n_rows, dim = rows_RD.shape
     n_groups = gate_EDF.shape[0]
     block = max(1, min(block, n_rows))
-    n_blocks = -(-(n_rows + n_groups * (block - 1)) // block)  # static bound on the padded rows / block
-    n_steps = -(-n_blocks // blocks_per_step)
-    n_blocks = n_steps * blocks_per_step
+    padded_start_E, padded_end_E, block_group_B = block_layout(group_sizes_E, n_rows, block, blocks_per_step)
+    n_blocks = block_group_B.shape[0]
+    n_steps = n_blocks // blocks_per_step
     row_end_E = jnp.cumsum(group_sizes_E)
-    padded_E = -(-group_sizes_E // block) * block
-    padded_end_E = jnp.cumsum(padded_E)
     row_R = jnp.arange(n_rows)
     group_R = jnp.searchsorted(row_end_E, row_R, side="right")  # == E for rows past the groups
     valid_R = group_R < n_groups
     group_R = jnp.minimum(group_R, n_groups - 1)
-    dest_R = jnp.where(valid_R, (padded_end_E - padded_E)[group_R] + row_R - (row_end_E - group_sizes_E)[group_R],
+    dest_R = jnp.where(valid_R, padded_start_E[group_R] + row_R - (row_end_E - group_sizes_E)[group_R],
                        n_blocks * block)
     padded_PD = jnp.zeros((n_blocks * block, dim), rows_RD.dtype).at[dest_R].set(rows_RD, mode="drop")
-    block_group_B = jnp.minimum(jnp.searchsorted(padded_end_E, jnp.arange(n_blocks) * block, side="right"),
-                                n_groups - 1)  # blocks past the last group hold zero rows
 
     used_blocks = padded_end_E[-1] // block  # blocks holding any row; the rest are all zeros
 

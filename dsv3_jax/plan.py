@@ -79,7 +79,7 @@ import jax.numpy as jnp
 from dsv3_jax.accounting import layer_templates
 from dsv3_jax.config import ConfigError, ModelConfig, resolve_moe_dispatch
 from dsv3_jax.kv_cache import latent_cache_bytes_per_token
-from dsv3_jax.moe import expert_capacity
+from dsv3_jax.moe import expert_capacity, uses_ragged_exchange
 from dsv3_jax.moe_ragged import exchange_capacity
 from dsv3_jax.partitioning import check_divisibility, param_logical_axes, path_str, rules_for
 
@@ -336,8 +336,7 @@ def _dispatch_bytes(cfg: ModelConfig, tokens: int, mesh: Mapping[str, int]) -> i
     if cfg.moe_dispatch == "capacity":
         rows = e_local * expert_capacity(group, k, cfg.n_routed_experts, cfg.capacity_factor)
         return rows * (2 * d + 3 * f_local) * a + 2 * assignments * d * a + tokens * d * 4
-    if cfg.moe_dispatch == "ragged" or (cfg.moe_dispatch == "blocked" and mesh["expert"] > 1 and cfg.fp8 == "none"):
-        # (blocked under expert parallelism runs ragged's exchange: moe.RoutedExperts.__call__)
+    if cfg.moe_dispatch == "ragged" or (mesh["expert"] > 1 and uses_ragged_exchange(cfg.moe_dispatch, cfg.fp8)):
         # moe_ragged's receive buffer: `expert` sources x exchange_capacity rows each (dropless: min(K, E_l)
         # rows per token; with a capacity_factor the bounded fair share); received, regrouped, output and
         # returned rows [M, D], gate/up/product [M, F_l]; sent and returned assignment rows [A, D]; fp32

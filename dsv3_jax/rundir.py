@@ -28,8 +28,6 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from dsv3_jax.data.tokenizer import EOS_TOKEN, TOKENIZER_CONFIG
-
 LOCK_NAME = "LOCK"
 TOKENIZER_NAME = "tokenizer.json"
 DATA_RECORD_NAME = "data.json"
@@ -262,6 +260,8 @@ def save_run_data(run_dir: str | os.PathLike, dataset: Any) -> None:
     target, tokenizer = run_dir / TOKENIZER_NAME, Path(dataset.tokenizer.path).read_bytes()
     if not target.is_file() or target.read_bytes() != tokenizer:
         atomic_write(target, tokenizer)
+    from dsv3_jax.data.tokenizer import EOS_TOKEN, TOKENIZER_CONFIG  # data code only where data is recorded
+
     eos = dataset.tokenizer.eos_token
     if eos != EOS_TOKEN:  # a given tokenizer: its copy must find the same end-of-text token on its own
         atomic_write(run_dir / TOKENIZER_CONFIG, json.dumps({"eos_token": eos}, ensure_ascii=False) + "\n")

@@ -125,11 +125,9 @@ def test_auto_dispatch_on_gpu_is_not_a_dense_ragged_dot():
     import argparse
 
     from benchmarks.dispatch_cost import CASES, run_case
-    from dsv3_jax.aot import prepare_backend, target_devices
+    from dsv3_jax.aot import target_devices
 
-    target = parse_target("h100:1")
-    prepare_backend(target)
-    devices = target_devices(target)
+    devices = target_devices(parse_target("h100:1"))
     args = argparse.Namespace(expert=1, tokens=4096, v3=False)
     cases = {c[0]: c for c in CASES}
     auto = run_case(args, devices, "gpu", cases["auto"])

@@ -68,12 +68,18 @@ def _jsonl_documents(path: str, key: str, text_field: str) -> Iterator[Document]
                 except json.JSONDecodeError as err:
                     raise CorpusError(f"{where} is not valid JSON ({err.msg})") from None
                 yield Document(f"{key}:{lineno}", _text_of(record, text_field, where))
-    except (OSError, EOFError, zlib.error) as err:  # gzip's corrupt-data errors
+    except _archive_errors(path) as err:
         raise CorpusError(f"{path}: cannot be read past line {lineno} ({_first_line(err)})") from None
-    except Exception as err:  # zstandard raises its own ZstdError
-        if type(err).__name__ != "ZstdError":
-            raise
-        raise CorpusError(f"{path}: cannot be read past line {lineno} ({_first_line(err)})") from None
+
+
+def _archive_errors(path: str) -> tuple[type[BaseException], ...]:
+    """What a corrupt or truncated file raises while it is read: gzip's errors, and zstandard's own."""
+    errors: tuple[type[BaseException], ...] = (OSError, EOFError, zlib.error)
+    if path.endswith(".zst"):
+        import zstandard
+
+        errors += (zstandard.ZstdError,)
+    return errors
 
 
 def _text_of(record: object, text_field: str, where: str) -> str:
