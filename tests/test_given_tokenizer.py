@@ -60,11 +60,12 @@ def test_the_end_of_text_token_comes_from_the_tokenizer_config(workdir, tmp_path
 
 
 def test_a_model_vocabulary_smaller_than_the_tokenizer_is_refused_before_anything(workdir):
-    run_dir = workdir / "too_small"
-    proc = _train(workdir, run_dir)  # the tiny preset has 304 ids, the tokenizer 400
+    run_dir, cache = workdir / "too_small", workdir / "too_small_cache"
+    proc = _train(workdir, run_dir, "--set", f"data.cache_dir={cache}")  # tiny has 304 ids, the tokenizer 400
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "has 400 ids but model.vocab_size is 304: set --set model.vocab_size=400" in proc.stderr
-    assert not checkpoint_steps(run_dir) and not (workdir / "data_cache" / "datasets").exists()
+    assert not checkpoint_steps(run_dir)
+    assert not (cache / "tokens").exists() and not (cache / "tokenizers").exists()  # nothing encoded or trained
 
 
 def test_missing_tokenizer_path_is_a_config_error(workdir):
