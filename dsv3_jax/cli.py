@@ -1,4 +1,4 @@
-"""Command line: `python -m dsv3_jax {train,eval,params,plan,compile,generate} ...`.
+"""Command line: `python -m dsv3_jax {train,prepare,eval,params,plan,compile,generate} ...`.
 
 Every argument is validated (config overrides included) before data is prepared or anything compiles.
 `--distributed` joins a multi-process run first (see `dsv3_jax.distributed`); the mesh comes from `mesh.*`.
@@ -33,7 +33,7 @@ def _build_config(args: argparse.Namespace):
     from dsv3_jax.train.config import Config, DataConfig, apply_overrides
     from dsv3_jax.train.presets import train_preset
 
-    saved = _load_run_config(args.run_dir)
+    saved = _load_run_config(args.run_dir) if args.run_dir is not None else None
     if saved is not None and args.preset is None and args.corpus is None:
         return apply_overrides(saved, args.set or [])
     preset = args.preset or "small"
@@ -62,6 +62,13 @@ def _tokenizer_source(own_tokenizer, config) -> dict:
     return {"tokenizer_path": config.data.tokenizer}
 
 
+def _prepare_kwargs(config) -> dict:
+    """prepare_data's arguments that come from the config alone."""
+    return dict(corpus_name=config.data.corpus, vocab_size=config.model.vocab_size, seq_len=config.train.seq_len,
+                mtp_depth=config.model.mtp_depth, cache_dir=config.data.cache_dir, text_field=config.data.text_field,
+                workers=config.data.workers)
+
+
 def _prepare_data_in_turn(config, **kwargs):
     """prepare_data, process 0 first: the others then read (or, without a shared cache, rebuild) its cache."""
     import jax
@@ -70,10 +77,7 @@ def _prepare_data_in_turn(config, **kwargs):
     from dsv3_jax.data import prepare_data
 
     def prepare():
-        return prepare_data(config.data.corpus, config.model.vocab_size, config.train.seq_len,
-                            config.model.mtp_depth, cache_dir=config.data.cache_dir,
-                            text_field=config.data.text_field,
-                            verbose=jax.process_index() == 0, **kwargs)
+        return prepare_data(**_prepare_kwargs(config), verbose=jax.process_index() == 0, **kwargs)
     if jax.process_index() != 0:
         distributed.barrier("dsv3_jax.data_ready")
     data = prepare()
@@ -127,6 +131,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         own_tokenizer = rundir.run_tokenizer_path(args.run_dir) if resuming else None
         _, slice_count = plan.process_batch_slice(config.train.batch_size)
         data = _prepare_data_in_turn(config, batch_size=config.train.batch_size, process_count=slice_count,
+                                     progress_bar=not args.no_progress and jax.process_index() == 0,
                                      **_tokenizer_source(own_tokenizer, config))
         result = train(config, args.run_dir, data, show_progress=not args.no_progress, profile=profile)
     if result.last_eval is not None:
@@ -134,6 +139,45 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"MaxVio_global {result.last_eval['maxvio_global']:.3f}")
     if result.plot_path:
         print(f"loss curve: {result.plot_path}")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """Encode a corpus into the window cache that `train` with the same settings reads (or report the cached
+    one); one summary line, or one JSON object with --json."""
+    import time
+
+    from dsv3_jax.data import prepare_data
+
+    args.run_dir = None
+    config = _build_config(args)
+    started, t0 = time.time(), time.perf_counter()
+    data = prepare_data(**_prepare_kwargs(config), tokenizer_path=config.data.tokenizer,
+                        progress_bar=not args.no_progress, verbose=not args.json)
+    seconds = time.perf_counter() - t0
+    meta = json.loads((data.directory / "meta.json").read_text())
+    splits = meta["splits"]
+    summary = {
+        "corpus": config.data.corpus, "directory": str(data.directory),
+        "documents": meta.get("n_documents"), "bytes": sum(s["n_bytes"] for s in splits.values()),
+        "tokens": sum(s["n_tokens"] for s in splits.values()),
+        "shards": sum(len(s["shards"]) for s in splits.values()), "seconds": round(seconds, 2),
+        "build_seconds": meta.get("build_seconds"), "workers": meta.get("workers"),
+        "reused": (data.directory / "meta.json").stat().st_mtime < started,  # written before this command began
+        "window": data.window, "vocab_size": data.tokenizer.vocab_size, "tokenizer": str(data.tokenizer.path),
+        "content_hash": meta.get("corpus_content_hash"),
+        "train": {k: splits["train"][k] for k in ("n_docs", "n_bytes", "n_tokens", "n_windows")},
+        "val": {k: splits["val"][k] for k in ("n_docs", "n_bytes", "n_tokens", "n_windows")},
+    }
+    summary["bytes_per_token"] = round(summary["bytes"] / max(summary["tokens"], 1), 3)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        docs = "?" if summary["documents"] is None else f"{summary['documents']:,}"
+        print(f"prepared {summary['corpus']}: {docs} documents, {summary['bytes'] / 1e6:,.1f} MB, "
+              f"{summary['tokens']:,} tokens, {summary['bytes_per_token']:.2f} bytes/token, "
+              f"{summary['seconds']:.1f} s, {summary['shards']} shards"
+              f"{' (prepared before)' if summary['reused'] else ''} -> {summary['directory']}")
     return 0
 
 
@@ -265,6 +309,17 @@ def build_parser() -> argparse.ArgumentParser:
                             "(open with TensorBoard's profile plugin or XProf)")
     _add_cluster_flags(train)
     train.set_defaults(func=cmd_train)
+
+    prep = sub.add_parser("prepare", help="tokenize a corpus into the window shards train reads (parallel, "
+                          "resumable; train does it implicitly)")
+    prep.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                      help="model/train preset deciding vocab_size, seq_len and mtp_depth (default: small)")
+    prep.add_argument("--corpus", default=None, help="shakespeare (default), lit, stdlib or files:GLOB")
+    prep.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
+                      help="e.g. --set data.workers=8 --set data.tokenizer=tok.json --set model.vocab_size=129280")
+    prep.add_argument("--no-progress", action="store_true", help="no progress bar")
+    prep.add_argument("--json", action="store_true", help="print one JSON object (and no logs)")
+    prep.set_defaults(func=cmd_prepare)
 
     ev = sub.add_parser("eval", help="validation loss and MaxVio_global of a run's latest checkpoint")
     ev.add_argument("--run-dir", required=True)

@@ -47,7 +47,7 @@ def test_split_is_deterministic_disjoint_and_covers_the_text(tmp_path):
     train, val = a.train_docs(), a.val_docs()
     assert len(val) >= 1 and len(train) >= 1
     assert sum(map(len, train)) + sum(map(len, val)) == a.n_chars
-    originals = [d.text for d in a.documents]
+    originals = [d.text for d in a.iter_documents()]
     for piece in train + val:  # every piece is a contiguous part of one source document
         assert any(piece in text for text in originals)
     # Keys decide the split, so an extra document leaves every other assignment alone.
@@ -79,11 +79,11 @@ def test_content_hash_is_sha256_over_texts_in_order(tmp_path):
     root = _write_txt_corpus(tmp_path / "c", n_docs=4)
     corpus = prepare_corpus(f"files:{root}/*.txt")
     h = hashlib.sha256()
-    for d in corpus.documents:
+    for d in corpus.iter_documents():
         data = d.text.encode()
         h.update(len(data).to_bytes(8, "little") + data)
-    assert corpus.content_hash == h.hexdigest() == content_hash([d.text for d in corpus.documents])
-    assert [d.key for d in corpus.documents] == sorted(f"doc{i:03d}.txt" for i in range(4))
+    assert corpus.content_hash == h.hexdigest() == content_hash([d.text for d in corpus.iter_documents()])
+    assert [d.key for d in corpus.iter_documents()] == sorted(f"doc{i:03d}.txt" for i in range(4))
 
 
 def test_jsonl_and_txt_files(tmp_path):
@@ -93,8 +93,8 @@ def test_jsonl_and_txt_files(tmp_path):
             f.write(json.dumps({"text": f"record {i}\n\nsecond paragraph {i}", "id": i}) + "\n")
         f.write("\n")  # blank lines are skipped
     corpus = prepare_corpus(f"files:{tmp_path}/*")
-    assert [d.key for d in corpus.documents] == ["a.txt"] + [f"b.jsonl:{i}" for i in range(1, 6)]
-    assert corpus.documents[0].text == "first document\nwith windows newlines\n"
+    assert [d.key for d in corpus.iter_documents()] == ["a.txt"] + [f"b.jsonl:{i}" for i in range(1, 6)]
+    assert next(corpus.iter_documents()).text == "first document\nwith windows newlines\n"
 
 
 @pytest.mark.parametrize("setup, name, message", [

@@ -63,19 +63,28 @@ def test_windows_are_the_concatenated_token_stream(env):
     assert ds.train.n_windows > 100 and ds.val.n_windows > 16
 
 
-def test_shards_rotate_by_size(tmp_path, env):
-    _, tok, _, _ = env
-    writer = shards.WindowWriter(tmp_path, "t", window=4, dtype=np.dtype("<u2"), max_shard_bytes=3 * 4 * 2)
-    writer.add(np.arange(30))
-    stats = writer.close()
-    assert stats["shards"] == ["t-00000.array_record", "t-00001.array_record", "t-00002.array_record"]
-    assert stats["n_windows"] == 7 and stats["n_dropped_tokens"] == 2
+def test_window_writer_shards_and_carries_the_unfinished_window_across_a_restore(tmp_path):
+    writer = shards.WindowWriter(tmp_path, "t", window=4, dtype=np.dtype("<u2"))
+    writer.add(np.arange(10))  # two windows, two tokens pending
+    assert writer.shard_windows == 2
+    writer.close_shard()
+    state = writer.state()
+    assert state["pending"] == [8, 9] and state["n_windows"] == 2
+    again = shards.WindowWriter(tmp_path, "t", window=4, dtype=np.dtype("<u2"))
+    again.restore(state)
+    again.add(np.arange(10, 31))
+    again.close_shard()
+    stats = again.stats()
+    assert stats["shards"] == ["t-00000.array_record", "t-00001.array_record"]
+    assert stats["n_windows"] == 7 and stats["n_dropped_tokens"] == 3 and stats["max_token_id"] == 30
     np.testing.assert_array_equal(_all_windows([tmp_path / s for s in stats["shards"]]).ravel(), np.arange(28))
+    with pytest.raises(ValueError, match="out of range"):
+        again.add(np.array([70000]))
 
 
 def test_cache_is_reused(env, monkeypatch):
     corpus, tok, ds, cache = env
-    monkeypatch.setattr(pipeline, "write_split", lambda *a, **k: pytest.fail("windows must come from the cache"))
+    monkeypatch.setattr(pipeline, "build_windows", lambda *a, **k: pytest.fail("windows must come from the cache"))
     again = build_dataset(corpus, tok, SEQ_LEN, MTP, cache, vocab_size=VOCAB)
     assert again.directory == ds.directory and again.train == ds.train
     # The cache is keyed by the window length: seq_len and mtp_depth giving the same window share it.
@@ -199,7 +208,7 @@ def test_batch_and_process_errors(env):
 
 def test_vocab_overflow_is_refused_before_encoding(env, monkeypatch):
     corpus, tok, _, cache = env
-    monkeypatch.setattr(pipeline, "write_split", lambda *a, **k: pytest.fail("nothing may be encoded"))
+    monkeypatch.setattr(pipeline, "build_windows", lambda *a, **k: pytest.fail("nothing may be encoded"))
     with pytest.raises(DataError, match=f"the tokenizer has {VOCAB} ids but vocab_size is 300"):
         build_dataset(corpus, tok, SEQ_LEN + 50, MTP, cache / "other", vocab_size=300)
 
@@ -210,7 +219,8 @@ def test_split_shorter_than_a_window_is_refused(env):
     with pytest.raises(DataError, match=f"the validation split .* has {val_tokens:,} tokens, fewer than one "
                                         f"window of {val_tokens + 1}"):
         build_dataset(corpus, tok, val_tokens, 0, cache)
-    assert not list((cache / "tokens").glob(".*"))  # the failed build left no temporary directory behind
+    # The failed build left no partial directory behind (only the builders' lock file).
+    assert not [p for p in (cache / "tokens").glob(".*") if p.is_dir()]
 
 
 def test_prepare_data_end_to_end(tmp_path, capsys):

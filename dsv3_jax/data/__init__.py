@@ -7,18 +7,29 @@
     for batch in data.val_batches(16): ...             # validation once, in order
     it.close()
 
-Modules: `sources` (named text sources), `fetch` (pinned pip packages), `corpus` (hash + split), `tokenizer`
-(byte-level BPE), `shards` (windows on disk), `pipeline` (dataset + iterators), `prepare` (all of it).
+Modules: `sources` and `readers` (named text sources, the user's files), `fetch` (pinned pip packages),
+`corpus` (identity + split), `tokenizer` (byte-level BPE or a given tokenizer.json), `shards` (windows on disk),
+`build` (parallel, resumable encoding), `pipeline` (dataset + iterators), `prepare` (all of it).
 """
 
-from dsv3_jax.data.corpus import Corpus, prepare_corpus
-from dsv3_jax.data.fetch import DEFAULT_CACHE_DIR, DownloadError
-from dsv3_jax.data.pipeline import (DataError, SplitInfo, TokenDataset, TrainIterator, build_dataset,
-                                    train_iterator, val_batches)
-from dsv3_jax.data.prepare import prepare_data
-from dsv3_jax.data.sources import CorpusError, Document
-from dsv3_jax.data.tokenizer import EOS_TOKEN, Tokenizer, get_tokenizer, load_tokenizer
+import importlib
+from typing import Any
 
-__all__ = ["DEFAULT_CACHE_DIR", "EOS_TOKEN", "Corpus", "CorpusError", "DataError", "Document", "DownloadError",
-           "SplitInfo", "TokenDataset", "Tokenizer", "TrainIterator", "build_dataset", "get_tokenizer",
-           "load_tokenizer", "prepare_corpus", "prepare_data", "train_iterator", "val_batches"]
+# Imported on first use (PEP 562), so a preparation worker process importing one data module does not pay for
+# grain and JAX.
+_EXPORTS = {
+    "Corpus": "corpus", "prepare_corpus": "corpus",
+    "DEFAULT_CACHE_DIR": "fetch", "DownloadError": "fetch",
+    "SplitInfo": "pipeline", "TokenDataset": "pipeline", "TrainIterator": "pipeline", "build_dataset": "pipeline",
+    "train_iterator": "pipeline", "val_batches": "pipeline",
+    "CorpusError": "documents", "DataError": "documents", "Document": "documents",
+    "prepare_data": "prepare",
+    "EOS_TOKEN": "tokenizer", "Tokenizer": "tokenizer", "get_tokenizer": "tokenizer", "load_tokenizer": "tokenizer",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -1,4 +1,5 @@
-"""A document (stable key + text), the error every corpus reader raises, and the one UTF-8 decoding rule."""
+"""A document (stable key + text), the data errors (`CorpusError` for unusable input, `DataError` for data that
+cannot serve the requested batches) and the one UTF-8 decoding rule."""
 
 from __future__ import annotations
 
@@ -7,6 +8,10 @@ import dataclasses
 
 class CorpusError(ValueError):
     """A corpus name, file or record is unusable."""
+
+
+class DataError(ValueError):
+    """The data cannot serve the requested batches (too little data, bad batch/process settings, bad state)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Token windows cached in ArrayRecord shards, and the grain iterators the trainer reads them with.
 
 `build_dataset` encodes each split once into `cache_dir/tokens/<corpus>-w<window>-<key>/` (key: corpus hash +
-tokenizer hash + window) and returns a `TokenDataset`; later calls only read `meta.json`.
+tokenizer hash + window; how: `build.py`) and returns a `TokenDataset`; later calls only read `meta.json`.
 
 Training order: every epoch is a fresh seeded permutation of all train windows (grain's per-epoch reshuffle),
 cut into global batches of `batch_size` (the windows left over in an epoch are skipped that epoch), repeated
@@ -20,26 +20,21 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
-import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import grain
 import numpy as np
 
 from dsv3_jax.data.corpus import Corpus
 from dsv3_jax.data.fetch import resolve_cache_dir
-from dsv3_jax.data.shards import decode_records, token_dtype, write_split
+from dsv3_jax.data.build import Progress, build_windows
+from dsv3_jax.data.documents import DataError
+from dsv3_jax.data.shards import decode_records, token_dtype
 from dsv3_jax.data.tokenizer import Tokenizer
 
-_FORMAT = "dsv3-windows-v1"  # bump when the stream or record layout changes: it is part of the cache key
+_FORMAT = "dsv3-windows-v2"  # bump when the stream or record layout changes: it is part of the cache key
 DEFAULT_PREFETCH = 16
-
-
-class DataError(ValueError):
-    """The data cannot serve the requested batches (too little data, bad batch/process settings, bad state)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,7 +226,8 @@ def val_batches(ds: TokenDataset, batch_size: int, process_index: int | None = N
     return batches()
 
 
-def _cache_dir_for(corpus: Corpus, tokenizer: Tokenizer, window: int, cache_dir: str | os.PathLike | None) -> Path:
+def cache_dir_for(corpus: Corpus, tokenizer: Tokenizer, window: int, cache_dir: str | os.PathLike | None) -> Path:
+    """Where the windows of (corpus, tokenizer, window) are stored."""
     key = hashlib.sha256(f"{_FORMAT}:{corpus.hash}:{tokenizer.hash}:{window}".encode()).hexdigest()[:16]
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", corpus.name).strip("_")[:40] or "corpus"
     return resolve_cache_dir(cache_dir) / "tokens" / f"{slug}-w{window}-{key}"
@@ -243,39 +239,12 @@ def _split_info(directory: Path, meta: dict) -> SplitInfo:
                      n_windows=meta["n_windows"])
 
 
-def _write_windows(corpus: Corpus, tokenizer: Tokenizer, window: int, directory: Path) -> dict:
-    """Encode both splits into a private directory and rename it into place (atomic for concurrent hosts)."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
-        t0 = time.perf_counter()
-        dtype = token_dtype(tokenizer.vocab_size)
-        splits = {name: write_split(docs, tokenizer, tmp, name, window, dtype)
-                  for name, docs in (("train", corpus.train_docs()), ("val", corpus.val_docs()))}
-        for name, stats in splits.items():
-            if stats["n_windows"] == 0:
-                raise DataError(f"the {'validation' if name == 'val' else name} split of {corpus.name!r} has "
-                                f"{stats['n_tokens']:,} tokens, fewer than one window of {window} (seq_len + 1 + "
-                                "mtp_depth); use a larger corpus or a shorter seq_len")
-        meta = {"format": _FORMAT, "corpus": corpus.name, "corpus_hash": corpus.hash,
-                "corpus_content_hash": corpus.content_hash, "tokenizer_hash": tokenizer.hash,
-                "tokenizer_vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "window": window,
-                "dtype": dtype.str, "splits": splits, "build_seconds": round(time.perf_counter() - t0, 2)}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
-        try:
-            tmp.rename(directory)
-        except OSError:  # another process built the same (deterministic) windows first
-            if not (directory / "meta.json").is_file():
-                raise
-        return json.loads((directory / "meta.json").read_text())
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def build_dataset(corpus: Corpus, tokenizer: Tokenizer, seq_len: int, mtp_depth: int = 0,
-                  cache_dir: str | os.PathLike | None = None, *, vocab_size: int | None = None) -> TokenDataset:
-    """Token windows of `seq_len + 1 + mtp_depth` for both splits, written once and then read from the cache.
+                  cache_dir: str | os.PathLike | None = None, *, vocab_size: int | None = None, workers: int = 0,
+                  progress: Callable[[Progress], None] | None = None,
+                  log: Callable[[str], None] | None = None) -> TokenDataset:
+    """Token windows of `seq_len + 1 + mtp_depth` for both splits, encoded once (by `workers` processes, 0 = one
+    per core; an interrupted encoding resumes) and then read from the cache (`build.build_windows`).
 
     `vocab_size` is the model's; a tokenizer with more ids than that is refused before anything is encoded.
     """
@@ -286,10 +255,17 @@ def build_dataset(corpus: Corpus, tokenizer: Tokenizer, seq_len: int, mtp_depth:
         raise DataError(f"the tokenizer has {tokenizer.vocab_size} ids but vocab_size is {vocab_size}: token ids "
                         f">= {vocab_size} would index past the embedding; use a tokenizer trained for that size")
     window = seq_len + 1 + mtp_depth
-    directory = _cache_dir_for(corpus, tokenizer, window, cache_dir)
+    directory = cache_dir_for(corpus, tokenizer, window, cache_dir)
     meta_path = directory / "meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else _write_windows(corpus, tokenizer, window,
-                                                                                      directory)
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+    else:
+        dtype = token_dtype(tokenizer.vocab_size)
+        meta = {"format": _FORMAT, "corpus": corpus.name, "corpus_hash": corpus.hash,
+                "tokenizer_hash": tokenizer.hash, "tokenizer_vocab_size": tokenizer.vocab_size,
+                "eos_id": tokenizer.eos_id, "window": window, "dtype": dtype.str}
+        meta = build_windows(corpus, tokenizer, window, dtype, directory, meta, workers=workers, progress=progress,
+                             log=log)
     for name, split in meta["splits"].items():
         if split["max_token_id"] >= vocab_size:
             raise DataError(f"{directory}: the {name} split holds token id {split['max_token_id']} >= vocab_size "

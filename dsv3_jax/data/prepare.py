@@ -8,7 +8,9 @@ import time
 
 from dsv3_jax.data.corpus import DEFAULT_VAL_FRACTION, prepare_corpus
 from dsv3_jax.data.fetch import resolve_cache_dir
-from dsv3_jax.data.pipeline import DataError, TokenDataset, build_dataset, local_batch_size, resolve_process
+from dsv3_jax.data.build import Progress
+from dsv3_jax.data.documents import DataError
+from dsv3_jax.data.pipeline import TokenDataset, build_dataset, cache_dir_for, local_batch_size, resolve_process
 from dsv3_jax.data.tokenizer import (DEFAULT_VOCAB_SIZE, MIN_VOCAB_SIZE, get_tokenizer, load_tokenizer,
                                      tokenizer_dir)
 
@@ -17,13 +19,17 @@ def prepare_data(corpus_name: str = "shakespeare", vocab_size: int = DEFAULT_VOC
                  mtp_depth: int = 1, cache_dir: str | os.PathLike | None = None, *, batch_size: int | None = None,
                  process_count: int | None = None, val_fraction: float = DEFAULT_VAL_FRACTION,
                  tokenizer_path: str | os.PathLike | None = None, tokenizer_origin: str = "given",
-                 text_field: str = "text", verbose: bool = True) -> TokenDataset:
+                 text_field: str = "text", workers: int = 0, progress_bar: bool = False,
+                 verbose: bool = True) -> TokenDataset:
     """Load/download the corpus, train/load its tokenizer, write/load its windows; print one line per step.
 
     `tokenizer_path` uses that tokenizer file (or directory holding one) instead of the one trained on the
     corpus: the user's own (`data.tokenizer`, any HF tokenizer.json), or a run's own copy, so a resumed or
     evaluated run encodes exactly as it did when it trained (`tokenizer_origin` says which, in the log). A given
     tokenizer is loaded and checked against `vocab_size` before the corpus is read.
+
+    The windows are encoded by `workers` processes (0: one per core), with a progress bar on stderr if
+    `progress_bar`; an interrupted encoding resumes where it stopped (`build.py`).
 
     With `batch_size`, also check that both splits hold a global batch divisible among the processes, so a
     bad setting fails here rather than after the model is built.
@@ -53,8 +59,11 @@ def prepare_data(corpus_name: str = "shakespeare", vocab_size: int = DEFAULT_VOC
 
     t0 = time.perf_counter()
     corpus = prepare_corpus(corpus_name, cache, val_fraction=val_fraction, text_field=text_field)
-    log(f"corpus {corpus_name}: {len(corpus.documents):,} documents, {corpus.n_bytes / 1e6:.2f} MB, "
-        f"hash {corpus.hash[:12]} ({time.perf_counter() - t0:.1f} s)")
+    if corpus.streamed:
+        log(f"corpus {corpus_name}: files listed, identity {corpus.hash[:12]} ({time.perf_counter() - t0:.1f} s)")
+    else:
+        log(f"corpus {corpus_name}: {len(corpus.documents):,} documents, {corpus.n_bytes / 1e6:.2f} MB, "
+            f"hash {corpus.hash[:12]} ({time.perf_counter() - t0:.1f} s)")
 
     t0 = time.perf_counter()
     if given is not None:
@@ -67,8 +76,35 @@ def prepare_data(corpus_name: str = "shakespeare", vocab_size: int = DEFAULT_VOC
         f"{origin} ({time.perf_counter() - t0:.1f} s) {tokenizer.path}")
 
     t0 = time.perf_counter()
-    dataset = build_dataset(corpus, tokenizer, seq_len, mtp_depth, cache, vocab_size=vocab_size)
+    window = seq_len + 1 + mtp_depth
+    bar = None
+    if progress_bar and not (cache_dir_for(corpus, tokenizer, window, cache) / "meta.json").is_file():
+        bar = _ProgressBar(corpus_name)
+    try:
+        dataset = build_dataset(corpus, tokenizer, seq_len, mtp_depth, cache, vocab_size=vocab_size,
+                                workers=workers, progress=bar.update if bar else None, log=log)
+    finally:
+        if bar is not None:
+            bar.close()
     log(f"{dataset.summary()} ({time.perf_counter() - t0:.1f} s) {dataset.directory}")
     if batch_size is not None:
         dataset.check_batch_size(batch_size, process_count)
     return dataset
+
+
+class _ProgressBar:
+    """tqdm over the corpus bytes encoded, with documents/s and tokens beside it."""
+
+    def __init__(self, name: str):
+        from tqdm import tqdm
+
+        self._bar = tqdm(desc=f"preparing {name}", unit="B", unit_scale=True, unit_divisor=1000, file=sys.stderr,
+                         dynamic_ncols=True)
+
+    def update(self, p: Progress) -> None:
+        self._bar.update(p.bytes - self._bar.n)
+        self._bar.set_postfix_str(f"{p.documents / max(p.seconds, 1e-9):,.0f} docs/s, {p.tokens:,} tokens",
+                                  refresh=False)
+
+    def close(self) -> None:
+        self._bar.close()

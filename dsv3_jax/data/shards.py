@@ -15,10 +15,7 @@ from typing import Sequence
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from dsv3_jax.data.tokenizer import Tokenizer
 
-MAX_SHARD_BYTES = 256 * 2 ** 20
-_ENCODE_BATCH_CHARS = 4 * 2 ** 20  # text encoded per call: parallel enough, memory stays bounded
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -35,72 +32,61 @@ def decode_records(records: Sequence[bytes], dtype: str | np.dtype, window: int)
 
 
 class WindowWriter:
-    """Appends token ids to a stream and writes every full window as one record, rotating shards by size."""
+    """Appends token ids to a stream and writes every full window as one record. A shard stays open until
+    `close_shard` (the build closes all shards at its checkpoints); `state`/`restore` carry a writer across
+    an interruption, the unfinished window's tokens included."""
 
-    def __init__(self, directory: str | os.PathLike, prefix: str, window: int, dtype: np.dtype,
-                 max_shard_bytes: int = MAX_SHARD_BYTES):
+    def __init__(self, directory: str | os.PathLike, prefix: str, window: int, dtype: np.dtype):
         self.directory, self.prefix, self.window, self.dtype = Path(directory), prefix, window, np.dtype(dtype)
-        self.windows_per_shard = max(1, max_shard_bytes // (window * self.dtype.itemsize))
         self.shards: list[str] = []
         self.n_tokens = 0
         self.n_windows = 0
+        self.shard_windows = 0  # windows in the open shard
         self.max_id = -1
-        self._pending = np.zeros(0, np.int64)
+        self._pending = np.zeros(0, self.dtype)
         self._writer: ArrayRecordWriter | None = None
-
-    def _write(self, window_ids: np.ndarray) -> None:
-        if self._writer is None or self.n_windows % self.windows_per_shard == 0:
-            self._close_shard()
-            name = f"{self.prefix}-{len(self.shards):05d}.array_record"
-            self._writer = ArrayRecordWriter(str(self.directory / name), "group_size:1")
-            self.shards.append(name)
-        self._writer.write(window_ids.astype(self.dtype).tobytes())
-        self.n_windows += 1
 
     def add(self, ids: np.ndarray) -> None:
         """Append ids to the stream; write the windows that became full."""
-        ids = np.asarray(ids, np.int64)
+        ids = np.asarray(ids)
         if ids.size == 0:
             return
         if ids.min() < 0 or ids.max() > np.iinfo(self.dtype).max:
             raise ValueError(f"token id out of range for {self.dtype} storage: min {ids.min()}, max {ids.max()}")
         self.max_id = max(self.max_id, int(ids.max()))
         self.n_tokens += ids.size
-        stream = np.concatenate([self._pending, ids])
+        stream = np.concatenate([self._pending, ids.astype(self.dtype)])
         full = stream.size // self.window
+        if full and self._writer is None:
+            name = f"{self.prefix}-{len(self.shards):05d}.array_record"
+            self._writer = ArrayRecordWriter(str(self.directory / name), "group_size:1")
+            self.shards.append(name)
         for i in range(full):
-            self._write(stream[i * self.window:(i + 1) * self.window])
+            self._writer.write(stream[i * self.window:(i + 1) * self.window].tobytes())
+        self.n_windows += full
+        self.shard_windows += full
         self._pending = stream[full * self.window:]
 
-    def _close_shard(self) -> None:
+    def close_shard(self) -> None:
+        """Finish the open shard (if any); the next window starts a new one."""
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+            self.shard_windows = 0
 
-    def close(self) -> dict:
-        """Finish the last shard; returns the split's statistics (tokens, windows, dropped tail, shards)."""
-        self._close_shard()
+    def state(self) -> dict:
+        """Everything needed to continue after `close_shard`, JSON-able."""
+        if self._writer is not None:
+            raise RuntimeError("close the open shard before saving the writer's state")
+        return {"shards": list(self.shards), "n_tokens": self.n_tokens, "n_windows": self.n_windows,
+                "max_token_id": self.max_id, "pending": self._pending.tolist()}
+
+    def restore(self, state: dict) -> None:
+        self.shards = list(state["shards"])
+        self.n_tokens, self.n_windows, self.max_id = state["n_tokens"], state["n_windows"], state["max_token_id"]
+        self._pending = np.asarray(state["pending"], self.dtype)
+
+    def stats(self) -> dict:
+        """The split's statistics (tokens, windows, dropped tail, shards); call after `close_shard`."""
         return {"shards": list(self.shards), "n_tokens": self.n_tokens, "n_windows": self.n_windows,
                 "n_dropped_tokens": int(self._pending.size), "max_token_id": self.max_id}
-
-
-def write_split(texts: Sequence[str], tokenizer: Tokenizer, directory: str | os.PathLike, prefix: str,
-                window: int, dtype: np.dtype) -> dict:
-    """Encode `texts` in order, each followed by the separator, into window records under `directory`."""
-    writer = WindowWriter(directory, prefix, window, dtype)
-    eos = np.array([tokenizer.eos_id], np.int64)
-    start = 0
-    try:
-        while start < len(texts):
-            stop, chars = start, 0
-            while stop < len(texts) and (stop == start or chars + len(texts[stop]) <= _ENCODE_BATCH_CHARS):
-                chars += len(texts[stop])
-                stop += 1
-            for ids in tokenizer.encode_batch(texts[start:stop]):
-                writer.add(np.concatenate([np.asarray(ids, np.int64), eos]))
-            start = stop
-    finally:
-        stats = writer.close()
-    stats.update(n_docs=len(texts), n_chars=sum(len(t) for t in texts),
-                 n_bytes=sum(len(t.encode("utf-8")) for t in texts))
-    return stats

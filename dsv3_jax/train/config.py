@@ -103,10 +103,13 @@ class DataConfig:
     # the corpus; its vocabulary and end-of-text token are read from it.
     tokenizer: str | None = None
     text_field: str = "text"  # the field holding the text in .jsonl(.gz/.zst), Parquet and Arrow files
+    workers: int = 0  # processes encoding the corpus on its first use; 0: one per core (the result is the same)
 
     def validate(self) -> "DataConfig":
         if not self.text_field:
             raise ConfigError("data.text_field", "must name a field, got an empty string")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
+            raise ConfigError("data.workers", f"must be an integer >= 0 (0: one per core), got {self.workers!r}")
         if self.tokenizer is not None:
             path = os.path.join(self.tokenizer, "tokenizer.json") if os.path.isdir(self.tokenizer) else self.tokenizer
             if not os.path.isfile(path):
