@@ -27,6 +27,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
@@ -249,7 +250,7 @@ def build_windows(corpus: Corpus, tokenizer: Tokenizer, window: int, dtype: np.d
                 raise DataError(f"the {'validation' if name == 'val' else name} split of {corpus.name!r} has "
                                 f"{split['n_tokens']:,} tokens, fewer than one window of {window} (seq_len + 1 + "
                                 "mtp_depth); use a larger corpus or a shorter seq_len")
-        meta = dict(meta, splits=stats, corpus_content_hash=content, n_documents=build.documents,
+        meta = dict(meta, window=window, dtype=np.dtype(dtype).str, splits=stats, corpus_content_hash=content, n_documents=build.documents,
                     units=build.units_done, workers=workers, build_seconds=round(time.perf_counter() - t0, 2))
         (partial / _PROGRESS).unlink()
         (partial / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -283,9 +284,7 @@ def _encode_all(corpus: Corpus, tokenizer: Tokenizer, build: _Build, workers: in
             report()
         return hasher.hexdigest()
     pending: collections.deque = collections.deque()
-    context = multiprocessing.get_context("spawn")  # never fork a process that may hold JAX's threads
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                                                initargs=(str(tokenizer.path),)) as pool:
+    with _worker_pool(workers, tokenizer) as pool:
         for unit in _chain(first, second, units):
             pending.append((pool.submit(_encode_in_worker, unit, first_index, *args), len(unit)))
             first_index += len(unit)
@@ -298,6 +297,34 @@ def _encode_all(corpus: Corpus, tokenizer: Tokenizer, build: _Build, workers: in
             build.add(future.result(), n)
             report()
     return hasher.hexdigest()
+
+
+@contextlib.contextmanager
+def _worker_pool(workers: int, tokenizer: Tokenizer) -> Iterator[concurrent.futures.ProcessPoolExecutor]:
+    """`workers` spawned processes, each holding the tokenizer (never forked: the parent may run JAX threads).
+
+    A spawned process re-imports the parent's `__main__` module; a user's script that prepares data without an
+    `if __name__ == "__main__":` guard would run again in every worker (and wait forever on the build lock). The
+    workers need nothing from it, so it is hidden from them while they start."""
+    context = multiprocessing.get_context("spawn")
+    main = sys.modules.get("__main__")
+    saved = {k: getattr(main, k) for k in ("__file__", "__spec__") if hasattr(main, k)}
+    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                                  initargs=(str(tokenizer.path),))
+    try:
+        try:
+            if main is not None:
+                main.__spec__ = None
+                if hasattr(main, "__file__"):
+                    del main.__file__
+            for _ in range(workers):  # each submission to a pool without idle workers starts one, now
+                pool.submit(int)
+        finally:
+            for k, v in saved.items():
+                setattr(main, k, v)
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _hashed(docs: Iterator[Document], hasher: ContentHasher) -> Iterator[Document]:
