@@ -15,7 +15,10 @@ of its whole process tree (the main process plus the spawned encoding workers an
 started, found through the ppid fields of /proc/*/stat), summed at each sample every --interval seconds
 (0.2): `peak_rss_tree_mb` is the largest sum, `peak_rss_max_process_mb` the largest single process,
 `peak_pss_tree_mb` the largest sum of proportional set sizes (shared pages split between their processes, so
-pages the workers share, e.g. the libraries, are not counted twice). MB = 1e6 bytes throughout (memory too).
+pages the workers share, e.g. the libraries, are not counted twice). From the kernel's accounting (wait4,
+exact, no sampling): `max_rss_single_process_exact_mb` (the largest peak of any one process of the tree) and
+`cpu_seconds_tree`; `cpu_seconds_main` is the main process's share (its last sample, up to --interval
+early). MB = 1e6 bytes throughout (memory too).
 MB/s and tokens/s divide by the command's own `seconds`; `speedup` (per format) is the throughput at 2
 workers over 1, also given from wall times. The shards of every run of a format are compared by sha256:
 `prepare` promises byte-identical shards for any number of workers. Each run's cache is deleted after it
@@ -53,6 +56,7 @@ ROW_GROUP_TEXT_BYTES = 64 * 10 ** 6  # text per Parquet row group
 ZSTD_LEVEL = 3
 MB = 1e6
 PAGE = os.sysconf("SC_PAGE_SIZE")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SPEEDUP_TARGET = 1.7
 RSS_TARGET_MB = 1500.0
 CORPUS_FORMAT_VERSION = 1  # bump when the files' layout changes, so old ones are rebuilt
@@ -233,6 +237,17 @@ class TreeSampler(threading.Thread):
         self.peak_tree = self.peak_process = self.peak_root = self.peak_pss = 0
         self.max_processes = 0
         self.pids_seen: set[int] = set()
+        self.root_cpu_seconds = 0.0  # CPU time of the root process at the last sample
+
+    def _root_cpu(self) -> None:
+        try:
+            with open(f"/proc/{self.root}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            return
+        fields = stat[stat.rfind(b")") + 2:].split()
+        if fields and fields[0] != b"Z":  # a zombie's times may already be gone
+            self.root_cpu_seconds = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
     def sample(self) -> None:
         pids = tree_pids(self.root)
@@ -240,6 +255,7 @@ class TreeSampler(threading.Thread):
         if not rss:
             return
         pss = [p for pid in rss if (p := _pss(pid)) is not None]
+        self._root_cpu()
         self.samples += 1
         self.pids_seen.update(rss)
         self.max_processes = max(self.max_processes, len(rss))
@@ -293,8 +309,11 @@ def run_prepare(args, fmt: str, workers: int, corpus_file: str, tokenizer: str, 
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err, text=True)
         sampler = TreeSampler(proc.pid, args.interval)
         sampler.start()
-        rc = proc.wait()
+        # wait4 (not proc.wait) for the exact resource usage of the process and its reaped descendants (the
+        # workers): CPU time of the whole tree, and the largest peak RSS any one of them reached.
+        _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
+        rc = proc.returncode = os.waitstatus_to_exitcode(status)
         sampler.stop()
         out.seek(0)
         err.seek(0)
@@ -306,6 +325,10 @@ def run_prepare(args, fmt: str, workers: int, corpus_file: str, tokenizer: str, 
                peak_pss_tree_mb=round(sampler.peak_pss / MB, 1),
                max_processes=sampler.max_processes, processes_seen=len(sampler.pids_seen),
                memory_samples=sampler.samples,
+               max_rss_single_process_exact_mb=round(usage.ru_maxrss * 1024 / MB, 1),
+               cpu_seconds_tree=round(usage.ru_utime + usage.ru_stime, 2),
+               cpu_seconds_main=round(sampler.root_cpu_seconds, 2),
+               cpu_utilization=round((usage.ru_utime + usage.ru_stime) / wall, 2),
                loadavg_1min_before_after=[round(load_before[0], 2), round(os.getloadavg()[0], 2)])
     if rc != 0:
         row["error"] = f"exit status {rc}: {stderr.strip()[-2000:]}"

@@ -70,20 +70,17 @@ def _prepare_kwargs(config) -> dict:
 
 
 def _prepare_data_in_turn(config, **kwargs):
-    """prepare_data, process 0 first: the others then read (or, without a shared cache, rebuild) its cache."""
+    """prepare_data on process 0 first; the others wait for it, then read (or, without a shared cache, rebuild)
+    its cache."""
     import jax
 
     from dsv3_jax import distributed
     from dsv3_jax.data import prepare_data
 
-    def prepare():
-        return prepare_data(**_prepare_kwargs(config), verbose=jax.process_index() == 0, **kwargs)
-    if jax.process_index() != 0:
-        distributed.barrier("dsv3_jax.data_ready")
-    data = prepare()
-    if jax.process_index() == 0:
-        distributed.barrier("dsv3_jax.data_ready")
-    return data
+    primary = jax.process_index() == 0
+    return distributed.primary_first(
+        lambda: prepare_data(**_prepare_kwargs(config), verbose=primary, **kwargs), "preparing the data",
+        log=lambda msg: print(msg, file=sys.stderr, flush=True))
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -126,3 +126,47 @@ def test_two_process_checkpoint_resumes_in_one_process_on_another_mesh(workdir, 
     assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
     _assert_close(resumed[3:], _records(reference, "train")[3:], COMPARED)
     _assert_close(_records(run_dir, "eval"), _records(reference, "eval"), ("val_loss", "maxvio_global"))
+
+
+_PRIMARY_FIRST = """
+import json, sys
+import jax
+port, pid, pattern, cache, mode = sys.argv[1:]
+jax.distributed.initialize(f"localhost:{port}", 2, int(pid), initialization_timeout=120)
+from dsv3_jax import distributed
+from dsv3_jax.data import prepare_data
+
+def work():
+    if mode == "fail" and jax.process_index() == 0:
+        raise ValueError("the corpus is unreadable")
+    return prepare_data(f"files:{pattern}", 300, 15, 0, cache, workers=1)
+
+try:
+    data = distributed.primary_first(work, "preparing the data", log=lambda m: print(m, file=sys.stderr))
+    print(json.dumps({"directory": str(data.directory), "train_windows": data.train.n_windows}))
+except (ValueError, distributed.DistributedError) as err:
+    print(json.dumps({"error": f"{type(err).__name__}: {err}"}))
+"""
+
+
+@pytest.mark.parametrize("mode", ["ok", "fail"])
+def test_process_0_prepares_the_data_once_and_the_other_waits_for_it(workdir, tmp_path, mode):
+    """Two processes share a cache: process 0 trains the tokenizer and writes the windows while process 1 waits
+    on a marker, then reads them; if process 0 fails, process 1 raises its error instead of waiting forever."""
+    script = tmp_path / "primary_first.py"
+    script.write_text(_PRIMARY_FIRST)
+    port, cache = _free_port(), tmp_path / "cache"
+    env = dict(_env(workdir, 1), JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i), f"{workdir}/corpus/*.txt", str(cache),
+                               mode], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outputs = [proc.communicate(timeout=300) for proc in procs]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    assert "process 1: waiting for process 0 to finish preparing the data" in outputs[1][1]
+    if mode == "fail":
+        assert results[0] == {"error": "ValueError: the corpus is unreadable"}
+        assert results[1] == {"error": "PrimaryFailed: process 0 failed preparing the data: ValueError: the corpus "
+                                       "is unreadable"}
+        return
+    assert results[0] == results[1] and results[0]["train_windows"] > 0
+    assert "byte-level BPE, trained" in outputs[0][1] and "byte-level BPE, cached" in outputs[1][1]
