@@ -66,7 +66,7 @@ def _prepare_kwargs(config) -> dict:
     """prepare_data's arguments that come from the config alone."""
     return dict(corpus_name=config.data.corpus, vocab_size=config.model.vocab_size, seq_len=config.train.seq_len,
                 mtp_depth=config.model.mtp_depth, cache_dir=config.data.cache_dir, text_field=config.data.text_field,
-                workers=config.data.workers)
+                workers=config.data.workers, token_dtype=config.data.token_dtype)
 
 
 def _prepare_data_in_turn(config, **kwargs):
@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train (or resume) a run")
     train.add_argument("--run-dir", required=True, help="where checkpoints, metrics and plots go; resumes if present")
     train.add_argument("--preset", choices=sorted(PRESETS), default=None, help="model preset (default: small)")
-    train.add_argument("--corpus", default=None, help="shakespeare (default), lit, stdlib or files:GLOB")
+    train.add_argument("--corpus", default=None, help="shakespeare (default), lit, stdlib, files:GLOB or tokens:DIR")
     train.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                        help="override any config field, e.g. --set train.steps=2000 --set model.n_routed_experts=32")
     train.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "resumable; train does it implicitly)")
     prep.add_argument("--preset", choices=sorted(PRESETS), default=None,
                       help="model/train preset deciding vocab_size, seq_len and mtp_depth (default: small)")
-    prep.add_argument("--corpus", default=None, help="shakespeare (default), lit, stdlib or files:GLOB")
+    prep.add_argument("--corpus", default=None, help="shakespeare (default), lit, stdlib, files:GLOB or tokens:DIR")
     prep.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                       help="e.g. --set data.workers=8 --set data.tokenizer=tok.json --set model.vocab_size=129280")
     prep.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -124,7 +124,8 @@ def _units(docs: Iterator[Document], unit_chars: int) -> Iterator[list[Document]
 
 
 @contextlib.contextmanager
-def _build_lock(directory: Path) -> Iterator[None]:
+def build_lock(directory: Path) -> Iterator[None]:
+    """Held while `directory` is built: a second builder (another run, another process) waits, then finds it."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     with open(directory.parent / f".{directory.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a second builder waits here, then finds the finished directory
@@ -219,7 +220,7 @@ def build_windows(corpus: Corpus, tokenizer: Tokenizer, window: int, dtype: np.d
     workers = workers or default_workers()
     identity = dict(meta, window=window, dtype=np.dtype(dtype).str, tokenizer=tokenizer.hash,
                     corpus=corpus.hash, unit_chars=unit_chars, shard_bytes=shard_bytes)
-    with _build_lock(directory):
+    with build_lock(directory):
         if (directory / "meta.json").is_file():
             return json.loads((directory / "meta.json").read_text())
         partial = directory.parent / f".{directory.name}.partial"

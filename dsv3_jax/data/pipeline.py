@@ -226,11 +226,37 @@ def val_batches(ds: TokenDataset, batch_size: int, process_index: int | None = N
     return batches()
 
 
+def windows_dir(name: str, identity: str, tokenizer: Tokenizer, window: int,
+                cache_dir: str | os.PathLike | None) -> Path:
+    """Where the windows of (a corpus's or token shards' `identity`, tokenizer, window) are stored."""
+    key = hashlib.sha256(f"{_FORMAT}:{identity}:{tokenizer.hash}:{window}".encode()).hexdigest()[:16]
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")[:40] or "corpus"
+    return resolve_cache_dir(cache_dir) / "tokens" / f"{slug}-w{window}-{key}"
+
+
 def cache_dir_for(corpus: Corpus, tokenizer: Tokenizer, window: int, cache_dir: str | os.PathLike | None) -> Path:
     """Where the windows of (corpus, tokenizer, window) are stored."""
-    key = hashlib.sha256(f"{_FORMAT}:{corpus.hash}:{tokenizer.hash}:{window}".encode()).hexdigest()[:16]
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", corpus.name).strip("_")[:40] or "corpus"
-    return resolve_cache_dir(cache_dir) / "tokens" / f"{slug}-w{window}-{key}"
+    return windows_dir(corpus.name, corpus.hash, tokenizer, window, cache_dir)
+
+
+def base_meta(name: str, identity: str, tokenizer: Tokenizer) -> dict:
+    """The meta.json fields every window directory starts with."""
+    return {"format": _FORMAT, "corpus": name, "corpus_hash": identity, "tokenizer_hash": tokenizer.hash,
+            "tokenizer_vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id}
+
+
+def dataset_from_meta(directory: Path, meta: dict, tokenizer: Tokenizer, vocab_size: int, seq_len: int,
+                      mtp_depth: int) -> TokenDataset:
+    """The TokenDataset of a finished window directory; DataError if it holds ids the model cannot embed."""
+    for name, split in meta["splits"].items():
+        if split["max_token_id"] >= vocab_size:
+            raise DataError(f"{directory}: the {name} split holds token id {split['max_token_id']} >= vocab_size "
+                            f"{vocab_size}")
+    return TokenDataset(directory=directory, corpus_name=meta["corpus"], corpus_hash=meta["corpus_hash"],
+                        tokenizer=tokenizer, vocab_size=vocab_size, seq_len=seq_len, mtp_depth=mtp_depth,
+                        window=meta["window"], dtype=meta["dtype"],
+                        train=_split_info(directory, meta["splits"]["train"]),
+                        val=_split_info(directory, meta["splits"]["val"]))
 
 
 def _split_info(directory: Path, meta: dict) -> SplitInfo:
@@ -260,17 +286,7 @@ def build_dataset(corpus: Corpus, tokenizer: Tokenizer, seq_len: int, mtp_depth:
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
     else:
-        dtype = token_dtype(tokenizer.vocab_size)
-        meta = {"format": _FORMAT, "corpus": corpus.name, "corpus_hash": corpus.hash,
-                "tokenizer_hash": tokenizer.hash, "tokenizer_vocab_size": tokenizer.vocab_size,
-                "eos_id": tokenizer.eos_id, "window": window, "dtype": dtype.str}
-        meta = build_windows(corpus, tokenizer, window, dtype, directory, meta, workers=workers, progress=progress,
+        meta = build_windows(corpus, tokenizer, window, token_dtype(tokenizer.vocab_size), directory,
+                             base_meta(corpus.name, corpus.hash, tokenizer), workers=workers, progress=progress,
                              log=log)
-    for name, split in meta["splits"].items():
-        if split["max_token_id"] >= vocab_size:
-            raise DataError(f"{directory}: the {name} split holds token id {split['max_token_id']} >= vocab_size "
-                            f"{vocab_size}")
-    return TokenDataset(directory=directory, corpus_name=corpus.name, corpus_hash=corpus.hash, tokenizer=tokenizer,
-                        vocab_size=vocab_size, seq_len=seq_len, mtp_depth=mtp_depth, window=window,
-                        dtype=meta["dtype"], train=_split_info(directory, meta["splits"]["train"]),
-                        val=_split_info(directory, meta["splits"]["val"]))
+    return dataset_from_meta(directory, meta, tokenizer, vocab_size, seq_len, mtp_depth)

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
+from pathlib import Path
+from typing import Callable
 
 from dsv3_jax.data.corpus import DEFAULT_VAL_FRACTION, prepare_corpus
 from dsv3_jax.data.fetch import resolve_cache_dir
 from dsv3_jax.data.build import Progress
-from dsv3_jax.data.documents import DataError
-from dsv3_jax.data.pipeline import TokenDataset, build_dataset, cache_dir_for, local_batch_size, resolve_process
-from dsv3_jax.data.tokenizer import (DEFAULT_VOCAB_SIZE, MIN_VOCAB_SIZE, get_tokenizer, load_tokenizer,
-                                     tokenizer_dir)
+from dsv3_jax.data.documents import CorpusError, DataError
+from dsv3_jax.data.pipeline import (TokenDataset, base_meta, build_dataset, cache_dir_for, dataset_from_meta,
+                                    local_batch_size, resolve_process, windows_dir)
+from dsv3_jax.data.pretokenized import build_token_windows, tokens_manifest
+from dsv3_jax.data.shards import token_dtype as token_dtype_for
+from dsv3_jax.data.tokenizer import (DEFAULT_VOCAB_SIZE, MIN_VOCAB_SIZE, Tokenizer, get_tokenizer,
+                                     load_tokenizer, tokenizer_dir)
 
 
 def prepare_data(corpus_name: str = "shakespeare", vocab_size: int = DEFAULT_VOCAB_SIZE, seq_len: int = 256,
@@ -20,7 +26,7 @@ def prepare_data(corpus_name: str = "shakespeare", vocab_size: int = DEFAULT_VOC
                  process_count: int | None = None, val_fraction: float = DEFAULT_VAL_FRACTION,
                  tokenizer_path: str | os.PathLike | None = None, tokenizer_origin: str = "given",
                  text_field: str = "text", workers: int = 0, progress_bar: bool = False,
-                 verbose: bool = True) -> TokenDataset:
+                 token_dtype: str = "uint16", verbose: bool = True) -> TokenDataset:
     """Load/download the corpus, train/load its tokenizer, write/load its windows; print one line per step.
 
     `tokenizer_path` uses that tokenizer file (or directory holding one) instead of the one trained on the
@@ -30,6 +36,9 @@ def prepare_data(corpus_name: str = "shakespeare", vocab_size: int = DEFAULT_VOC
 
     The windows are encoded by `workers` processes (0: one per core), with a progress bar on stderr if
     `progress_bar`; an interrupted encoding resumes where it stopped (`build.py`).
+
+    `tokens:DIR` trains on token shards produced elsewhere (`pretokenized.py`; `token_dtype` for `.bin` and
+    `.array_record` shards): it needs `tokenizer_path`, the tokenizer that produced them.
 
     With `batch_size`, also check that both splits hold a global batch divisible among the processes, so a
     bad setting fails here rather than after the model is built.
@@ -56,6 +65,15 @@ def prepare_data(corpus_name: str = "shakespeare", vocab_size: int = DEFAULT_VOC
         _, process_count = resolve_process(0, process_count)
         local_batch_size(batch_size, process_count)
     cache = resolve_cache_dir(cache_dir)
+    if corpus_name.startswith("tokens:"):
+        if given is None:
+            raise DataError(f"{corpus_name} holds token ids: name the tokenizer that produced them with "
+                            "--set data.tokenizer=PATH (generate decodes with it)")
+        dataset = _pretokenized(corpus_name[len("tokens:"):], given, vocab_size, seq_len, mtp_depth, cache,
+                                token_dtype, val_fraction, log)
+        if batch_size is not None:
+            dataset.check_batch_size(batch_size, process_count)
+        return dataset
 
     t0 = time.perf_counter()
     corpus = prepare_corpus(corpus_name, cache, val_fraction=val_fraction, text_field=text_field)
@@ -89,6 +107,25 @@ def prepare_data(corpus_name: str = "shakespeare", vocab_size: int = DEFAULT_VOC
     log(f"{dataset.summary()} ({time.perf_counter() - t0:.1f} s) {dataset.directory}")
     if batch_size is not None:
         dataset.check_batch_size(batch_size, process_count)
+    return dataset
+
+
+def _pretokenized(source: str, tokenizer: Tokenizer, vocab_size: int, seq_len: int, mtp_depth: int, cache: Path,
+                  token_dtype: str, val_fraction: float, log: Callable[[str], None]) -> TokenDataset:
+    t0 = time.perf_counter()
+    try:
+        identity = tokens_manifest(source, token_dtype)
+    except CorpusError as err:
+        raise DataError(str(err)) from None
+    window = seq_len + 1 + mtp_depth
+    name = f"tokens:{source}"
+    directory = windows_dir(name, identity, tokenizer, window, cache)
+    meta_path = directory / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else build_token_windows(
+        source, window, token_dtype_for(tokenizer.vocab_size), vocab_size, tokenizer.eos_id, directory,
+        base_meta(name, identity, tokenizer), token_dtype=token_dtype, val_fraction=val_fraction)
+    dataset = dataset_from_meta(directory, meta, tokenizer, vocab_size, seq_len, mtp_depth)
+    log(f"{dataset.summary()} ({time.perf_counter() - t0:.1f} s) {dataset.directory}")
     return dataset
 
 

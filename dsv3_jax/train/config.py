@@ -104,12 +104,21 @@ class DataConfig:
     tokenizer: str | None = None
     text_field: str = "text"  # the field holding the text in .jsonl(.gz/.zst), Parquet and Arrow files
     workers: int = 0  # processes encoding the corpus on its first use; 0: one per core (the result is the same)
+    token_dtype: str = "uint16"  # tokens:DIR shards in .bin / .array_record files (.npy files carry their own)
 
     def validate(self) -> "DataConfig":
         if not self.text_field:
             raise ConfigError("data.text_field", "must name a field, got an empty string")
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
             raise ConfigError("data.workers", f"must be an integer >= 0 (0: one per core), got {self.workers!r}")
+        if self.token_dtype not in ("uint16", "uint32", "int32"):
+            raise ConfigError("data.token_dtype", f"must be uint16, uint32 or int32, got {self.token_dtype!r}")
+        if self.corpus.startswith("tokens:"):
+            if not os.path.isdir(os.path.expanduser(self.corpus[len("tokens:"):])):
+                raise ConfigError("data.corpus", f"{self.corpus}: no such directory of token shards")
+            if self.tokenizer is None:
+                raise ConfigError("data.tokenizer", f"{self.corpus} holds token ids: name the tokenizer that "
+                                  "produced them (generate decodes with it)")
         if self.tokenizer is not None:
             path = os.path.join(self.tokenizer, "tokenizer.json") if os.path.isdir(self.tokenizer) else self.tokenizer
             if not os.path.isfile(path):
