@@ -23,7 +23,6 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import grain
 import numpy as np
 
 from dsv3_jax.data.corpus import Corpus
@@ -155,6 +154,8 @@ class TrainIterator:
         self.process_index, self.process_count, self.local_batch_size = process_index, process_count, local
         self.steps_per_epoch = dataset.steps_per_epoch(batch_size)
         dtype, window = dataset.dtype, dataset.window
+        import grain  # here, not at import: grain loads JAX, which preparing data never needs
+
         source = grain.sources.ArrayRecordDataSource([str(p) for p in dataset.train.paths])
         ds = grain.MapDataset.source(source).shuffle(seed=_grain_seed(seed))
         ds = ds[:self.steps_per_epoch * batch_size]  # whole global batches only
@@ -217,6 +218,8 @@ def val_batches(ds: TokenDataset, batch_size: int, process_index: int | None = N
     steps, paths, dtype, window = ds.val_steps(batch_size), [str(p) for p in ds.val.paths], ds.dtype, ds.window
 
     def batches() -> Iterator[np.ndarray]:
+        import grain
+
         # A generator: the readers close when it is exhausted, closed or garbage-collected.
         with grain.sources.ArrayRecordDataSource(paths) as source:
             for step in range(steps):

@@ -23,6 +23,7 @@ from dsv3_jax.data.documents import CorpusError, Document, decode_text
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 FILE_SUFFIXES = (".txt", *JSONL_SUFFIXES, ".parquet")
+_PARQUET_BATCH_ROWS = 1024
 HF_DATASET_MARKER = "state.json"  # what `datasets.Dataset.save_to_disk` writes beside its .arrow files
 
 
@@ -102,15 +103,16 @@ def _parquet_documents(path: str, key: str, text_field: str) -> Iterator[Documen
                           "set data.text_field)")
     row = 0
     for group in range(parquet.num_row_groups):
-        try:
-            column = parquet.read_row_group(group, columns=[text_field]).column(0)
+        try:  # a row group in batches of rows: memory is bounded by the batch, not by the row group's size
+            for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, row_groups=[group],
+                                              columns=[text_field]):
+                for value in batch.column(0).to_pylist():
+                    if not isinstance(value, str):
+                        raise CorpusError(f"{path}: row {row} (row group {group}) has no string {text_field!r}")
+                    yield Document(f"{key}:{row}", value)
+                    row += 1
         except (pa.ArrowException, OSError) as err:
             raise CorpusError(f"{path}: row group {group} cannot be read ({_first_line(err)})") from None
-        for value in column.to_pylist():
-            if not isinstance(value, str):
-                raise CorpusError(f"{path}: row {row} (row group {group}) has no string {text_field!r}")
-            yield Document(f"{key}:{row}", value)
-            row += 1
 
 
 def _arrow_dir_documents(path: str, key: str, text_field: str) -> Iterator[Document]:
