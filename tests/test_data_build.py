@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from dsv3_jax.data import build
-from dsv3_jax.data.corpus import prepare_corpus
-from dsv3_jax.data.pipeline import build_dataset, cache_dir_for
+from dsv3_jax.data.corpus import Corpus, prepare_corpus
+from dsv3_jax.data.pipeline import base_meta, build_dataset, cache_dir_for
 from dsv3_jax.data.shards import token_dtype
 from dsv3_jax.data.tokenizer import get_tokenizer
 
@@ -46,9 +46,9 @@ def env(tmp_path_factory):
 
 def _build(corpus, tokenizer, cache: Path, workers: int, **kwargs) -> tuple[Path, dict]:
     directory = cache_dir_for(corpus, tokenizer, WINDOW, cache)
-    meta = build.build_windows(corpus, tokenizer, WINDOW, token_dtype(tokenizer.vocab_size), directory,
-                               {"format": "test"}, workers=workers, unit_chars=UNIT_CHARS,
-                               shard_bytes=SHARD_BYTES, **kwargs)
+    _, meta = build.build_windows(corpus, tokenizer, WINDOW, token_dtype(tokenizer.vocab_size), directory,
+                                  base_meta(corpus.name, corpus.hash, tokenizer), workers=workers, unit_chars=UNIT_CHARS,
+                                  shard_bytes=SHARD_BYTES, **kwargs)
     return directory, meta
 
 
@@ -67,6 +67,8 @@ def test_worker_processes_write_the_same_bytes_as_one_and_the_stream_is_the_spli
     assert one["units"] > 10 and len(one["splits"]["train"]["shards"]) > 3  # pool, several checkpoints
     assert _shard_hashes(one_dir) == _shard_hashes(two_dir) and len(_shard_hashes(one_dir)) > 4
     assert one["splits"] == two["splits"] and one["corpus_content_hash"] == corpus.content_hash
+    in_memory = Corpus(corpus.name, tuple(corpus.iter_documents()), corpus.val_fraction, corpus.chunk_chars)
+    assert one["corpus_hash"] == in_memory.hash != corpus.hash  # streamed: the content identity, found on the way
     assert one["n_documents"] == 60
     # The oracle: the in-memory split, encoded in one piece.
     ds = build_dataset(corpus, tokenizer, WINDOW - 1, 0, tmp_path / "one", vocab_size=VOCAB)
@@ -94,8 +96,8 @@ _KILLED_BUILD = textwrap.dedent("""
     import sys
     from pathlib import Path
     from dsv3_jax.data import build
-    from dsv3_jax.data.corpus import prepare_corpus
-    from dsv3_jax.data.pipeline import cache_dir_for
+    from dsv3_jax.data.corpus import Corpus, prepare_corpus
+    from dsv3_jax.data.pipeline import base_meta, cache_dir_for
     from dsv3_jax.data.shards import token_dtype
     from dsv3_jax.data.tokenizer import load_tokenizer
 
@@ -103,7 +105,8 @@ _KILLED_BUILD = textwrap.dedent("""
     corpus = prepare_corpus(f"files:{pattern}", val_fraction=0.2, chunk_chars=400)
     tokenizer = load_tokenizer(tokenizer_path)
     directory = cache_dir_for(corpus, tokenizer, %d, cache)
-    build.build_windows(corpus, tokenizer, %d, token_dtype(tokenizer.vocab_size), directory, {"format": "test"},
+    build.build_windows(corpus, tokenizer, %d, token_dtype(tokenizer.vocab_size), directory,
+                        base_meta(corpus.name, corpus.hash, tokenizer),
                         workers=2, unit_chars=%d, shard_bytes=%d, progress=lambda p: __import__("time").sleep(0.05))
 """ % (WINDOW, WINDOW, UNIT_CHARS, SHARD_BYTES))
 
@@ -160,7 +163,27 @@ def test_streamed_split_keeps_the_fallback_of_holding_out_one_chunk(tmp_path):
     corpus = prepare_corpus(f"files:{root}/*.txt", val_fraction=0.001)  # no chunk scores below 0.001
     tokenizer = get_tokenizer(corpus, 300, tmp_path / "tok")
     directory = cache_dir_for(corpus, tokenizer, 8, tmp_path)
-    meta = build.build_windows(corpus, tokenizer, 8, token_dtype(300), directory, {}, workers=2, unit_chars=10)
+    _, meta = build.build_windows(corpus, tokenizer, 8, token_dtype(300), directory, {}, workers=2, unit_chars=10)
     assert meta["splits"]["val"]["n_docs"] == 1 and meta["splits"]["train"]["n_docs"] == 2
     assert meta["splits"]["val"]["n_tokens"] == _stream(tokenizer, corpus.val_docs()).size
     assert meta["splits"]["train"]["n_tokens"] == _stream(tokenizer, corpus.train_docs()).size
+
+
+def test_touched_files_with_the_same_documents_reuse_the_same_windows(tmp_path):
+    root = _write_corpus(tmp_path / "c", n_docs=20)
+    cache = tmp_path / "cache"
+    first = prepare_corpus(f"files:{root}/*.jsonl", val_fraction=0.2, chunk_chars=400)
+    tokenizer = get_tokenizer(first, VOCAB, tmp_path / "tok")
+    a = build_dataset(first, tokenizer, WINDOW - 1, 0, cache, vocab_size=VOCAB)
+    stat = (root / "docs.jsonl").stat()
+    os.utime(root / "docs.jsonl", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 ** 9))  # same bytes, new mtime
+    touched = prepare_corpus(f"files:{root}/*.jsonl", val_fraction=0.2, chunk_chars=400)
+    assert touched.hash != first.hash  # the manifest changed, so the files are read again ...
+    logs = []
+    b = build_dataset(touched, tokenizer, WINDOW - 1, 0, cache, vocab_size=VOCAB, log=logs.append)
+    assert b.directory == a.directory and b.key == a.key  # ... and found to hold the same documents
+    assert any("same documents" in line for line in logs)
+    (root / "docs.jsonl").write_text((root / "docs.jsonl").read_text().replace('"text": "', '"text": "An edit. ', 1))
+    edited = prepare_corpus(f"files:{root}/*.jsonl", val_fraction=0.2, chunk_chars=400)
+    c = build_dataset(edited, tokenizer, WINDOW - 1, 0, cache, vocab_size=VOCAB)
+    assert c.directory != a.directory and c.corpus_hash != a.corpus_hash

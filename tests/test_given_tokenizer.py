@@ -1,17 +1,25 @@
 """`data.tokenizer`: training, resuming and generating with a tokenizer the user brings (any HF tokenizer.json),
 here one the test builds itself: a byte-level BPE whose end-of-text token is `</s>`, named in a
-tokenizer_config.json beside it as HF hub checkpoints do."""
+tokenizer_config.json beside it as HF hub checkpoints do. The corpus is a Parquet file (text in a `content`
+column, several row groups), the case a researcher with their own data has: a run on it is SIGKILLed, resumes
+exactly, and generate decodes with the run's tokenizer."""
 
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from cli_support import checkpoint_steps, run_cli, stdlib_corpus
+from cli_support import REPO, checkpoint_steps, cli_env, metrics, run_cli, stdlib_corpus
 from dsv3_jax.data.tokenizer import Tokenizer
 
 CORPUS_FILES = ("argparse.py", "textwrap.py", "string.py")
@@ -34,17 +42,26 @@ def build_tokenizer(directory: Path, texts: list[str], vocab_size: int) -> Path:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("given_tokenizer")
-    corpus = stdlib_corpus(root / "corpus", CORPUS_FILES)
-    build_tokenizer(root / "tok", [p.read_text() for p in sorted(corpus.iterdir())], vocab_size=400)
+    texts = [p.read_text() for p in sorted(stdlib_corpus(root / "modules", CORPUS_FILES).iterdir())]
+    # One row per paragraph-ish block, three row groups: the reader's row-group path and row keys are exercised.
+    rows = [block for text in texts for block in text.split("\n\n") if block.strip()]
+    (root / "corpus").mkdir()
+    pq.write_table(pa.table({"id": list(range(len(rows))), "content": rows}), root / "corpus" / "part-0.parquet",
+                   row_group_size=len(rows) // 3 + 1)
+    build_tokenizer(root / "tok", texts, vocab_size=400)
     return root
 
 
+def _train_args(workdir: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["train", "--preset", "tiny", "--run-dir", str(run_dir), "--corpus",
+            f"files:{workdir}/corpus/*.parquet", "--no-progress", "--set", "train.steps=6",
+            "--set", "train.checkpoint_every=2", "--set", "train.eval_every=2",
+            "--set", f"data.cache_dir={workdir / 'data_cache'}", "--set", "data.text_field=content",
+            "--set", f"data.tokenizer={workdir / 'tok'}", *extra]
+
+
 def _train(workdir: Path, run_dir: Path, *extra: str):
-    return run_cli(["train", "--preset", "tiny", "--run-dir", str(run_dir), "--corpus",
-                    f"files:{workdir}/corpus/*.txt", "--no-progress", "--set", "train.steps=4",
-                    "--set", "train.checkpoint_every=2", "--set", "train.eval_every=2",
-                    "--set", f"data.cache_dir={workdir / 'data_cache'}",
-                    "--set", f"data.tokenizer={workdir / 'tok'}", *extra], workdir)
+    return run_cli(_train_args(workdir, run_dir, *extra), workdir)
 
 
 def test_the_end_of_text_token_comes_from_the_tokenizer_config(workdir, tmp_path):
@@ -93,3 +110,31 @@ def test_train_resume_and_generate_with_the_given_tokenizer(workdir):
     out = json.loads(proc.stdout)
     tok = Tokenizer(run_dir / "tokenizer.json")
     assert all(i < 400 for i in out["tokens"][0]) and out["texts"][0] == tok.decode(out["tokens"][0])
+
+
+def test_a_sigkilled_run_on_parquet_resumes_to_the_uninterrupted_metrics(workdir):
+    reference = workdir / "run"
+    if not (reference / "metrics.jsonl").exists():
+        assert _train(workdir, reference, "--set", "model.vocab_size=400").returncode == 0
+    run_dir = workdir / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "dsv3_jax", *_train_args(workdir, run_dir, "--set",
+                                                                           "model.vocab_size=400")],
+                            cwd=REPO, env=cli_env(workdir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log, deadline = run_dir / "metrics.jsonl", time.time() + 300
+    try:
+        while time.time() < deadline:  # past the step-2 checkpoint, before the end
+            if log.exists() and sum(1 for _ in log.open()) >= 4 and (run_dir / "checkpoints" / "2").exists():
+                break
+            if proc.poll() is not None:
+                pytest.fail("the run ended before it could be killed")
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert checkpoint_steps(run_dir)[-1] < 6
+    resumed = _train(workdir, run_dir, "--set", "model.vocab_size=400")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stderr and "the run's own" in resumed.stderr
+    assert metrics(run_dir) == metrics(reference)

@@ -34,7 +34,8 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from dsv3_jax.data.corpus import ContentHasher, Corpus, SplitTally, fallback_overrides, split_document
+from dsv3_jax.data.corpus import (ContentHasher, Corpus, IdentityHasher, SplitTally, fallback_overrides,
+                                  split_document)
 from dsv3_jax.data.documents import CorpusError, DataError, Document
 from dsv3_jax.data.shards import WindowWriter
 from dsv3_jax.data.tokenizer import Tokenizer, load_tokenizer
@@ -210,19 +211,43 @@ def _load_progress(partial: Path, identity: dict) -> dict | None:
     return None
 
 
+def finished(directory: Path) -> tuple[Path, dict] | None:
+    """(the windows' directory, its meta.json) if the build keyed by `directory` is complete, else None; a
+    streamed corpus's build is found through the pointer its manifest-keyed name leaves (`build_windows`)."""
+    if (directory / "meta.json").is_file():
+        return directory, json.loads((directory / "meta.json").read_text())
+    pointer = _pointer(directory)
+    if pointer.is_file():
+        target = directory.parent / json.loads(pointer.read_text())["directory"]
+        if (target / "meta.json").is_file():
+            return target, json.loads((target / "meta.json").read_text())
+    return None
+
+
+def _pointer(directory: Path) -> Path:
+    return directory.parent / f"{directory.name}.json"
+
+
 def build_windows(corpus: Corpus, tokenizer: Tokenizer, window: int, dtype: np.dtype, directory: Path, meta: dict,
-                  *, workers: int = 0, unit_chars: int = UNIT_CHARS, shard_bytes: int = SHARD_BYTES,
+                  *, final_directory: Callable[[str], Path] | None = None, workers: int = 0,
+                  unit_chars: int = UNIT_CHARS, shard_bytes: int = SHARD_BYTES,
                   progress: Callable[[Progress], None] | None = None,
-                  log: Callable[[str], None] | None = None) -> dict:
-    """Encode both splits of `corpus` into `directory` (module docstring) and return its meta.json: `meta`
-    plus the build's statistics. Returns the existing meta at once if `directory` is complete. `workers` 0
-    means one per core."""
+                  log: Callable[[str], None] | None = None) -> tuple[Path, dict]:
+    """Encode both splits of `corpus` (module docstring); returns the windows' directory and its meta.json
+    (`meta` plus the build's statistics and the corpus's content identity as `corpus_hash`). Returns at once
+    if the build is complete. `workers` 0 means one per core.
+
+    `directory` names the build (its partial directory, lock and resume state). With `final_directory`, the
+    windows go to `final_directory(identity)` once the content identity is known, and `directory` becomes a
+    small pointer file to it: a streamed corpus is known by its file manifest up front, but touched or copied
+    files with the same documents end in the same windows (and a run on them resumes)."""
     workers = workers or default_workers()
     identity = dict(meta, window=window, dtype=np.dtype(dtype).str, tokenizer=tokenizer.hash,
                     corpus=corpus.hash, unit_chars=unit_chars, shard_bytes=shard_bytes)
     with build_lock(directory):
-        if (directory / "meta.json").is_file():
-            return json.loads((directory / "meta.json").read_text())
+        done = finished(directory)
+        if done is not None:
+            return done
         partial = directory.parent / f".{directory.name}.partial"
         forced: dict[tuple[int, int], bool] = {}
         t0 = time.perf_counter()
@@ -237,7 +262,7 @@ def build_windows(corpus: Corpus, tokenizer: Tokenizer, window: int, dtype: np.d
                 if log:
                     log(f"resuming an interrupted preparation after {build.units_done} units "
                         f"({build.documents:,} documents, {build.tokens:,} tokens)")
-            content = _encode_all(corpus, tokenizer, build, workers, unit_chars, progress, t0)
+            content, corpus_hash = _encode_all(corpus, tokenizer, build, workers, unit_chars, progress, t0)
             build.checkpoint()
             overrides = fallback_overrides(build.tally)
             if not overrides:
@@ -251,19 +276,35 @@ def build_windows(corpus: Corpus, tokenizer: Tokenizer, window: int, dtype: np.d
                 raise DataError(f"the {'validation' if name == 'val' else name} split of {corpus.name!r} has "
                                 f"{split['n_tokens']:,} tokens, fewer than one window of {window} (seq_len + 1 + "
                                 "mtp_depth); use a larger corpus or a shorter seq_len")
-        meta = dict(meta, window=window, dtype=np.dtype(dtype).str, splits=stats, corpus_content_hash=content, n_documents=build.documents,
-                    units=build.units_done, workers=workers, build_seconds=round(time.perf_counter() - t0, 2))
+        meta = dict(meta, corpus_hash=corpus_hash, window=window, dtype=np.dtype(dtype).str, splits=stats,
+                    corpus_content_hash=content, n_documents=build.documents, units=build.units_done,
+                    workers=workers, build_seconds=round(time.perf_counter() - t0, 2))
+        if corpus.streamed:
+            meta["corpus_manifest"] = corpus.manifest
         (partial / _PROGRESS).unlink()
         (partial / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        partial.rename(directory)  # complete: from now on every run reads it
-        return meta
+        target = directory if final_directory is None else final_directory(corpus_hash)
+        try:
+            partial.rename(target)  # complete: from now on every run reads it
+        except OSError:
+            if not (target / "meta.json").is_file():
+                raise
+            # The same documents were encoded before (files touched or copied since): those windows stand.
+            shutil.rmtree(partial)
+            meta = json.loads((target / "meta.json").read_text())
+            if log:
+                log(f"the files hold the same documents as an earlier preparation: using {target.name}")
+        if target != directory:
+            _write_json(_pointer(directory), {"directory": target.name, "corpus_hash": corpus_hash})
+        return target, meta
 
 
 def _encode_all(corpus: Corpus, tokenizer: Tokenizer, build: _Build, workers: int, unit_chars: int,
-                progress: Callable[[Progress], None] | None, t0: float) -> str:
-    """Stream the corpus through the encoders into `build`; returns the content hash of every text read."""
-    hasher = ContentHasher()
-    units = _units(iter(_hashed(corpus.iter_documents(), hasher)), unit_chars)
+                progress: Callable[[Progress], None] | None, t0: float) -> tuple[str, str]:
+    """Stream the corpus through the encoders into `build`; returns the (content hash, identity) of every
+    document read."""
+    hasher, identity = ContentHasher(), IdentityHasher(corpus.val_fraction, corpus.chunk_chars)
+    units = _units(iter(_hashed(corpus.iter_documents(), hasher, identity)), unit_chars)
     first_index = 0
     for _ in range(build.units_done):  # done before an interruption: read and hashed, not encoded again
         unit = next(units, None)
@@ -283,7 +324,7 @@ def _encode_all(corpus: Corpus, tokenizer: Tokenizer, build: _Build, workers: in
         if first is not None:
             build.add(encode_unit(tokenizer, first, first_index, *args), len(first))
             report()
-        return hasher.hexdigest()
+        return hasher.hexdigest(), identity.hexdigest()
     pending: collections.deque = collections.deque()
     with _worker_pool(workers, tokenizer) as pool:
         for unit in _chain(first, second, units):
@@ -297,7 +338,7 @@ def _encode_all(corpus: Corpus, tokenizer: Tokenizer, build: _Build, workers: in
             future, n = pending.popleft()
             build.add(future.result(), n)
             report()
-    return hasher.hexdigest()
+    return hasher.hexdigest(), identity.hexdigest()
 
 
 @contextlib.contextmanager
@@ -328,9 +369,10 @@ def _worker_pool(workers: int, tokenizer: Tokenizer) -> Iterator[concurrent.futu
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _hashed(docs: Iterator[Document], hasher: ContentHasher) -> Iterator[Document]:
+def _hashed(docs: Iterator[Document], content: ContentHasher, identity: IdentityHasher) -> Iterator[Document]:
     for doc in docs:
-        hasher.update(doc.text)
+        content.update(doc.text)
+        identity.update(doc)
         yield doc
 
 

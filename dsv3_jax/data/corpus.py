@@ -13,11 +13,12 @@ The rule is decided one document at a time (`split_document`), so a corpus large
 it streams; only the two fallbacks need the whole corpus, and `fallback_overrides` computes them from counts
 kept along the way (they can only fire on corpora of a few dozen chunks).
 
-Identity (`Corpus.hash`, the key of every cache built from the corpus): the named sources are read into memory
-and hashed by content (keys and texts); a `files:` corpus streams from disk and is identified by its file
-manifest (relative paths, sizes and modification times, and `text_field`), so a billion-token corpus is not
-read twice just to name it. Either way the hash also covers the split rule and settings. The sha256 of the
-texts themselves (`content_hash`) is computed while the corpus is encoded and stored with the token windows.
+Identity: the hash over the split rule, its settings and every document's key and text (`IdentityHasher`)
+keys the token windows. The named sources are read into memory and hashed up front (`Corpus.hash`). A `files:`
+corpus streams from disk: up front it is known by its file manifest (relative paths, sizes, modification
+times and `text_field`; `Corpus.hash`, which keys its BPE tokenizer and its preparation in progress), and its
+content identity is computed while it is encoded, so a billion-token corpus is read once. The sha256 of the
+texts alone (`content_hash`) is stored with the windows too.
 """
 
 from __future__ import annotations
@@ -57,6 +58,23 @@ class ContentHasher:
 
     def update(self, text: str) -> None:
         _hash_update(self._h, text)
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
+class IdentityHasher:
+    """A corpus's identity (`Corpus.hash` of an in-memory corpus): sha256 over the split rule and settings, then
+    every document's key and text in order; fed one document at a time, so a streamed corpus gets the same
+    identity as the same documents in memory."""
+
+    def __init__(self, val_fraction: float, chunk_chars: int) -> None:
+        self._h = hashlib.sha256()
+        _hash_update(self._h, f"{_SPLIT_VERSION} val_fraction={val_fraction!r} chunk_chars={chunk_chars}")
+
+    def update(self, doc: Document) -> None:
+        _hash_update(self._h, doc.key)
+        _hash_update(self._h, doc.text)
 
     def hexdigest(self) -> str:
         return self._h.hexdigest()
@@ -216,17 +234,18 @@ class Corpus:
 
     @functools.cached_property
     def hash(self) -> str:
-        """sha256 over everything that decides the splits: split rule, settings, and the documents' keys and
-        texts (in memory) or the file manifest (streamed)."""
-        h = hashlib.sha256()
-        _hash_update(h, f"{_SPLIT_VERSION} val_fraction={self.val_fraction!r} chunk_chars={self.chunk_chars}")
+        """In memory: the identity over the split rule, settings and every document's key and text
+        (`IdentityHasher`). Streamed: the same rule and settings over the file manifest instead, known without
+        reading the files; the content identity is computed while the corpus is encoded and keys its windows."""
         if self.reader is not None:
+            h = hashlib.sha256()
+            _hash_update(h, f"{_SPLIT_VERSION} val_fraction={self.val_fraction!r} chunk_chars={self.chunk_chars}")
             _hash_update(h, f"manifest:{self.manifest}")
-        else:
-            for d in self.documents:
-                _hash_update(h, d.key)
-                _hash_update(h, d.text)
-        return h.hexdigest()
+            return h.hexdigest()
+        hasher = IdentityHasher(self.val_fraction, self.chunk_chars)
+        for d in self.documents:
+            hasher.update(d)
+        return hasher.hexdigest()
 
     @functools.cached_property
     def content_hash(self) -> str:

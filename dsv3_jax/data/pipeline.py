@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 import re
 from pathlib import Path
@@ -27,7 +26,7 @@ import numpy as np
 
 from dsv3_jax.data.corpus import Corpus
 from dsv3_jax.data.fetch import resolve_cache_dir
-from dsv3_jax.data.build import Progress, build_windows
+from dsv3_jax.data.build import Progress, build_windows, finished
 from dsv3_jax.data.documents import DataError
 from dsv3_jax.data.shards import decode_records, token_dtype
 from dsv3_jax.data.tokenizer import Tokenizer
@@ -238,7 +237,9 @@ def windows_dir(name: str, identity: str, tokenizer: Tokenizer, window: int,
 
 
 def cache_dir_for(corpus: Corpus, tokenizer: Tokenizer, window: int, cache_dir: str | os.PathLike | None) -> Path:
-    """Where the windows of (corpus, tokenizer, window) are stored."""
+    """Where the windows of (corpus, tokenizer, window) are built: stored, for a corpus in memory; for a streamed
+    one, the name of its build, which points to the windows stored under the content identity
+    (`build.finished`)."""
     return windows_dir(corpus.name, corpus.hash, tokenizer, window, cache_dir)
 
 
@@ -284,12 +285,12 @@ def build_dataset(corpus: Corpus, tokenizer: Tokenizer, seq_len: int, mtp_depth:
         raise DataError(f"the tokenizer has {tokenizer.vocab_size} ids but vocab_size is {vocab_size}: token ids "
                         f">= {vocab_size} would index past the embedding; use a tokenizer trained for that size")
     window = seq_len + 1 + mtp_depth
-    directory = cache_dir_for(corpus, tokenizer, window, cache_dir)
-    meta_path = directory / "meta.json"
-    if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-    else:
-        meta = build_windows(corpus, tokenizer, window, token_dtype(tokenizer.vocab_size), directory,
-                             base_meta(corpus.name, corpus.hash, tokenizer), workers=workers, progress=progress,
-                             log=log)
-    return dataset_from_meta(directory, meta, tokenizer, vocab_size, seq_len, mtp_depth)
+    done = finished(cache_dir_for(corpus, tokenizer, window, cache_dir))
+    if done is None:
+        final = (lambda identity: windows_dir(corpus.name, identity, tokenizer, window, cache_dir)) \
+            if corpus.streamed else None
+        done = build_windows(corpus, tokenizer, window, token_dtype(tokenizer.vocab_size),
+                             cache_dir_for(corpus, tokenizer, window, cache_dir),
+                             base_meta(corpus.name, corpus.hash, tokenizer), final_directory=final, workers=workers,
+                             progress=progress, log=log)
+    return dataset_from_meta(*done, tokenizer, vocab_size, seq_len, mtp_depth)

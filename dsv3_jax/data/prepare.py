@@ -11,7 +11,7 @@ from typing import Callable
 
 from dsv3_jax.data.corpus import DEFAULT_VAL_FRACTION, prepare_corpus
 from dsv3_jax.data.fetch import resolve_cache_dir
-from dsv3_jax.data.build import Progress
+from dsv3_jax.data.build import Progress, finished
 from dsv3_jax.data.documents import CorpusError, DataError
 from dsv3_jax.data.pipeline import (TokenDataset, base_meta, build_dataset, cache_dir_for, dataset_from_meta,
                                     local_batch_size, resolve_process, windows_dir)
@@ -96,7 +96,7 @@ def prepare_data(corpus_name: str = "shakespeare", vocab_size: int = DEFAULT_VOC
     t0 = time.perf_counter()
     window = seq_len + 1 + mtp_depth
     bar = None
-    if progress_bar and not (cache_dir_for(corpus, tokenizer, window, cache) / "meta.json").is_file():
+    if progress_bar and finished(cache_dir_for(corpus, tokenizer, window, cache)) is None:
         bar = _ProgressBar(corpus_name)
     try:
         dataset = build_dataset(corpus, tokenizer, seq_len, mtp_depth, cache, vocab_size=vocab_size,
