@@ -148,3 +148,32 @@ def get_small_moe_layer_params() -> int:
 def test_sizes_beyond_int32_are_refused_by_name(capsys):
     assert cli.main(["plan", "--preset", "small", "--set", "model.vocab_size=10000000000000000000"]) == 2
     assert "model.vocab_size: must be at most 2**31 - 1" in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize("setup, args, needle", [
+    (None, ["--set", "data.workers=-1"], "data.workers"),
+    (None, ["--set", "data.workers=true"], "data.workers"),
+    (None, ["--set", "data.token_dtype=float32"], "data.token_dtype"),
+    (None, ["--corpus", "tokens:/no/such/dir"], "tokens:/no/such/dir: no such directory of token shards"),
+    ("shards", ["--corpus", "tokens:{p}/shards"], "data.tokenizer: tokens:"),
+    (None, ["--corpus", "files:{p}/nothing*.jsonl"], "matches no file"),
+    ("corrupt", ["--corpus", "files:{p}/bad.jsonl.gz"], "bad.jsonl.gz: cannot be read past line 0"),
+    ("notext", ["--corpus", "files:{p}/x.parquet"], "x.parquet has no column 'text'"),
+])
+def test_prepare_refuses_bad_input_with_one_line(tmp_path, capsys, setup, args, needle):
+    if setup == "shards":
+        (tmp_path / "shards").mkdir()
+        (tmp_path / "shards" / "a.bin").write_bytes(b"\x01\x00")
+    elif setup == "corrupt":
+        (tmp_path / "bad.jsonl.gz").write_bytes(b"\x1f\x8b\x08\x00 not really gzip")
+    elif setup == "notext":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"body": ["a b c"]}), tmp_path / "x.parquet")
+    cache = tmp_path / "cache"
+    argv = ["prepare", "--preset", "tiny", "--no-progress", "--set", f"data.cache_dir={cache}",
+            *[a.replace("{p}", str(tmp_path)) for a in args]]
+    assert cli.main(argv) == 2
+    assert needle in _one_error_line(capsys)
+    assert not (cache / "tokens").exists()  # nothing encoded

@@ -187,3 +187,21 @@ def test_touched_files_with_the_same_documents_reuse_the_same_windows(tmp_path):
     edited = prepare_corpus(f"files:{root}/*.jsonl", val_fraction=0.2, chunk_chars=400)
     c = build_dataset(edited, tokenizer, WINDOW - 1, 0, cache, vocab_size=VOCAB)
     assert c.directory != a.directory and c.corpus_hash != a.corpus_hash
+
+
+def test_prepare_command_summarises_and_reuses(tmp_path):
+    from cli_support import run_cli
+
+    root = _write_corpus(tmp_path / "c", n_docs=30)
+    args = ["prepare", "--preset", "tiny", "--corpus", f"files:{root}/*.jsonl", "--set", "data.workers=2",
+            "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    first = run_cli(args, tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "preparing files:" in first.stderr  # the progress bar
+    line = first.stdout.strip()
+    assert line.startswith(f"prepared files:{root}/*.jsonl: 30 documents, ") and " shards -> " in line
+    again = run_cli([*args, "--json"], tmp_path)
+    out = json.loads(again.stdout)
+    assert out["reused"] is True and out["documents"] == 30 and out["tokens"] == out["train"]["n_tokens"] + \
+        out["val"]["n_tokens"] and out["bytes_per_token"] > 1 and out["shards"] >= 2
+    assert line.endswith(out["directory"])

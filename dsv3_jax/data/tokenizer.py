@@ -118,7 +118,7 @@ def tokenizer_dir(corpus: Corpus, vocab_size: int, cache_dir: str | os.PathLike 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Load a saved `tokenizer.json` (or the directory holding one)."""
-    path = Path(path)
+    path = Path(path).expanduser()
     return Tokenizer(path / "tokenizer.json" if path.is_dir() else path)
 
 

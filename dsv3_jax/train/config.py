@@ -120,7 +120,8 @@ class DataConfig:
                 raise ConfigError("data.tokenizer", f"{self.corpus} holds token ids: name the tokenizer that "
                                   "produced them (generate decodes with it)")
         if self.tokenizer is not None:
-            path = os.path.join(self.tokenizer, "tokenizer.json") if os.path.isdir(self.tokenizer) else self.tokenizer
+            given = os.path.expanduser(self.tokenizer)
+            path = os.path.join(given, "tokenizer.json") if os.path.isdir(given) else given
             if not os.path.isfile(path):
                 raise ConfigError("data.tokenizer", f"no tokenizer.json at {self.tokenizer}")
         return self
