@@ -10,6 +10,10 @@ TPU (whatever `jax.devices()` offers; one device).
 
     python benchmarks/train_throughput.py                       # small preset, batch 8 x 256, both
     python benchmarks/train_throughput.py --preset tiny --set train.grad_accum=2 --modes bare
+    # against HF transformers on this CPU (hf_train_throughput.py, in its own venv), MTP off on both sides
+    python benchmarks/train_throughput.py --mtp 0 --write-hf-config /tmp/small_hf.json
+    .venv-hf/bin/python benchmarks/hf_train_throughput.py --config /tmp/small_hf.json > /tmp/hf.json
+    python benchmarks/train_throughput.py --mtp 0 --modes bare --vs-hf /tmp/hf.json
 
 Prints one JSON object: config, device, "bare": {tokens_per_s, step_ms (median), step_flops (XLA cost
 analysis of the step, unrolled and in one piece because XLA counts a loop body once; null where the backend
@@ -44,7 +48,7 @@ from dsv3_jax.train.step import init_train_state  # noqa: E402
 
 def build_config(args) -> Config:
     config = Config(model=get_preset(args.preset), train=train_preset(args.preset), data=DataConfig(corpus=args.corpus))
-    sets = [f"train.batch_size={args.batch}", f"train.seq_len={args.seq}", "model.num_nextn_predict_layers=1"]
+    sets = [f"train.batch_size={args.batch}", f"train.seq_len={args.seq}", f"model.num_nextn_predict_layers={args.mtp}"]
     return apply_overrides(config, sets + (args.set or []))
 
 
@@ -109,6 +113,38 @@ def trainer(config: Config, first: int, last: int) -> dict:
             "median_tokens_per_s": round(statistics.median(window), 1)}
 
 
+def matmul_peak_gflops() -> float:
+    """This backend's fp32 GEMM rate: the best of a few jitted square matmuls (the MFU denominator)."""
+    best = 0.0
+    for n in (512, 1024, 2048):
+        a, b = (jax.random.normal(jax.random.key(i), (n, n), jnp.float32) for i in range(2))
+        mm = jax.jit(lambda x, y: x @ y)
+        mm(a, b).block_until_ready()
+        reps = max(3, int(2e10 / (2 * n ** 3)))
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            out = mm(a, b)
+        out.block_until_ready()
+        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t0))
+    return best / 1e9
+
+
+def compare_with_hf(config: Config, ours: dict, hf_json: str) -> dict:
+    """Our bare step against `hf_train_throughput.py`'s JSON: tokens/s ratio and MFU of each side (model FLOPs
+    per token x tokens/s over that framework's own measured fp32 matmul peak)."""
+    from dsv3_jax.aot import model_flops_per_token
+
+    with open(hf_json) as f:
+        hf = json.load(f)
+    flops_per_token = model_flops_per_token(config)
+    ours_peak = matmul_peak_gflops()
+    return {"hf": hf, "speedup_vs_hf": round(ours["tokens_per_s"] / hf["tokens_per_s"], 3),
+            "model_gflops_per_token": round(flops_per_token / 1e9, 4),
+            "ours_matmul_peak_gflops": round(ours_peak, 1),
+            "ours_mfu": round(flops_per_token * ours["tokens_per_s"] / (ours_peak * 1e9), 4),
+            "hf_mfu": round(flops_per_token * hf["tokens_per_s"] / (hf["matmul_peak_gflops"] * 1e9), 4)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="small")
@@ -121,8 +157,17 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--trainer-from", type=int, default=5)
     parser.add_argument("--trainer-to", type=int, default=50)
+    parser.add_argument("--mtp", type=int, default=1, help="MTP depth (0 for the comparison with HF)")
+    parser.add_argument("--write-hf-config", metavar="PATH", default=None,
+                        help="write the model's HF config.json (for hf_train_throughput.py) and exit")
+    parser.add_argument("--vs-hf", metavar="JSON", default=None,
+                        help="hf_train_throughput.py's output: add tokens/s ratio and MFU of both sides")
     args = parser.parse_args()
     config = build_config(args)
+    if args.write_hf_config:
+        with open(args.write_hf_config, "w") as f:
+            json.dump(config.model.to_hf(), f, indent=2)
+        return
     out = {"config": {"preset": args.preset, "batch": config.train.batch_size, "seq": config.train.seq_len,
                       "grad_accum": config.train.grad_accum, "moe_dispatch": config.model.moe_dispatch,
                       "scan_layers": config.model.scan_layers, "remat": config.model.remat, "set": args.set or []},
@@ -131,6 +176,8 @@ def main() -> None:
         out["bare"] = bare(config, args.steps, args.warmup)
     if "trainer" in args.modes:
         out["trainer"] = trainer(config, args.trainer_from, args.trainer_to)
+    if args.vs_hf and "bare" in out:
+        out["vs_hf"] = compare_with_hf(config, out["bare"], args.vs_hf)
     if "bare" in out and "trainer" in out:
         out["trainer_vs_bare"] = round(out["trainer"]["tokens_per_s"] / out["bare"]["tokens_per_s"], 3)
     print(json.dumps(out, indent=2))

@@ -475,7 +475,8 @@ PRESETS: dict[str, ModelConfig] = {
         num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=2, q_lora_rank=24,
         kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=8,
         num_experts_per_tok=2, n_shared_experts=1, n_group=4, topk_group=2, routed_scaling_factor=2.5,
-        rope_scaling=YarnConfig(factor=4.0, original_max_position_embeddings=16), max_position_embeddings=256,
+        # YaRN stretching 16 original positions to the 256 it allows: factor = 256 / 16, as HF expects.
+        rope_scaling=YarnConfig(factor=16.0, original_max_position_embeddings=16), max_position_embeddings=256,
         num_nextn_predict_layers=1),
 }
 

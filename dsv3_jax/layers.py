@@ -38,7 +38,8 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.weight[...].astype(x.dtype) * normed.astype(x.dtype)
+        weight = self.weight[...].astype(x.dtype).reshape((1,) * (x.ndim - 1) + (-1,))  # explicit broadcast
+        return weight * normed.astype(x.dtype)
 
 
 class Linear(nnx.Module):

@@ -155,7 +155,7 @@ class DeepSeekV3(nnx.Module):
     def decode(self, input_ids_BT: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """T new tokens per row, at positions lengths_B[b] + t: (post-norm hidden [B, T, D], cache with
         lengths + T). Callers that reject some of the T (speculative verification) lower the lengths after."""
-        positions_BT = cache.lengths[:, None] + jnp.arange(input_ids_BT.shape[1], dtype=jnp.int32)
+        positions_BT = cache.lengths[:, None] + jnp.arange(input_ids_BT.shape[1], dtype=jnp.int32)[None, :]
         h_BTD = constrain(self.embed_tokens(input_ids_BT), *RESIDUAL_AXES)
         h_BTD, cache = self._cached_layers("decode", h_BTD, cache, positions_BT)
         return self.norm(h_BTD), cache.replace(lengths=cache.lengths + input_ids_BT.shape[1])
@@ -186,7 +186,7 @@ class DeepSeekV3(nnx.Module):
                    mtp_cache: KVCache) -> tuple[jax.Array, KVCache]:
         """The first MTP module at positions mtp_lengths + t, pairing main hidden h_i with token t_{i+1}:
         (head input [B, T, D] whose logits predict t_{i+2}, cache with lengths + T)."""
-        positions_BT = mtp_cache.lengths[:, None] + jnp.arange(next_ids_BT.shape[1], dtype=jnp.int32)
+        positions_BT = mtp_cache.lengths[:, None] + jnp.arange(next_ids_BT.shape[1], dtype=jnp.int32)[None, :]
         _, head_in_BTD, entries = self.mtp[0].decode(h_prev_BTD, self.embed_tokens(next_ids_BT), positions_BT,
                                                      mtp_cache.layer(0))
         return head_in_BTD, mtp_cache.with_layer(0, entries).replace(lengths=mtp_cache.lengths + next_ids_BT.shape[1])

@@ -46,7 +46,7 @@ def route(logits_NE: jax.Array, bias_E: jax.Array, cfg: ModelConfig) -> tuple[ja
     The bias shifts which experts are *chosen*; the weights come from the unbiased sigmoid scores.
     """
     scores_NE = jax.nn.sigmoid(logits_NE.astype(jnp.float32))
-    biased_NE = scores_NE + bias_E.astype(jnp.float32)
+    biased_NE = scores_NE + bias_E.astype(jnp.float32)[None, :]
     if cfg.n_group > 1:
         n_tokens = biased_NE.shape[0]
         grouped_NGe = biased_NE.reshape(n_tokens, cfg.n_group, cfg.experts_per_group)

@@ -168,8 +168,8 @@ def _padded_ragged_all_to_all(operand: jax.Array, output: jax.Array, input_offse
     Every slice must hold at most `capacity` rows; rows past it are dropped.
     """
     slot_C = jnp.arange(capacity)
-    src_PC = input_offsets[:, None] + slot_C
-    send_PC = slot_C < send_sizes[:, None]
+    src_PC = input_offsets[:, None] + slot_C[None, :]
+    send_PC = slot_C[None, :] < send_sizes[:, None]
     mask_PC = send_PC.reshape(send_PC.shape + (1,) * (operand.ndim - 1))
     buf_PCD = jnp.where(mask_PC, operand.at[src_PC].get(mode="fill", fill_value=0), 0)
     recv_PCD = jax.lax.all_to_all(buf_PCD, axis_name, 0, 0, tiled=True)

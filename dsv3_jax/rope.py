@@ -70,7 +70,7 @@ def softmax_scale(cfg: ModelConfig) -> float:
 def rope_cos_sin(positions: jnp.ndarray, cfg: ModelConfig) -> tuple[jnp.ndarray, jnp.ndarray]:
     """cos and sin tables [..., rope_dim/2] (float32) for integer positions of any shape."""
     inv_freq = jnp.asarray(rope_inv_freq(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling))
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq.reshape((1,) * positions.ndim + (-1,))
     factor = rope_attention_factor(cfg.rope_scaling)
     return jnp.cos(angles) * factor, jnp.sin(angles) * factor
 

@@ -14,6 +14,10 @@ if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 # must never start as a device backend: with no GPU it fails cuInit and is then unusable for AOT compilation.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# Implicit rank promotion (adding a [D] vector to a [B, T, D] array without saying how) hides shape bugs: the
+# suite, and every subprocess it starts, raises on it, so the code broadcasts explicitly.
+os.environ.setdefault("JAX_NUMPY_RANK_PROMOTION", "raise")
+
 settings.register_profile("dsv3", deadline=None, max_examples=int(os.environ.get("HYPOTHESIS_EXAMPLES", "40")),
                           derandomize=True, print_blob=True)
 settings.load_profile("dsv3")

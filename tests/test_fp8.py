@@ -399,5 +399,12 @@ def test_fp8_train_steps_on_a_sharded_mesh_match_one_device(tmp_path):
     for one, sharded in zip(report["single"], report["sharded"]):
         for key, value in one.items():
             assert sharded[key] == pytest.approx(value, rel=1e-5), (key, one, sharded)
-    assert report["grad_rel_l2_diff"] < 1e-5  # Adam's first moment after step 1: the clipped gradient
+    # Adam's first moment after step 1 (the clipped gradient). Both programs agree to float32 reduction order,
+    # but FP8 quantisation turns a last-bit difference of a value sitting on an E4M3 rounding boundary into a
+    # whole E4M3 step (up to 1/16 relative) of that element, and whether any element sits on a boundary depends
+    # on the data (measured: 1.4e-4 relative L2 from a handful of elements after a change of the tiny preset's
+    # YaRN factor, 0 before). A wrong tile scale or a tile cut by a shard changes whole tiles: > 1e-1.
+    # One flipped activation feeds a whole row of each weight gradient it meets, so the elements that differ
+    # are not few (0.5% here); their size is what stays small.
+    assert report["grad_rel_l2_diff"] < 1e-3, report["grad_rel_l2_diff"]
     assert report["tensor_error"]["field"] == "model.num_attention_heads", report["tensor_error"]

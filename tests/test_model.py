@@ -95,11 +95,18 @@ def test_config_variants_run():
 
 def test_bf16_compute_stays_close_to_fp32():
     ids = _ids()
-    ref, _ = _apply(init_model(TINY), ids)
-    low, _ = _apply(init_model(TINY.replace(dtype="bfloat16")), ids)
+    ref, aux_ref = _apply(init_model(TINY), ids)
+    low, aux_low = _apply(init_model(TINY.replace(dtype="bfloat16")), ids)
     assert low.dtype == jnp.float32
-    # bf16 keeps ~3 significant digits; a few near-tie routing flips are expected, so compare on average
-    assert np.abs(np.asarray(low - ref)).mean() < 0.05 * np.abs(np.asarray(ref)).mean()
+    # bf16 keeps ~3 significant digits. Near-tie routing decisions may flip, and a token whose experts changed
+    # (in any layer) can move by much more than rounding, so compare the tokens routed alike on both sides,
+    # and bound how many flip.
+    def chosen(aux):  # [L_moe, N, K] expert sets, order-free
+        return np.sort(np.asarray(aux.moe.topk_idx), axis=-1)
+    same_N = np.all(chosen(aux_ref) == chosen(aux_low), axis=(0, 2))
+    assert same_N.mean() >= 0.75, same_N.mean()
+    err_N = np.abs(np.asarray(low - ref)).reshape(same_N.size, -1).mean(-1)
+    assert err_N[same_N].mean() < 0.03 * np.abs(np.asarray(ref)).mean(), (err_N, same_N)
 
 
 @pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "unrolled"])
