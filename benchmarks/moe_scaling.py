@@ -33,7 +33,7 @@ from flax import nnx  # noqa: E402
 
 from dsv3_jax.config import get_preset  # noqa: E402
 from dsv3_jax.layers import MLP  # noqa: E402
-from dsv3_jax.moe import MoE, expert_capacity  # noqa: E402
+from dsv3_jax.moe import SPILL_CAPACITY_FACTOR, MoE, expert_capacity  # noqa: E402
 
 TARGET = {"dispatch": "capacity", "capacity_factor": 1.25, "max_ratio_vs_8_experts_at_256": 1.3,
           "max_ratio_vs_dense_mlp": 2.0}
@@ -54,7 +54,9 @@ def buffer_bytes(args, experts: int, dispatch: str, capacity_factor: float | Non
     if dispatch == "dense":
         return n * experts * max(d, f) * itemsize
     if dispatch == "capacity":
-        return experts * expert_capacity(n, k, experts, capacity_factor) * max(d, f) * itemsize
+        # dropless on one device: SPILL_CAPACITY_FACTOR x the fair share of slots plus the spill rows (N*K)
+        factor = SPILL_CAPACITY_FACTOR if capacity_factor is None else capacity_factor
+        return max(experts * expert_capacity(n, k, experts, factor), n * k) * max(d, f) * itemsize
     blocks = -(-(n * k + experts * 127) // 128)
     return max(blocks * 128 * d, blocks * d * f) * itemsize
 

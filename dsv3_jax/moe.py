@@ -15,7 +15,8 @@ from flax import nnx, struct
 
 from dsv3_jax.config import ModelConfig, resolve_grouped_gemm, resolve_moe_dispatch
 from dsv3_jax.layers import MLP, DotGeneral, normal_init
-from dsv3_jax.moe_ragged import block_layout, ragged_experts, ragged_experts_ep, sort_by_expert
+from dsv3_jax.moe_ragged import (_blocked_grouped_swiglu, block_layout, ragged_experts, ragged_experts_ep,
+                                 sort_by_expert)
 from dsv3_jax.remat_names import EXPERT_GATE, EXPERT_UP, tag
 from dsv3_jax.partitioning import active_plan, constrain
 
@@ -151,26 +152,37 @@ class RoutedExperts(nnx.Module):
         cfg = self.cfg
         n_tokens, top_k = topk_idx_NK.shape
         n_experts = cfg.n_routed_experts
-        cap = expert_capacity(n_tokens, top_k, n_experts, cfg.capacity_factor)
-        order_A, sorted_expert_A, token_A, _, rank_A = sort_by_expert(topk_idx_NK, n_experts)
+        spill = self._spills()
+        cap = (expert_capacity(n_tokens, top_k, n_experts, SPILL_CAPACITY_FACTOR) if spill
+               else expert_capacity(n_tokens, top_k, n_experts, cfg.capacity_factor))
+        order_A, sorted_expert_A, token_A, counts_E, rank_A = sort_by_expert(topk_idx_NK, n_experts)
         kept_A = rank_A < cap
         n_slots = n_experts * cap  # slot n_slots is the "nothing here" row: zeros in, dropped out
         slot_A = jnp.where(kept_A, sorted_expert_A * cap + rank_A, n_slots)
         token_S = jnp.full((n_slots + 1,), n_tokens, jnp.int32).at[slot_A].set(token_A.astype(jnp.int32))[:n_slots]
-        slot_NK = jnp.zeros((n_tokens * top_k,), jnp.int32).at[order_A].set(slot_A).reshape(n_tokens, top_k)
 
         gate_EDF, up_EDF, down_EFD = self._weights()
         x_ND = x_ND.astype(gate_EDF.dtype)
+        if spill:  # the assignments past an expert's `cap` slots, compacted in expert order after the slots
+            spill_E = jnp.maximum(counts_E - cap, 0)
+            spill_start_E = jnp.cumsum(spill_E) - spill_E
+            spill_row_A = jnp.where(kept_A, n_tokens * top_k, spill_start_E[sorted_expert_A] + rank_A - cap)
+            spill_RD = jnp.zeros((n_tokens * top_k, x_ND.shape[1]), x_ND.dtype).at[spill_row_A].set(
+                x_ND[token_A], mode="drop")
+            y_spill_RD = _blocked_grouped_swiglu(spill_RD, gate_EDF, up_EDF, down_EFD, spill_E, block=SPILL_BLOCK)
+            slot_A = jnp.where(kept_A, slot_A, n_slots + 1 + spill_row_A)
+        slot_NK = jnp.zeros((n_tokens * top_k,), jnp.int32).at[order_A].set(slot_A).reshape(n_tokens, top_k)
         x_pad_ND = jnp.concatenate([x_ND, jnp.zeros((1, x_ND.shape[1]), x_ND.dtype)])  # row N: empty slot
         buffer_ECD = constrain(x_pad_ND[token_S].reshape(n_experts, cap, -1), "experts", None, "act_embed")
         h_ECF = (jax.nn.silu(tag(_per_expert_matmul(self.dot_general, buffer_ECD, gate_EDF), EXPERT_GATE))
                  * tag(_per_expert_matmul(self.dot_general, buffer_ECD, up_EDF), EXPERT_UP))
         h_ECF = constrain(h_ECF, "experts", None, "expert_mlp")
         y_ECD = constrain(_per_expert_matmul(self.dot_general, h_ECF, down_EFD), "experts", None, "act_embed")
-        y_pad_SD = jnp.concatenate([y_ECD.reshape(n_slots, -1), jnp.zeros((1, y_ECD.shape[-1]), y_ECD.dtype)])
-        y_NKD = y_pad_SD[slot_NK]  # dropped assignments read the zero row
+        y_pad_SD = jnp.concatenate([y_ECD.reshape(n_slots, -1), jnp.zeros((1, y_ECD.shape[-1]), y_ECD.dtype)]
+                                   + ([y_spill_RD.astype(y_ECD.dtype)] if spill else []))
+        y_NKD = y_pad_SD[slot_NK]  # dropped assignments read the zero row, spilled ones their spill row
         out_ND = jnp.sum(y_NKD.astype(jnp.float32) * topk_weight_NK.astype(jnp.float32)[..., None], axis=1)
-        dropped = jnp.sum(~kept_A, dtype=jnp.float32) / kept_A.size
+        dropped = jnp.float32(0.0) if spill else jnp.sum(~kept_A, dtype=jnp.float32) / kept_A.size
         return constrain(out_ND.astype(x_ND.dtype), "batch", "act_embed"), dropped
 
     def blocked(self, x_ND: jax.Array, topk_idx_NK: jax.Array, topk_weight_NK: jax.Array,
@@ -204,6 +216,14 @@ class RoutedExperts(nnx.Module):
         weight_A = topk_weight_NK.reshape(-1)[order_A]
         out_ND = jnp.zeros(x_ND.shape, jnp.float32).at[token_A].add(y_RD[row_A].astype(jnp.float32) * weight_A[:, None])
         return out_ND.astype(x_ND.dtype)
+
+    def _spills(self) -> bool:
+        """Whether dropless `capacity` fills SPILL_CAPACITY_FACTOR x the fair share of slots per expert and runs
+        the rest through the block-padded grouped GEMM (one device, no FP8 recipe), instead of giving every
+        expert all N tokens' worth of slots (E x N rows)."""
+        plan = active_plan()
+        return (self.cfg.capacity_factor is None and self.cfg.fp8 == "none"
+                and (plan is None or plan.mesh.devices.size == 1))
 
     @staticmethod
     def _expert_parallel(n_tokens: int) -> bool:
@@ -244,6 +264,13 @@ def uses_ragged_exchange(dispatch: str, fp8: str) -> bool:
     """Whether `dispatch`, on an expert-parallel mesh, moves tokens with `ragged`'s exchange (moe_ragged.py).
     `blocked` does, unless an FP8 recipe needs its dot_general (then GSPMD shards it as written)."""
     return dispatch == "ragged" or (dispatch == "blocked" and fp8 == "none")
+
+
+# Dropless `capacity` on one device: slots for this multiple of each expert's fair share N*K/E, and the
+# assignments past them (few once routing is balanced) in blocks of SPILL_BLOCK rows. Together the work stays
+# near N*K rows at any expert count, where slots for every token would be E*N.
+SPILL_CAPACITY_FACTOR = 1.25
+SPILL_BLOCK = 32
 
 
 def expert_capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: float | None) -> int:

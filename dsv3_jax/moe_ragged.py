@@ -175,7 +175,7 @@ def _padded_ragged_all_to_all(operand: jax.Array, output: jax.Array, input_offse
     recv_PCD = jax.lax.all_to_all(buf_PCD, axis_name, 0, 0, tiled=True)
     # Sender s told us (in its output_offsets) where its slice goes in our output.
     at_P = jax.lax.all_to_all(output_offsets, axis_name, 0, 0, tiled=True)
-    dst_PC = jnp.where(slot_C < recv_sizes[:, None], at_P[:, None] + slot_C, output.shape[0])
+    dst_PC = jnp.where(slot_C[None, :] < recv_sizes[:, None], at_P[:, None] + slot_C[None, :], output.shape[0])
     return output.at[dst_PC.reshape(-1)].set(recv_PCD.reshape(-1, *operand.shape[1:]), mode="drop")
 
 
