@@ -15,7 +15,7 @@ import typing
 from typing import Any, Mapping
 
 DTYPES = ("float32", "bfloat16", "float16")
-# "auto" resolves per backend (resolve_moe_dispatch): ragged on GPU/TPU, capacity on CPU.
+# "auto" resolves per backend (resolve_moe_dispatch): ragged everywhere today (capacity under an FP8 recipe).
 MOE_DISPATCH = ("auto", "dense", "capacity", "blocked", "ragged")
 # How `ragged` dispatch runs its grouped GEMMs (moe_ragged.py): XLA's ragged_dot (a true grouped matmul on TPU,
 # a dense one over every expert on GPU/CPU) or padded blocks of rows (plain matmuls, ~1.25x the useful FLOPs).
@@ -484,21 +484,17 @@ PRESETS: dict[str, ModelConfig] = {
 def resolve_moe_dispatch(dispatch: str, backend: str | None = None, fp8: str = "none") -> str:
     """The concrete dispatch for `dispatch` on `backend` (default: JAX's default backend).
 
-    `ragged` rests on `jax.lax.ragged_dot` and `ragged_all_to_all`, which GPU/TPU run as grouped GEMMs; XLA:CPU
-    lowers ragged_dot to a masked dense matmul over every expert and cannot run ragged_all_to_all, so CPU
-    resolves to `capacity` (exact and dropless by default; the expert axis shards through GSPMD). Under an FP8
-    recipe `auto` is `capacity` everywhere: ragged_dot takes no dot_general to emulate FP8 with (validate()
-    rejects an explicit ragged + fp8).
+    `ragged` everywhere, decided by measurement: with its default `blocks` grouped GEMM it is the fastest
+    dropless dispatch on CPU at 8 to 256 experts (benchmarks/README.md, "Dropless dispatch on CPU after the
+    custom-VJP block scan"), and on GPU/TPU (compiled costs, "MoE dispatch per backend"); CPU meshes exchange
+    rows with the padded emulation of ragged_all_to_all, which XLA:CPU cannot run. Under an FP8 recipe `auto` is
+    `capacity` everywhere: the block GEMMs take no dot_general to emulate FP8 with (validate() rejects an
+    explicit ragged + fp8).
     """
+    del backend  # the same answer on every backend today; the argument lets a future measurement differ
     if dispatch != "auto":
         return dispatch
-    if fp8 != "none":
-        return "capacity"
-    if backend is None:
-        import jax  # config.py stays importable without touching a backend until a model is built
-
-        backend = jax.default_backend()
-    return "capacity" if backend == "cpu" else "ragged"
+    return "capacity" if fp8 != "none" else "ragged"
 
 
 def resolve_grouped_gemm(grouped_gemm: str, backend: str | None = None) -> str:

@@ -199,7 +199,8 @@ class Generator:
         """`decode_dispatch`: the MoE dispatch of decode/verify steps (None: the model's own; prefill always
         uses the model's). Steps see 1-2 tokens per row, where `blocked` pads every expert to a block and
         spends most of its work on padding (measured on runs/small, CPU: plain / verify step 10.1 / 21.0 ms
-        with `blocked`, 8.5 / 15.3 ms with `capacity`); "auto" is capacity on CPU, ragged on GPU/TPU."""
+        with `blocked`, 8.5 / 15.3 ms with `capacity`); "auto" is capacity on CPU, ragged on GPU/TPU (the
+        training-side `auto`, ragged everywhere, is measured on many tokens per call)."""
         if cache_kind not in CACHE_KINDS:
             raise GenerationError(f"cache kind must be one of {CACHE_KINDS}, got {cache_kind!r}")
         if model.cfg.capacity_factor is not None:
@@ -209,6 +210,8 @@ class Generator:
         self.cache_kind = cache_kind
         self.cache_dtype = cache_dtype
         graphdef, self.state = nnx.split(model)
+        if decode_dispatch == "auto":
+            decode_dispatch = "capacity" if jax.default_backend() == "cpu" else "ragged"
         step_graphdef = graphdef if decode_dispatch is None else with_dispatch(graphdef, self.state, decode_dispatch)
         self._prefill = jax.jit(partial(_prefill, graphdef), static_argnames=("sampling",),
                                 donate_argnames=("cache", "mtp_cache"))

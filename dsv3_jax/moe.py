@@ -219,10 +219,13 @@ class RoutedExperts(nnx.Module):
 
     def _spills(self) -> bool:
         """Whether dropless `capacity` fills SPILL_CAPACITY_FACTOR x the fair share of slots per expert and runs
-        the rest through the block-padded grouped GEMM (one device, no FP8 recipe), instead of giving every
-        expert all N tokens' worth of slots (E x N rows)."""
+        the rest through the block-padded grouped GEMM (one device, no FP8 recipe, more than 4K experts),
+        instead of giving every expert all N tokens' worth of slots (E x N rows)."""
         plan = active_plan()
-        return (self.cfg.capacity_factor is None and self.cfg.fp8 == "none"
+        cfg = self.cfg
+        # Few experts per choice (E <= 4K, e.g. the small preset, or 1-2 tokens while decoding): E x N slots
+        # are cheap and need no block scan.
+        return (cfg.capacity_factor is None and cfg.fp8 == "none" and cfg.n_routed_experts > 4 * cfg.num_experts_per_tok
                 and (plan is None or plan.mesh.devices.size == 1))
 
     @staticmethod

@@ -177,6 +177,28 @@ def test_sparse_dispatch_equals_dense_when_dropless(name, dispatch):
     assert_trees_close_f32(gc, gd, atol_ulps=DISPATCH_ULPS)  # each leaf against its own max |gradient|
 
 
+@pytest.mark.parametrize("n_experts, top_k", [(16, 2), (32, 3)])  # K=1 normalised: a zero router gradient
+def test_dropless_capacity_spill_equals_dense(n_experts, top_k):
+    """Dropless `capacity` with more than 4K experts fills 1.25x the fair share of slots and spills the rest to
+    the block-padded grouped GEMM: same outputs, gradients and counts as the oracle, nothing dropped, and
+    (with the router biased towards a few experts) many assignments really spill."""
+    cfg = TINY.replace(n_routed_experts=n_experts, n_group=1, topk_group=1, num_experts_per_tok=top_k)
+    x = jax.random.normal(jax.random.key(3), (4, 16, cfg.hidden_size))
+    dense, spill = _moe(cfg.replace(moe_dispatch="dense")), _moe(cfg.replace(moe_dispatch="capacity"))
+    for m in (dense, spill):  # crowd three experts: their loads run far past 1.25x the fair share
+        m.gate.bias[...] = m.gate.bias[...].at[:3].add(5.0)
+    assert spill.experts._spills()
+    (yd, ad), (ys, as_) = nnx.jit(lambda m: m(x))(dense), nnx.jit(lambda m: m(x))(spill)
+    counts = np.asarray(ad.expert_counts)
+    fair = 64 * top_k / n_experts
+    assert counts.max() > 3 * fair  # spilled rows exist
+    assert_close_f32(ys, yd, atol_ulps=DISPATCH_ULPS)
+    assert float(as_.dropped_fraction) == 0.0
+    np.testing.assert_array_equal(np.asarray(as_.expert_counts), counts)
+    grad_fn = nnx.jit(nnx.grad(lambda m: (m(x)[0] ** 2).sum()))
+    assert_trees_close_f32(grad_fn(spill), grad_fn(dense), atol_ulps=DISPATCH_ULPS)
+
+
 def test_blocked_dispatch_with_small_blocks_and_idle_experts():
     """Blocks smaller than an expert's load, experts with no tokens and trailing empty blocks all agree."""
     cfg = CONFIGS["one_group"]
