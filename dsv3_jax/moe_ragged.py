@@ -158,8 +158,10 @@ def _block_scan_fwd(x_nSbD, group_nS, active_n, gate_EDF, up_EDF, down_EFD):
             return _swiglu_blocks(x_SbD, gate_EDF[group_S], up_EDF[group_S], down_EFD[group_S])
 
         def skip(x_SbD, group_S):
-            zeros_SbF = jnp.zeros(x_SbD.shape[:2] + (gate_EDF.shape[-1],), x_SbD.dtype)
-            return zeros_SbF, zeros_SbF, jnp.zeros_like(x_SbD)
+            # Zeros built from both operands, so that inside shard_map they vary over the same mesh axes as
+            # the true branch's matmul outputs (cond needs equal types).
+            zeros_SbF = jnp.zeros_like(x_SbD[:, :, :1]) * jnp.zeros_like(gate_EDF[:1, :1, :])
+            return zeros_SbF, zeros_SbF, jnp.zeros_like(x_SbD) * jnp.zeros_like(down_EFD[:1, :1, :1])
 
         g_SbF, u_SbF, y_SbD = jax.lax.cond(active, run, skip, x_SbD, group_S)
         return carry, (y_SbD, g_SbF, u_SbF)
@@ -189,14 +191,26 @@ def _block_scan_bwd(residuals, dy_nSbD):
             return (d_gate, d_up, d_down), dx_SbD
 
         def skip(grads, x_SbD, group_S, g_SbF, u_SbF, dy_SbD):
-            return grads, jnp.zeros_like(x_SbD)
+            return grads, jnp.zeros_like(x_SbD) * jnp.zeros_like(gate_EDF[:1, :1, :1])
 
         return jax.lax.cond(active, run, skip, grads, x_SbD, group_S, g_SbF, u_SbF, dy_SbD)
 
-    zeros = (jnp.zeros_like(gate_EDF), jnp.zeros_like(up_EDF), jnp.zeros_like(down_EFD))
+    # Accumulators that vary over the mesh axes of both the weights and the rows (inside shard_map the carry's
+    # type must not change between steps).
+    rows_111 = jnp.zeros_like(x_nSbD[0, :1, :1, :1])
+    zeros = tuple(jnp.zeros_like(w) + rows_111 for w in (gate_EDF, up_EDF, down_EFD))
     (d_gate, d_up, d_down), dx_nSbD = jax.lax.scan(step, zeros, (x_nSbD, group_nS, active_n, g_nSbF, u_nSbF,
                                                                   dy_nSbD))
-    return dx_nSbD, None, None, d_gate, d_up, d_down
+    return (_sum_to_type_of(dx_nSbD, x_nSbD), None, None, _sum_to_type_of(d_gate, gate_EDF),
+            _sum_to_type_of(d_up, up_EDF), _sum_to_type_of(d_down, down_EFD))
+
+
+def _sum_to_type_of(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
+    """Inside shard_map: sum a cotangent over the mesh axes it varies over and its primal does not (the
+    rows' data axis for weight gradients, the tensor axis that splits F for the rows' gradient), as automatic
+    differentiation would; a no-op outside."""
+    extra = tuple(sorted(jax.typeof(cotangent).manual_axis_type.varying - jax.typeof(primal).manual_axis_type.varying))
+    return jax.lax.psum(cotangent, extra) if extra else cotangent
 
 
 _block_scan_swiglu.defvjp(_block_scan_fwd, _block_scan_bwd)

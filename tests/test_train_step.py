@@ -50,7 +50,7 @@ def test_update_bias_and_maxvio():
 def _run(train_cfg, steps, model_cfg=TINY, skew=None, window=None):
     graphdef, state = init_train_state(model_cfg, train_cfg)
     if skew is not None:  # push every token towards the first experts through the router bias
-        state = state.replace(biases=jax.tree.map(lambda b: b + skew, state.biases))
+        state = state.replace(biases=jax.tree.map(lambda b: b + jnp.broadcast_to(skew, b.shape), state.biases))
     step = jax.jit(make_train_step(graphdef, model_cfg, train_cfg))
     history = []
     for i in range(steps):
