@@ -2,10 +2,12 @@
 
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 from flax import nnx
 from hypothesis import given
 from hypothesis import strategies as st
@@ -68,18 +70,33 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_route_matches_reference(name):
-    cfg = CONFIGS[name].validate()
-    rng = np.random.default_rng(0)
-    logits = rng.standard_normal((64, cfg.n_routed_experts)).astype(np.float32) * 2
-    bias = rng.standard_normal(cfg.n_routed_experts).astype(np.float32) * 0.3
-    idx, w, _ = route(jnp.asarray(logits), jnp.asarray(bias), cfg)
-    ref_idx, ref_w = reference_route(logits, bias, cfg)
-    got_idx, got_w = _sorted(np.asarray(idx), np.asarray(w))
-    ref_idx, ref_w = _sorted(ref_idx, ref_w)
-    np.testing.assert_array_equal(got_idx, ref_idx)
-    assert_close_f32(got_w, ref_w, rtol_ulps=_weight_ulps(cfg.num_experts_per_tok), atol_ulps=0)
+class RouteTest(chex.TestCase):
+    """The router against the float64 reference, traced under jit and run op by op: the same decisions."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters(*sorted(CONFIGS))
+    def test_route_matches_reference(self, name):
+        cfg = CONFIGS[name].validate()
+        rng = np.random.default_rng(0)
+        logits = rng.standard_normal((64, cfg.n_routed_experts)).astype(np.float32) * 2
+        bias = rng.standard_normal(cfg.n_routed_experts).astype(np.float32) * 0.3
+        idx, w, scores = self.variant(route, static_argnums=2)(jnp.asarray(logits), jnp.asarray(bias), cfg)
+        chex.assert_shape((idx, w), (64, cfg.num_experts_per_tok))
+        chex.assert_shape(scores, (64, cfg.n_routed_experts))
+        chex.assert_type((idx, w, scores), (jnp.int32, jnp.float32, jnp.float32))
+        ref_idx, ref_w = reference_route(logits, bias, cfg)
+        got_idx, got_w = _sorted(np.asarray(idx), np.asarray(w))
+        ref_idx, ref_w = _sorted(ref_idx, ref_w)
+        np.testing.assert_array_equal(got_idx, ref_idx)
+        assert_close_f32(got_w, ref_w, rtol_ulps=_weight_ulps(cfg.num_experts_per_tok), atol_ulps=0)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_balance_losses_are_scalars_and_one_for_uniform_routing(self):
+        t, e, k = 10, 8, 2
+        uniform_idx = jnp.asarray(np.arange(t * k).reshape(1, t, k) % e)
+        seq, batch = self.variant(balance_losses, static_argnums=2)(jnp.full((1, t, e), 0.5), uniform_idx, e)
+        chex.assert_rank((seq, batch), 0)
+        assert_close_f32(jnp.stack([seq, batch]), np.ones(2), rtol_ulps=8, atol_ulps=0)
 
 
 _jit_route = jax.jit(route, static_argnums=2)
