@@ -25,18 +25,15 @@ import gzip
 import json
 import os
 import re
-import statistics
 import sys
 import tempfile
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
+from benchmarks._step import trainer_step  # noqa: E402
 from dsv3_jax.config import get_preset  # noqa: E402
 from dsv3_jax.train.config import Config, DataConfig, apply_overrides  # noqa: E402
 from dsv3_jax.train.presets import train_preset  # noqa: E402
@@ -108,39 +105,15 @@ def main() -> None:
     parser.add_argument("--keep-trace", default=None, help="write the trace here instead of a temporary dir")
     args = parser.parse_args()
 
-    from dsv3_jax import sharding
-    from dsv3_jax.train.step import abstract_train_state, init_train_state, jit_train_step, state_shardings
-
     config = build_config(args)
     mc, tc = config.model, config.train
-    plan = sharding.plan_from_config(config, every_param=False)
-    graphdef, abstract = abstract_train_state(mc, tc, plan)
-    shardings = state_shardings(plan, abstract)
-    window_shape = jax.ShapeDtypeStruct((tc.batch_size, tc.seq_len + 1 + mc.mtp_depth), jnp.int32,
-                                        sharding=plan.batch_sharding())
-    t0 = time.perf_counter()
-    compiled = jit_train_step(graphdef, mc, tc, plan, shardings).lower(abstract, window_shape).compile()
-    compile_s = time.perf_counter() - t0
-    names = op_names(compiled.as_text())
-    step = sharding.MeshFunction(compiled, plan)
-    _, state = init_train_state(mc, tc, plan, shardings, graphdef)
-    windows = [plan.put_batch(np.asarray(jax.random.randint(jax.random.key(i), window_shape.shape, 0, mc.vocab_size,
-                                                            dtype=jnp.int32))) for i in range(4)]
-    for i in range(args.warmup):
-        state, metrics = step(state, windows[i % 4])
-    jax.block_until_ready(metrics)
-    durations = []
-    for i in range(args.timed):
-        t0 = time.perf_counter()
-        state, metrics = step(state, windows[i % 4])
-        jax.block_until_ready(metrics)
-        durations.append(time.perf_counter() - t0)
+    trainer = trainer_step(config)
+    names = op_names(trainer.compiled.as_text())
+    step_s, _ = trainer.median_s(args.timed, args.warmup)
 
     trace_dir = args.keep_trace or tempfile.mkdtemp(prefix="dsv3_profile_")
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-        for i in range(args.steps):
-            state, metrics = step(state, windows[i % 4])
-        jax.block_until_ready(metrics)
+        trainer.run(args.steps)
     events = trace_events(trace_dir)
 
     per_phase = collections.defaultdict(lambda: {"fwd": 0.0, "bwd": 0.0})
@@ -167,9 +140,8 @@ def main() -> None:
            for (n, o), us in per_op.most_common(args.top)]
     out = {"config": {"preset": args.preset, "batch": tc.batch_size, "seq": tc.seq_len, "mtp_depth": mc.mtp_depth,
                       "moe_dispatch": mc.moe_dispatch, "scan_layers": mc.scan_layers, "set": args.set or []},
-           "backend": jax.default_backend(), "compile_s": round(compile_s, 2),
-           "step_ms": round(1e3 * statistics.median(durations), 2),
-           "tokens_per_s": round(tc.batch_size * tc.seq_len / statistics.median(durations), 1),
+           "backend": jax.default_backend(), "compile_s": round(trainer.compile_s, 2),
+           "step_ms": round(1e3 * step_s, 2), "tokens_per_s": round(tc.batch_size * tc.seq_len / step_s, 1),
            "traced_ms_per_step": ms(total_us), "events_matched": matched, "phases": phases, "top": top}
     print(json.dumps(out, indent=2))
 

@@ -37,13 +37,11 @@ sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
-from benchmarks._step import compile_step, step_flops  # noqa: E402
+from benchmarks._step import compile_step, step_flops, trainer_step  # noqa: E402
 from dsv3_jax.config import get_preset  # noqa: E402
 from dsv3_jax.train.config import Config, DataConfig, apply_overrides  # noqa: E402
 from dsv3_jax.train.presets import train_preset  # noqa: E402
-from dsv3_jax.train.step import init_train_state  # noqa: E402
 
 
 def build_config(args) -> Config:
@@ -55,32 +53,10 @@ def build_config(args) -> Config:
 def bare(config: Config, steps: int, warmup: int) -> dict:
     """The step the trainer runs (same mesh plan, shardings and donation), timed alone on device-resident
     batches: what the loop around it is compared with."""
-    from dsv3_jax import sharding
-    from dsv3_jax.train.step import abstract_train_state, jit_train_step, state_shardings
-
     mc, tc = config.model, config.train
-    plan = sharding.plan_from_config(config, every_param=False)
-    graphdef, abstract = abstract_train_state(mc, tc, plan)
-    shardings = state_shardings(plan, abstract)
-    window_shape = jax.ShapeDtypeStruct((tc.batch_size, tc.seq_len + 1 + mc.mtp_depth), jnp.int32,
-                                        sharding=plan.batch_sharding())
-    t0 = time.perf_counter()
-    compiled = jit_train_step(graphdef, mc, tc, plan, shardings).lower(abstract, window_shape).compile()
-    compile_s = time.perf_counter() - t0
-    step = sharding.MeshFunction(compiled, plan)
-    _, state = init_train_state(mc, tc, plan, shardings, graphdef)
-    windows = [plan.put_batch(np.asarray(jax.random.randint(jax.random.key(i), window_shape.shape, 0, mc.vocab_size,
-                                                            dtype=jnp.int32))) for i in range(4)]
-    for i in range(warmup):
-        state, metrics = step(state, windows[i % 4])
-    jax.block_until_ready(metrics)
-    durations = []
-    for i in range(steps):
-        t0 = time.perf_counter()
-        state, metrics = step(state, windows[i % 4])
-        jax.block_until_ready(metrics)
-        durations.append(time.perf_counter() - t0)
-    step_s = statistics.median(durations)
+    compiled_step = trainer_step(config)
+    step_s, durations = compiled_step.median_s(steps, warmup)
+    compiled, compile_s = compiled_step.compiled, compiled_step.compile_s
     flops = step_flops(compiled)
     if mc.scan_layers or tc.grad_accum > 1:
         # XLA's cost analysis counts a while loop's body once, not once per iteration: take the FLOPs of the

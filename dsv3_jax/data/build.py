@@ -23,6 +23,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import fcntl
+import itertools
 import json
 import multiprocessing
 import os
@@ -327,7 +328,7 @@ def _encode_all(corpus: Corpus, tokenizer: Tokenizer, build: _Build, workers: in
         return hasher.hexdigest(), identity.hexdigest()
     pending: collections.deque = collections.deque()
     with _worker_pool(workers, tokenizer) as pool:
-        for unit in _chain(first, second, units):
+        for unit in itertools.chain([first, second], units):
             pending.append((pool.submit(_encode_in_worker, unit, first_index, *args), len(unit)))
             first_index += len(unit)
             while len(pending) >= 2 * workers:
@@ -374,9 +375,3 @@ def _hashed(docs: Iterator[Document], content: ContentHasher, identity: Identity
         content.update(doc.text)
         identity.update(doc)
         yield doc
-
-
-def _chain(first: list[Document], second: list[Document], rest: Iterator[list[Document]]):
-    yield first
-    yield second
-    yield from rest
