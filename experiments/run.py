@@ -1,4 +1,4 @@
-"""Run an experiment: `python -m experiments.run NAME [--scale cpu|gpu] [--variant V] [--seed S]`.
+"""Run an experiment: `python -m experiments.run NAME [--scale cpu|long|gpu] [--variant V] [--seed S]`.
 
 For every selected variant and seed it calls the real CLI,
     python -m dsv3_jax train --preset P --corpus C --run-dir runs/experiments/NAME/VARIANT/seedS --set ...
@@ -254,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.plots_only:
         code = Code(None if args.dry_run else args.code)
         for variant in variants:
-            for seed in args.seed or variant.seeds:
+            for seed in args.seed or variant.seeds_for(args.scale):
                 if args.dry_run:
                     preset, corpus, overrides = spec.overrides_for(exp, variant, args.scale, seed)
                     src = spec.run_key(*variant.source(exp.name), args.scale, seed)

@@ -26,13 +26,19 @@ PLANNED = {
 }
 
 # Why these scales: `cpu` is the `small` preset as `make train` runs it (300 steps of 8 x 256 tokens, about
-# 10-20 minutes per variant on 2 CPU cores) on the 15 MB `lit` corpus (3.9M training tokens, so 300 steps see
-# 16% of it, each window at most once). `gpu` is for people with an accelerator (not run here): about 200M
-# total parameters, 64 routed experts top-6 in 8 groups keeping 4 (the LFB 1B model's granularity), bf16
-# compute, 1000 steps of 32 x 512 tokens, so the paper's gamma = 0.001 can move a bias by up to 1.0. On `lit`
-# that is ~4 passes over the training split: give `--corpus files:GLOB` a larger corpus for a paper-like regime.
+# 10-20 minutes per variant on 2 CPU cores) on the 15 MB `lit` corpus (3.87M training tokens in 14,988 windows,
+# so 300 steps see 16% of it, each window at most once). `long` is the same model ten times longer: 3,000
+# steps = 6.1M tokens = 1.6 epochs of lit's training split (every epoch a fresh permutation, so no window is
+# seen more than twice), evaluated on the whole validation split (199K tokens) every 300 steps (10 points)
+# and checkpointed every 100 steps, so an interrupted run resumes where it stopped (about 75 minutes per
+# variant on 2 CPU cores). At the paper's gamma = 0.001 a bias can now move by up to 3.0. `gpu` is for people
+# with an accelerator (not run here): about 200M total parameters, 64 routed experts top-6 in 8 groups keeping
+# 4 (the LFB 1B model's granularity), bf16 compute, 1000 steps of 32 x 512 tokens. On `lit` that is ~4 passes
+# over the training split: give `--corpus files:GLOB` a larger corpus for a paper-like regime.
 SCALES: dict[str, dict[str, Any]] = {
     "cpu": {"preset": "small", "corpus": "lit", "set": []},
+    "long": {"preset": "small", "corpus": "lit", "set": [
+        "train.steps=3000", "train.eval_every=300", "train.eval_batches=0", "train.checkpoint_every=100"]},
     "gpu": {"preset": "small", "corpus": "lit", "set": [
         "model.hidden_size=512", "model.num_hidden_layers=8", "model.first_k_dense_replace=1",
         "model.intermediate_size=1536", "model.num_attention_heads=8", "model.q_lora_rank=192",
@@ -43,6 +49,7 @@ SCALES: dict[str, dict[str, Any]] = {
         "train.steps=1000", "train.batch_size=32", "train.seq_len=512", "train.peak_lr=1e-3",
         "train.eval_every=100", "train.eval_batches=0", "train.checkpoint_every=250"]},
 }
+DEFAULT_SEEDS = (0,)
 
 
 class SpecError(ValueError):
@@ -57,7 +64,13 @@ class Variant:
     label: str
     overrides: tuple[str, ...] = ()
     same_as: str | None = None  # "EXPERIMENT/VARIANT": reuse that run instead of training this one again
-    seeds: tuple[int, ...] = (0,)  # seeds run by default; --seed picks others
+    # Seeds run by default, per scale (a scale not named runs DEFAULT_SEEDS; an empty tuple: not run there by
+    # default); --seed picks others.
+    seeds: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+
+    def seeds_for(self, scale: str) -> tuple[int, ...]:
+        """The seeds this variant runs at `scale` unless --seed says otherwise."""
+        return self.seeds.get(scale, DEFAULT_SEEDS)
 
     def source(self, experiment: str) -> tuple[str, str]:
         """(experiment, variant) whose run holds this variant's results."""
@@ -127,11 +140,8 @@ def parse(raw: dict[str, Any], where: str = "<spec>") -> Experiment:
         overrides = v.get("set", [])
         if not isinstance(overrides, list) or not all(isinstance(o, str) and "=" in o for o in overrides):
             raise SpecError(f"{where}: {ctx}set must be a list of 'section.field=value' strings")
-        seeds = v.get("seeds", [0])
-        if not isinstance(seeds, list) or not all(isinstance(s, int) and s >= 0 for s in seeds):
-            raise SpecError(f"{where}: {ctx}seeds must be a list of integers >= 0")
         variants.append(Variant(name=vname, label=v.get("label", vname), overrides=tuple(overrides),
-                                same_as=same_as, seeds=tuple(seeds)))
+                                same_as=same_as, seeds=_parse_seeds(v.get("seeds"), f"{where}: {ctx}seeds")))
     names = [v.name for v in variants]
     if len(set(names)) != len(names) or not names:
         raise SpecError(f"{where}: variant names must be unique and non-empty, got {names}")
@@ -141,6 +151,26 @@ def parse(raw: dict[str, Any], where: str = "<spec>") -> Experiment:
         raise SpecError(f"{where}: plots {unknown} unknown; known: {PLOT_KINDS}")
     return Experiment(name=name, title=raw.get("title", name), description=raw.get("description", ""),
                       variants=tuple(variants), plots=plots, paper=tuple(raw.get("paper", [])))
+
+
+def _parse_seeds(raw: Any, where: str) -> dict[str, tuple[int, ...]]:
+    """A variant's "seeds": absent (DEFAULT_SEEDS everywhere), a list (the same at every scale) or an object
+    {scale: list} (other scales run DEFAULT_SEEDS; an empty list means not run at that scale by default)."""
+    def seed_list(value: Any, ctx: str) -> tuple[int, ...]:
+        if not isinstance(value, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                                                  for x in value):
+            raise SpecError(f"{ctx} must be a list of integers >= 0, got {value!r}")
+        return tuple(value)
+
+    if raw is None:
+        return {}
+    if isinstance(raw, dict):
+        unknown = sorted(set(raw) - set(SCALES))
+        if unknown:
+            raise SpecError(f"{where} names unknown scales {unknown}; scales: {sorted(SCALES)}")
+        return {scale: seed_list(value, f"{where}.{scale}") for scale, value in raw.items()}
+    listed = seed_list(raw, where)
+    return {scale: listed for scale in SCALES}
 
 
 def overrides_for(experiment: Experiment, variant: Variant, scale: str, seed: int) -> tuple[str, str, list[str]]:

@@ -29,7 +29,7 @@ def test_every_variant_is_a_valid_config(name, scale):
     exp = spec.load(name)
     assert exp.name == name
     for variant in exp.variants:
-        for seed in (*variant.seeds, 3):
+        for seed in (*variant.seeds_for(scale), 3):
             preset, corpus, overrides = spec.overrides_for(exp, variant, scale, seed)
             config = _config(preset, corpus, overrides)  # raises ConfigError on a bad override
             assert config.train.seed == seed
@@ -74,10 +74,43 @@ def test_planned_experiments_are_named_not_unknown():
     ({"name": "x", "variants": [{"name": "a"}, {"name": "a"}]}, "unique"),
     ({"name": "x", "variants": [{"name": "gpu"}]}, "scale name"),
     ({"name": "x", "variants": [{"name": "a"}], "plots": ["nope"]}, "plots"),
+    ({"name": "x", "variants": [{"name": "a", "seeds": [0, -1]}]}, "variants[0].seeds"),
+    ({"name": "x", "variants": [{"name": "a", "seeds": {"huge": [0]}}]}, "unknown scales ['huge']"),
+    ({"name": "x", "variants": [{"name": "a", "seeds": {"long": [True]}}]}, "variants[0].seeds.long"),
 ])
 def test_malformed_specs_name_the_field(raw, field):
     with pytest.raises(spec.SpecError, match=field.replace("[", r"\[").replace("]", r"\]")):
         spec.parse(raw)
+
+
+def test_seeds_per_scale():
+    listed, per_scale, absent = spec.parse({"name": "x", "variants": [
+        {"name": "a", "seeds": [0, 2]}, {"name": "b", "seeds": {"cpu": [], "long": [0, 1]}}, {"name": "c"}]}).variants
+    assert [listed.seeds_for(s) for s in ("cpu", "long")] == [(0, 2), (0, 2)]
+    assert [per_scale.seeds_for(s) for s in ("cpu", "long", "gpu")] == [(), (0, 1), spec.DEFAULT_SEEDS]
+    assert absent.seeds_for("long") == spec.DEFAULT_SEEDS
+
+
+def test_long_scale_answers_the_balance_and_mtp_questions():
+    """The long scale is the small model ten times longer, evaluated on the whole validation split at >= 10
+    points and checkpointed often enough to resume; the arms the comparison needs run 2 seeds there."""
+    from dsv3_jax.config import get_preset
+    from dsv3_jax.train.config import Config, apply_overrides
+    from dsv3_jax.train.presets import train_preset
+
+    preset, corpus, overrides = spec.overrides_for(spec.load("baseline"), spec.load("baseline").variant("default"),
+                                                   "long", 0)
+    cfg = apply_overrides(Config(model=get_preset(preset), train=train_preset(preset)), overrides).train
+    assert cfg.steps >= 3000 and cfg.steps * cfg.batch_size * cfg.seq_len >= 6_000_000
+    assert cfg.eval_batches == 0 and cfg.steps // cfg.eval_every >= 10 and cfg.steps % cfg.eval_every == 0
+    assert cfg.checkpoint_every <= 100
+    balance, mtp = spec.load("balance"), spec.load("mtp")
+    for exp, name in ((balance, "aux_free"), (balance, "aux_loss_seq"), (mtp, "mtp_d1"), (mtp, "no_mtp")):
+        assert exp.variant(name).seeds_for("long") == (0, 1), name
+    assert spec.load("baseline").variant("default").seeds_for("long") == (0, 1)  # what aux_free / mtp_d1 reuse
+    for name in ("aux_free_g0.01", "aux_loss_batch", "none", "aux_free_g0.0001"):
+        assert balance.variant(name).seeds_for("long") == (0,), name
+    assert balance.variant("aux_free_g0.0001").seeds_for("cpu") == ()  # the sensitivity point runs long only
 
 
 def test_run_keys_and_commands():
@@ -95,9 +128,14 @@ def test_run_keys_and_commands():
 def test_dry_run_prints_the_cli_commands(capsys):
     assert run.main(["balance", "--dry-run"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == len(spec.load("balance").variants)
+    assert len(lines) == sum(len(v.seeds_for("cpu")) for v in spec.load("balance").variants) == 5
     assert any("--run-dir runs/experiments/baseline/default/seed0" in line for line in lines)  # same_as
     assert any("--set train.balance=none" in line for line in lines)
+    assert not any("bias_update_rate=0.0001" in line for line in lines)  # a long-scale-only arm
+    assert run.main(["balance", "--scale", "long", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 8 and all("--set train.steps=3000" in line for line in lines)
+    assert sum("runs/experiments/balance/long/aux_loss_seq/seed" in line for line in lines) == 2
 
 
 def _fake_run(dest: Path, steps: int = 20, loss0: float = 9.0, vio: float = 1.0) -> None:
