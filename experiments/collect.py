@@ -18,6 +18,17 @@ from experiments.spec import Experiment, Variant, run_key
 
 RUN_FILES = ("metrics.jsonl", "config.json", "loss.png")
 LAST_STEPS = 50  # MaxVio_batch is averaged over the last 50 steps: per-batch values are noisy
+STARVED_SHARE = 0.25  # an expert is starved when it receives less than this fraction of its fair load
+
+
+def starved_experts(expert_load_LE: list[list[float]], share: float = STARVED_SHARE) -> list[int]:
+    """Per MoE layer, how many experts receive less than `share` of the fair load (the layer's mean load): the
+    dead or starving experts that MaxVio, a statistic of the most loaded expert, does not show."""
+    counts = []
+    for layer in expert_load_LE:
+        fair = sum(layer) / len(layer)
+        counts.append(sum(1 for load in layer if load < share * fair))
+    return counts
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -85,6 +96,9 @@ def summarize_run(result_dir: str | Path) -> dict[str, Any]:
         final = read_json(final_path)
         out.update(val_loss=final["val_loss"], val_mtp_loss=final["val_mtp_loss"],
                    maxvio_global=final["maxvio_global"], val_batches=final["val_batches"])
+        if final.get("expert_load"):
+            per_layer = starved_experts(final["expert_load"])
+            out.update(starved_experts_per_layer=per_layer, starved_experts=_mean([float(c) for c in per_layer]))
     run_path = result_dir / "run.json"
     if run_path.is_file():
         run = read_json(run_path)
@@ -131,7 +145,8 @@ def variant_runs(exp: Experiment, scale: str, results_dir: Path | None = None) -
     return out
 
 
-SUMMARY_FIELDS = ("val_loss", "maxvio_global", "maxvio_batch_last50", "train_loss_last10", "val_mtp_loss")
+SUMMARY_FIELDS = ("val_loss", "maxvio_global", "maxvio_batch_last50", "train_loss_last10", "val_mtp_loss",
+                  "starved_experts")
 
 
 def _stat(values: list[float]) -> dict[str, Any]:
@@ -169,13 +184,16 @@ def summarize_experiment(exp: Experiment, scale: str = "cpu", results_dir: Path 
 
 
 def regenerate_command(exp: Experiment, variant: Variant, scale: str, per_seed: dict[str, dict[str, Any]]) -> str:
-    """The runner call(s) that train this row again: its source run and seeds, one call per commit they ran at."""
+    """The runner call(s) that train this row again: its source run and seeds, one call per commit they ran at
+    ("" for an arm that has no results and does not run at this scale by default)."""
     src_exp, src_var = variant.source(exp.name)
     by_commit: dict[str, list[int]] = {}
     for seed, run in sorted(per_seed.items(), key=lambda kv: int(kv[0])):
         by_commit.setdefault((run.get("commit") or "")[:7], []).append(int(seed))
-    calls = []
-    for commit, seeds in (by_commit or {"": [0]}).items():
+    if not by_commit and variant.seeds_for(scale):  # nothing collected yet: the seeds the spec runs by default
+        by_commit = {"": list(variant.seeds_for(scale))}
+    calls = []  # none for an arm the spec does not run at this scale
+    for commit, seeds in by_commit.items():
         cmd = f"python -m experiments.run {src_exp} --variant {src_var} " + " ".join(f"--seed {s}" for s in seeds)
         cmd += f" --scale {scale}" if scale != "cpu" else ""
         calls.append(cmd + (f" --code {commit}" if commit else ""))
@@ -185,13 +203,14 @@ def regenerate_command(exp: Experiment, variant: Variant, scale: str, per_seed: 
 def markdown_table(summary: dict[str, Any]) -> str:
     """A Markdown table of the experiment summary: mean (+- std, n seeds) per field."""
     header = ["variant", "seeds", "val loss (full split)", f"Δ val loss vs `{summary.get('reference')}` (same seeds)",
-              "MaxVio_global (full split)", "MaxVio_batch (last 50 steps)", "train loss (last 10 steps)", "command"]
+              "MaxVio_global (full split)", "MaxVio_batch (last 50 steps)",
+              f"starved experts per layer (< {STARVED_SHARE:g} of fair load)", "train loss (last 10 steps)", "command"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, v in summary["variants"].items():
         agg = v["aggregate"]
         cells = [f"`{name}`", ",".join(v["seeds"]) or "not run"]
         for field, digits in (("val_loss", 4), ("val_loss_diff_vs_reference", 4), ("maxvio_global", 3),
-                              ("maxvio_batch_last50", 3), ("train_loss_last10", 4)):
+                              ("maxvio_batch_last50", 3), ("starved_experts", 2), ("train_loss_last10", 4)):
             cells.append(_fmt(agg.get(field), digits, signed=field.endswith("_vs_reference")))
         cells.append(f"`{v['regenerate']}`" if v.get("regenerate") else "-")
         lines.append("| " + " | ".join(cells) + " |")

@@ -12,7 +12,6 @@ The arm trained without the MTP loss keeps an untrained MTP module: its acceptan
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

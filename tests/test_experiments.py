@@ -138,7 +138,8 @@ def test_dry_run_prints_the_cli_commands(capsys):
     assert sum("runs/experiments/balance/long/aux_loss_seq/seed" in line for line in lines) == 2
 
 
-def _fake_run(dest: Path, steps: int = 20, loss0: float = 9.0, vio: float = 1.0) -> None:
+def _fake_run(dest: Path, steps: int = 20, loss0: float = 9.0, vio: float = 1.0,
+              final_loads: list[list[float]] | None = None) -> None:
     """A metrics.jsonl/config.json/final_eval.json/run.json set shaped like the trainer's and runner's output."""
     dest.mkdir(parents=True)
     records = []
@@ -155,6 +156,8 @@ def _fake_run(dest: Path, steps: int = 20, loss0: float = 9.0, vio: float = 1.0)
     (dest / "config.json").write_text(json.dumps(config))
     final = {"step": steps, "val_loss": loss0 - 2.0, "val_mtp_loss": loss0 - 1.0, "maxvio_global": vio / 10,
              "maxvio_global_layers": [vio / 10], "val_batches": 7}
+    if final_loads is not None:
+        final["expert_load"] = final_loads
     (dest / "final_eval.json").write_text(json.dumps(final))
     (dest / "run.json").write_text(json.dumps({"command": "python -m dsv3_jax train ...", "wall_s": 12.0}))
 
@@ -162,7 +165,8 @@ def _fake_run(dest: Path, steps: int = 20, loss0: float = 9.0, vio: float = 1.0)
 def test_summary_and_plots_from_fake_results(tmp_path):
     _fake_run(tmp_path / "baseline/default/seed0")
     _fake_run(tmp_path / "baseline/default/seed1", loss0=9.2)
-    _fake_run(tmp_path / "balance/none/seed0", vio=3.0, loss0=9.5)
+    _fake_run(tmp_path / "balance/none/seed0", vio=3.0, loss0=9.5,
+              final_loads=[[0.1, 0.1, 3.9, 3.9], [0.1, 1.0, 1.0, 5.9]])  # fair load 2.0: 2 and 1 starved
     exp = spec.load("balance")
     written = run.draw(exp, "cpu", results_dir=tmp_path)
     names = {p.name for p in written}
@@ -187,6 +191,9 @@ def test_summary_and_plots_from_fake_results(tmp_path):
     table = (tmp_path / "balance/summary.md").read_text()
     assert "`aux_loss_seq` | not run" in table and "7.1000 ± 0.1414 (n=2)" in table
     assert "| `none` | 0 | 7.5000 | +0.5000 |" in table
+    assert summary["variants"]["none"]["seeds"]["0"]["starved_experts_per_layer"] == [2, 1]
+    assert summary["variants"]["none"]["aggregate"]["starved_experts"]["mean"] == pytest.approx(1.5)
+    assert "starved experts per layer" in table and "| 1.50 |" in table
     assert "| `aux_free` | maxvio_global | 0.04 | LFB Table 2" in table  # the paper's numbers sit beside ours
     # every row says how to train it again (aux_free is the baseline run; _fake_run records no commit)
     assert "`python -m experiments.run baseline --variant default --seed 0 --seed 1` |" in table
@@ -256,10 +263,10 @@ def test_fp8_compare_pairs_runs_of_one_seed(tmp_path):
     for seed, loss0 in ((0, 9.0), (1, 8.0)):
         _fake_run(tmp_path / f"fp8/bf16/seed{seed}", loss0=loss0)
         _fake_run(tmp_path / f"fp8/deepseek/seed{seed}", loss0=loss0 * 1.01)
-    for run in tmp_path.glob("fp8/*/seed*"):  # the trainer's warm-up fraction, which the comparison reads
-        cfg = json.loads((run / "config.json").read_text())
+    for run_dir in tmp_path.glob("fp8/*/seed*"):  # the trainer's warm-up fraction, which the comparison reads
+        cfg = json.loads((run_dir / "config.json").read_text())
         cfg["train"].update(warmup_frac=0.1, steps=20)
-        (run / "config.json").write_text(json.dumps(cfg))
+        (run_dir / "config.json").write_text(json.dumps(cfg))
     out = tmp_path / "out"
     result = fp8_compare.compare(spec.load("fp8"), "bf16", out, seed=1, results_dir=tmp_path)
     assert result["seed"] == 1 and set(result["variants"]) == {"deepseek"}  # fp32 and per_tensor: no runs
@@ -283,3 +290,10 @@ def test_draw_rewrites_the_readme_table_between_markers(tmp_path):
     assert text.startswith("intro\n<!-- summary:baseline -->\n| variant |") and "prose after" in text
     assert "untouched" in text  # other experiments' blocks are left alone
     assert collect.replace_marked_block("no markers", "summary:x", "t") == "no markers"
+
+
+def test_starved_experts_counts_experts_under_a_quarter_of_the_fair_load():
+    # fair loads 2.0 and 4.0: 0.49 < 0.5 is starved, 0.5 is not; 0.0 (a dead expert) is
+    assert collect.starved_experts([[0.49, 0.5, 3.0, 4.01], [0.0, 8.0, 4.0, 4.0]]) == [1, 1]
+    assert collect.starved_experts([[1.0, 1.0, 1.0, 1.0]]) == [0]
+    assert collect.starved_experts([[0.0, 0.0, 0.0, 12.0]], share=0.25) == [3]

@@ -2,14 +2,16 @@
 
 import math
 
+import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 
 from dsv3_jax.config import PRESETS, YarnConfig, get_preset
 from dsv3_jax.rope import (apply_rope, rope_attention_factor, rope_cos_sin, rope_inv_freq, softmax_scale,
                            yarn_correction_range)
-from tolerances import F32_EPS, assert_close_f32
+from tolerances import assert_close_f32
 
 V3 = get_preset("deepseek-v3-671b")
 
@@ -105,3 +107,25 @@ def test_relative_position_property():
     # dot's roundings. A position-dependent score is off by O(1).
     assert_close_f32(score(105, 102), score(5, 2), rtol_ulps=0, atol_ulps=(105 + 102 + 5 + 2) / 2 + 16,
                      scale=float(np.linalg.norm(q) * np.linalg.norm(k)))
+
+
+class RopeVariantsTest(chex.TestCase):
+    """The rotation is the same traced under jit and run op by op, for query- and key-shaped inputs."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters((2, 7, 3, 8), (2, 7, 8))
+    def test_rotation_matches_complex_reference(self, *shape):
+        cfg = PRESETS["tiny"].replace(qk_rope_head_dim=8)
+        x = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+        positions = np.stack([np.arange(7), np.arange(7) + 40])
+        cos, sin = self.variant(rope_cos_sin, static_argnums=1)(jnp.asarray(positions), cfg)
+        chex.assert_shape((cos, sin), (2, 7, 4))
+        out = self.variant(apply_rope)(jnp.asarray(x), cos, sin)
+        chex.assert_shape(out, shape)
+        chex.assert_type(out, jnp.float32)
+        factor = rope_attention_factor(cfg.rope_scaling)
+        inv_freq = rope_inv_freq(8, cfg.rope_theta, cfg.rope_scaling)
+        ref = _complex_reference(x, positions, inv_freq) * factor
+        pair_norm = float(np.sqrt(x[..., 0::2] ** 2 + x[..., 1::2] ** 2).max())
+        max_angle = float(positions.max() * inv_freq.max())  # see test_interleaved_rotation_matches_complex_reference
+        assert_close_f32(out, ref, rtol_ulps=0, atol_ulps=max_angle / 2 + 4, scale=pair_norm * factor)

@@ -1,5 +1,6 @@
 """Pure training math: schedule, objective, non-finite skipping, aux-loss-free bias updates."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 from dsv3_jax.config import get_preset
 from dsv3_jax.train.balance import max_violation, update_bias
 from dsv3_jax.train.config import Config, TrainConfig, apply_overrides
+from dsv3_jax.train.losses import cross_entropy, split_window
 from dsv3_jax.train.optim import lr_schedule
 from dsv3_jax.train.step import init_train_state, make_train_step
 from tolerances import F32_EPS, assert_close_f32
@@ -175,3 +177,29 @@ def test_grad_accum_must_divide_the_batch():
         TrainConfig(batch_size=6, grad_accum=4).validate()
     with pytest.raises(ValueError, match="train.grad_accum"):
         TrainConfig(grad_accum=0).validate()
+
+
+class ObjectiveVariantsTest(chex.TestCase):
+    """The objective's token cross-entropy and the MTP split, traced under jit and run op by op."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_cross_entropy_matches_float64_log_softmax(self):
+        rng = np.random.default_rng(4)
+        logits = (rng.standard_normal((3, 5, 11)) * 4).astype(np.float32)
+        targets = rng.integers(0, 11, (3, 5))
+        got = self.variant(cross_entropy)(jnp.asarray(logits), jnp.asarray(targets))
+        chex.assert_rank(got, 0)
+        chex.assert_type(got, jnp.float32)
+        x = logits.astype(np.float64)
+        logz = np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1)) + x.max(-1)
+        ref = float((logz - np.take_along_axis(x, targets[..., None], -1)[..., 0]).mean())
+        # log-sum-exp of 11 terms and a 15-term mean, at losses ~ |logits| ~ 12: a few ulps of the logits' scale
+        assert_close_f32(got, ref, rtol_ulps=16, atol_ulps=16, scale=float(np.abs(x).max()))
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_split_window_keeps_mtp_tokens_and_main_targets(self):
+        window = jnp.arange(2 * 12).reshape(2, 12)  # seq_len 9 + 1 + depth 2
+        inputs, targets = self.variant(split_window, static_argnums=(1, 2))(window, 9, 2)
+        chex.assert_shape(inputs, (2, 11))
+        chex.assert_shape(targets, (2, 9))
+        chex.assert_trees_all_equal((inputs, targets), (window[:, :11], window[:, 1:10]))
