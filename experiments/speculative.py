@@ -1,11 +1,12 @@
 """MTP speculative-decoding acceptance of the trained `mtp` experiment arms.
 
-    python -m experiments.speculative [--seed 0] [--max-new 128] [--code REF]
+    python -m experiments.speculative [--scale cpu|long] [--seed 0] [--max-new 128] [--code REF]
 
 For each arm of experiments/configs/mtp.json it calls the real CLI on the arm's final checkpoint,
     python -m dsv3_jax generate --run-dir runs/experiments/.../seedS --speculative --json --prompt ... --max-new N
 greedily and with temperature 1, over a fixed batch of prompts (one per source of the `lit` corpus and a few
-more), and writes the drafted/accepted counts to experiments/results/mtp/speculative_seedS.json.
+more), and writes the drafted/accepted counts to experiments/results/mtp/speculative_seedS.json (for a scale other
+than `cpu`: experiments/results/mtp/SCALE/speculative_seedS.json).
 The arm trained without the MTP loss keeps an untrained MTP module: its acceptance is the floor.
 """
 
@@ -58,21 +59,28 @@ def measure(run_dir: Path, temperature: float, max_new: int, seed: int, code: Co
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.speculative", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", choices=sorted(spec.SCALES), default="cpu", help="which scale's trained arms")
     parser.add_argument("--seed", type=int, default=0, help="which trained seed of the mtp arms")
     parser.add_argument("--max-new", type=int, default=128)
     parser.add_argument("--code", metavar="REF", default=None, help="library as committed at this git ref")
     args = parser.parse_args(argv)
     exp, code = spec.load("mtp"), Code(args.code)
-    out = {"prompts": list(PROMPTS), "max_new": args.max_new, "seed": args.seed, "arms": {},
+    out = {"prompts": list(PROMPTS), "max_new": args.max_new, "scale": args.scale, "seed": args.seed, "arms": {},
            "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), **code.provenance()}
     for variant in exp.variants:
-        run_dir = spec.RUNS_DIR / spec.run_key(*variant.source(exp.name), "cpu", args.seed)
-        if not (run_dir / "checkpoints").is_dir():
-            print(f"{variant.name}: no checkpoint in {run_dir}; run `python -m experiments.run mtp` first")
+        run_dir = spec.RUNS_DIR / spec.run_key(*variant.source(exp.name), args.scale, args.seed)
+        config_path = run_dir / "config.json"
+        steps = collect.read_json(config_path)["train"]["steps"] if config_path.is_file() else None
+        if steps is None or not collect.finished(run_dir / "metrics.jsonl", steps):
+            print(f"{variant.name}: no finished run in {run_dir}; run "
+                  f"`python -m experiments.run mtp --scale {args.scale}` first")
             continue
         out["arms"][variant.name] = {"label": variant.label, "run_dir": str(run_dir), "results": [
             measure(run_dir, t, args.max_new, args.seed, code) for t in TEMPERATURES]}
-    path = spec.RESULTS_DIR / "mtp" / f"speculative_seed{args.seed}.json"
+    if not out["arms"]:
+        print("error: no finished mtp arm to decode with; nothing written", file=sys.stderr)
+        return 2
+    path = spec.RESULTS_DIR / "mtp" / ("" if args.scale == "cpu" else args.scale) / f"speculative_seed{args.seed}.json"
     collect.write_json(path, out)
     for name, arm in out["arms"].items():
         for r in arm["results"]:

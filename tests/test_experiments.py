@@ -297,3 +297,19 @@ def test_starved_experts_counts_experts_under_a_quarter_of_the_fair_load():
     assert collect.starved_experts([[0.49, 0.5, 3.0, 4.01], [0.0, 8.0, 4.0, 4.0]]) == [1, 1]
     assert collect.starved_experts([[1.0, 1.0, 1.0, 1.0]]) == [0]
     assert collect.starved_experts([[0.0, 0.0, 0.0, 12.0]], share=0.25) == [3]
+
+
+def test_speculative_refuses_unfinished_runs_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    from experiments import speculative
+
+    monkeypatch.setattr(spec, "RUNS_DIR", tmp_path / "runs")
+    monkeypatch.setattr(spec, "RESULTS_DIR", tmp_path / "results")
+    _fake_run(tmp_path / "runs/baseline/long/default/seed0", steps=20)  # stopped at 20 of 3000 steps
+    cfg = json.loads((tmp_path / "runs/baseline/long/default/seed0/config.json").read_text())
+    cfg["train"]["steps"] = 3000
+    (tmp_path / "runs/baseline/long/default/seed0/config.json").write_text(json.dumps(cfg))
+    (tmp_path / "runs/baseline/long/default/seed0/checkpoints").mkdir()
+    assert speculative.main(["--scale", "long", "--seed", "0"]) == 2
+    out = capsys.readouterr()
+    assert "mtp_d1: no finished run" in out.out and "nothing written" in out.err
+    assert not (tmp_path / "results").exists()
