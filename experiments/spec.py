@@ -64,13 +64,13 @@ class Variant:
     label: str
     overrides: tuple[str, ...] = ()
     same_as: str | None = None  # "EXPERIMENT/VARIANT": reuse that run instead of training this one again
-    # Seeds run by default, per scale (a scale not named runs DEFAULT_SEEDS; an empty tuple: not run there by
-    # default); --seed picks others.
-    seeds: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    # Seeds run by default, as (scale, seeds) pairs (a scale not named runs DEFAULT_SEEDS; empty seeds: not run
+    # there by default); --seed picks others. Pairs rather than a dict keep the frozen dataclass hashable.
+    seeds: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     def seeds_for(self, scale: str) -> tuple[int, ...]:
         """The seeds this variant runs at `scale` unless --seed says otherwise."""
-        return self.seeds.get(scale, DEFAULT_SEEDS)
+        return dict(self.seeds).get(scale, DEFAULT_SEEDS)
 
     def source(self, experiment: str) -> tuple[str, str]:
         """(experiment, variant) whose run holds this variant's results."""
@@ -153,7 +153,7 @@ def parse(raw: dict[str, Any], where: str = "<spec>") -> Experiment:
                       variants=tuple(variants), plots=plots, paper=tuple(raw.get("paper", [])))
 
 
-def _parse_seeds(raw: Any, where: str) -> dict[str, tuple[int, ...]]:
+def _parse_seeds(raw: Any, where: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
     """A variant's "seeds": absent (DEFAULT_SEEDS everywhere), a list (the same at every scale) or an object
     {scale: list} (other scales run DEFAULT_SEEDS; an empty list means not run at that scale by default)."""
     def seed_list(value: Any, ctx: str) -> tuple[int, ...]:
@@ -163,14 +163,14 @@ def _parse_seeds(raw: Any, where: str) -> dict[str, tuple[int, ...]]:
         return tuple(value)
 
     if raw is None:
-        return {}
+        return ()
     if isinstance(raw, dict):
         unknown = sorted(set(raw) - set(SCALES))
         if unknown:
             raise SpecError(f"{where} names unknown scales {unknown}; scales: {sorted(SCALES)}")
-        return {scale: seed_list(value, f"{where}.{scale}") for scale, value in raw.items()}
+        return tuple((scale, seed_list(value, f"{where}.{scale}")) for scale, value in raw.items())
     listed = seed_list(raw, where)
-    return {scale: listed for scale in SCALES}
+    return tuple((scale, listed) for scale in SCALES)
 
 
 def overrides_for(experiment: Experiment, variant: Variant, scale: str, seed: int) -> tuple[str, str, list[str]]:

@@ -313,3 +313,8 @@ def test_speculative_refuses_unfinished_runs_and_writes_nothing(tmp_path, monkey
     out = capsys.readouterr()
     assert "mtp_d1: no finished run" in out.out and "nothing written" in out.err
     assert not (tmp_path / "results").exists()
+
+
+def test_parsed_variants_are_hashable_values():
+    variants = spec.load("balance").variants
+    assert len(set(variants)) == len(variants) and variants == spec.load("balance").variants
