@@ -158,10 +158,8 @@ def _block_scan_fwd(x_nSbD, group_nS, active_n, gate_EDF, up_EDF, down_EFD):
             return _swiglu_blocks(x_SbD, gate_EDF[group_S], up_EDF[group_S], down_EFD[group_S])
 
         def skip(x_SbD, group_S):
-            # Zeros built from both operands, so that inside shard_map they vary over the same mesh axes as
-            # the true branch's matmul outputs (cond needs equal types).
-            zeros_SbF = jnp.zeros_like(x_SbD[:, :, :1]) * jnp.zeros_like(gate_EDF[:1, :1, :])
-            return zeros_SbF, zeros_SbF, jnp.zeros_like(x_SbD) * jnp.zeros_like(down_EFD[:1, :1, :1])
+            zeros_SbF = _zeros_varying(x_SbD.shape[:2] + gate_EDF.shape[2:], x_SbD, gate_EDF)
+            return zeros_SbF, zeros_SbF, _zeros_varying(x_SbD.shape, x_SbD, down_EFD)
 
         g_SbF, u_SbF, y_SbD = jax.lax.cond(active, run, skip, x_SbD, group_S)
         return carry, (y_SbD, g_SbF, u_SbF)
@@ -191,18 +189,27 @@ def _block_scan_bwd(residuals, dy_nSbD):
             return (d_gate, d_up, d_down), dx_SbD
 
         def skip(grads, x_SbD, group_S, g_SbF, u_SbF, dy_SbD):
-            return grads, jnp.zeros_like(x_SbD) * jnp.zeros_like(gate_EDF[:1, :1, :1])
+            return grads, _zeros_varying(x_SbD.shape, x_SbD, gate_EDF)
 
         return jax.lax.cond(active, run, skip, grads, x_SbD, group_S, g_SbF, u_SbF, dy_SbD)
 
-    # Accumulators that vary over the mesh axes of both the weights and the rows (inside shard_map the carry's
-    # type must not change between steps).
-    rows_111 = jnp.zeros_like(x_nSbD[0, :1, :1, :1])
-    zeros = tuple(jnp.zeros_like(w) + rows_111 for w in (gate_EDF, up_EDF, down_EFD))
+    # The carry's type must not change between steps, so the accumulators vary over the rows' axes as well.
+    zeros = tuple(_zeros_varying(w.shape, w, x_nSbD) for w in (gate_EDF, up_EDF, down_EFD))
     (d_gate, d_up, d_down), dx_nSbD = jax.lax.scan(step, zeros, (x_nSbD, group_nS, active_n, g_nSbF, u_nSbF,
                                                                   dy_nSbD))
     return (_sum_to_type_of(dx_nSbD, x_nSbD), None, None, _sum_to_type_of(d_gate, gate_EDF),
             _sum_to_type_of(d_up, up_EDF), _sum_to_type_of(d_down, down_EFD))
+
+
+def _zeros_varying(shape: tuple[int, ...], *operands: jax.Array) -> jax.Array:
+    """Zeros of `shape` in the operands' promoted dtype that, inside shard_map, vary over every mesh axis any
+    operand varies over: the type a matmul of those operands would have. `lax.cond` branches and `lax.scan`
+    carries need equal types, so a skipped branch's zeros must match the computed branch's outputs. Outside
+    shard_map this is plain zeros."""
+    zeros = jnp.zeros(shape, jnp.result_type(*operands))
+    for operand in operands:
+        zeros = zeros + jnp.zeros_like(operand[(0,) * operand.ndim])  # a scalar carries the operand's axes
+    return zeros
 
 
 def _sum_to_type_of(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
