@@ -137,7 +137,7 @@ def run_variant(exp: spec.Experiment, variant: spec.Variant, scale: str, seed: i
         with RunLock(run_dir):  # RunDirLocked while a trainer is still writing it: never delete a live run
             shutil.rmtree(run_dir)
     metrics_path = run_dir / "metrics.jsonl"
-    if collect.finished(metrics_path, _steps(preset, overrides)):
+    if collect.finished(metrics_path, spec.planned_steps(exp, variant, scale, seed)):
         train_info = _earlier_train_info(previous, run_dir)
     elif not train:
         print(f"{key}: no finished run in {run_dir}; skipped (training is off)")
@@ -187,14 +187,6 @@ def _earlier_train_info(previous: dict | None, run_dir: Path) -> dict:
     return {"wall_s": round(wall_s, 1), "wall_s_source": "file times (config.json written at start -> last metrics line)"}
 
 
-def _steps(preset: str, overrides: list[str]) -> int:
-    from dsv3_jax.config import get_preset
-    from dsv3_jax.train.config import Config, apply_overrides
-    from dsv3_jax.train.presets import train_preset
-
-    return apply_overrides(Config(model=get_preset(preset), train=train_preset(preset)), overrides).train.steps
-
-
 def draw(exp: spec.Experiment, scale: str = "cpu", results_dir: Path | None = None,
          readme: Path | None = None) -> list[Path]:
     """Summary (json + md) and every comparison plot of the experiment from whatever results exist.
@@ -204,7 +196,7 @@ def draw(exp: spec.Experiment, scale: str = "cpu", results_dir: Path | None = No
     if readme is None and results_dir is None:
         readme = spec.EXPERIMENTS_DIR / "README.md"
     results_dir = spec.RESULTS_DIR if results_dir is None else results_dir
-    out_dir = results_dir / exp.name / ("" if scale == "cpu" else scale)
+    out_dir = results_dir / spec.experiment_dir(exp.name, scale)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = collect.summarize_experiment(exp, scale, results_dir)
     collect.write_json(out_dir / "summary.json", summary)

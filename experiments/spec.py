@@ -187,7 +187,23 @@ def overrides_for(experiment: Experiment, variant: Variant, scale: str, seed: in
     return base["preset"], base["corpus"], [*base["set"], *variant.overrides, f"train.seed={seed}"]
 
 
+def planned_steps(experiment: Experiment, variant: Variant, scale: str, seed: int) -> int:
+    """The number of training steps the spec gives one run (its preset's, after the scale's and the variant's
+    overrides): the step a run must reach, with its evaluation, to count as finished."""
+    from dsv3_jax.config import get_preset  # the library only where a step count is needed
+    from dsv3_jax.train.config import Config, apply_overrides
+    from dsv3_jax.train.presets import train_preset
+
+    preset, _, overrides = overrides_for(experiment, variant, scale, seed)
+    return apply_overrides(Config(model=get_preset(preset), train=train_preset(preset)), overrides).train.steps
+
+
+def experiment_dir(experiment: str, scale: str) -> Path:
+    """Relative directory of an experiment's runs at one scale, under runs/experiments and experiments/results:
+    the cpu scale carries no scale directory (its results predate the others), every other scale does."""
+    return Path(experiment) if scale == "cpu" else Path(experiment, scale)
+
+
 def run_key(experiment: str, variant: str, scale: str, seed: int) -> Path:
-    """Relative path of a run under runs/experiments and experiments/results (cpu runs carry no scale dir)."""
-    parts = [experiment] + ([] if scale == "cpu" else [scale]) + [variant, f"seed{seed}"]
-    return Path(*parts)
+    """Relative path of one run under runs/experiments and experiments/results."""
+    return experiment_dir(experiment, scale) / variant / f"seed{seed}"

@@ -69,9 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
            "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), **code.provenance()}
     for variant in exp.variants:
         run_dir = spec.RUNS_DIR / spec.run_key(*variant.source(exp.name), args.scale, args.seed)
-        config_path = run_dir / "config.json"
-        steps = collect.read_json(config_path)["train"]["steps"] if config_path.is_file() else None
-        if steps is None or not collect.finished(run_dir / "metrics.jsonl", steps):
+        if not collect.finished(run_dir / "metrics.jsonl", spec.planned_steps(exp, variant, args.scale, args.seed)):
             print(f"{variant.name}: no finished run in {run_dir}; run "
                   f"`python -m experiments.run mtp --scale {args.scale}` first")
             continue
@@ -80,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not out["arms"]:
         print("error: no finished mtp arm to decode with; nothing written", file=sys.stderr)
         return 2
-    path = spec.RESULTS_DIR / "mtp" / ("" if args.scale == "cpu" else args.scale) / f"speculative_seed{args.seed}.json"
+    path = spec.RESULTS_DIR / spec.experiment_dir(exp.name, args.scale) / f"speculative_seed{args.seed}.json"
     collect.write_json(path, out)
     for name, arm in out["arms"].items():
         for r in arm["results"]:

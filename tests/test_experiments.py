@@ -304,15 +304,22 @@ def test_speculative_refuses_unfinished_runs_and_writes_nothing(tmp_path, monkey
 
     monkeypatch.setattr(spec, "RUNS_DIR", tmp_path / "runs")
     monkeypatch.setattr(spec, "RESULTS_DIR", tmp_path / "results")
-    _fake_run(tmp_path / "runs/baseline/long/default/seed0", steps=20)  # stopped at 20 of 3000 steps
-    cfg = json.loads((tmp_path / "runs/baseline/long/default/seed0/config.json").read_text())
-    cfg["train"]["steps"] = 3000
-    (tmp_path / "runs/baseline/long/default/seed0/config.json").write_text(json.dumps(cfg))
+    _fake_run(tmp_path / "runs/baseline/long/default/seed0", steps=20)  # stopped at 20 of the spec's 3000 steps
     (tmp_path / "runs/baseline/long/default/seed0/checkpoints").mkdir()
     assert speculative.main(["--scale", "long", "--seed", "0"]) == 2
     out = capsys.readouterr()
     assert "mtp_d1: no finished run" in out.out and "nothing written" in out.err
     assert not (tmp_path / "results").exists()
+
+
+def test_runs_are_finished_at_the_specs_step_count_and_found_under_one_directory_rule():
+    baseline, mtp = spec.load("baseline"), spec.load("mtp")
+    default, d1 = baseline.variant("default"), mtp.variant("mtp_d1")  # d1 is the same run as baseline/default
+    assert spec.planned_steps(baseline, default, "long", 0) == spec.planned_steps(mtp, d1, "long", 1) == 3000
+    assert spec.planned_steps(baseline, default, "cpu", 0) == 300
+    assert spec.run_key("mtp", "no_mtp", "cpu", 1) == Path("mtp/no_mtp/seed1")
+    assert spec.run_key("mtp", "no_mtp", "long", 1) == spec.experiment_dir("mtp", "long") / "no_mtp/seed1"
+    assert spec.experiment_dir("mtp", "long") == Path("mtp/long") and spec.experiment_dir("mtp", "cpu") == Path("mtp")
 
 
 def test_parsed_variants_are_hashable_values():
