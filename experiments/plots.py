@@ -60,6 +60,21 @@ def _label(label: str, seed: int) -> str:
     return f"{label} (seed {seed})"
 
 
+def eval_batches_text(configs: list[dict[str, Any]]) -> str:
+    """What the in-training evaluations of these runs covered, from their configs' `train.eval_batches`
+    (0 = the whole validation split; the cpu scale evaluates the first 16 batches, the long scale all of them)."""
+    counts = {c.get("train", {}).get("eval_batches") for c in configs}
+    if counts == {0}:
+        return "whole validation split"
+    if len(counts) == 1 and None not in counts:
+        return f"first {counts.pop()} validation batches"
+    return "in-training evaluations"  # runs that differ, or configs not collected
+
+
+def _configs(series: Series) -> list[dict[str, Any]]:
+    return [config for s in series.values() for *_, config in s["runs"]]
+
+
 def _train_and_eval_panels(series: Series, ax_train: Any, ax_eval: Any, train_field: str, eval_field: str) -> None:
     """Per variant and seed: `train_field` per step (EMA) on the left, `eval_field` at each evaluation on the
     right, plus a star at the final whole-split value."""
@@ -84,7 +99,7 @@ def plot_loss(series: Series, out: str | Path, title: str) -> Path:
     ax_tr.set(xlabel="step", ylabel="train cross-entropy (nats/token)",
               title=f"Train loss, EMA {SMOOTHING} (main token; y zoomed on the last 2/3)")
     ax_val.set(xlabel="step", ylabel="validation cross-entropy (nats/token)",
-               title="Validation loss (dots: first 16 val batches; star: whole split)")
+               title=f"Validation loss (dots: {eval_batches_text(_configs(series))}; star: whole split)")
     return _finish(fig, (ax_tr, ax_val), out, title)
 
 
@@ -111,7 +126,7 @@ def plot_maxvio(series: Series, out: str | Path, title: str) -> Path:
     ax_b.set(xlabel="step", ylabel="MaxVio_batch (mean over MoE layers)",
              title=f"MaxVio_batch per training batch, EMA {SMOOTHING}")
     ax_g.set(xlabel="step", ylabel="MaxVio_global (mean over MoE layers)",
-             title="MaxVio_global, validation (dots: first 16 batches; star: whole split)")
+             title=f"MaxVio_global, validation (dots: {eval_batches_text(_configs(series))}; star: whole split)")
     return _finish(fig, (ax_b, ax_g), out, title)
 
 
@@ -129,7 +144,7 @@ def _log_y(ax: Any) -> None:
 def final_loads(run: tuple) -> tuple[np.ndarray, int, float, str] | None:
     """(loads [layers, E], step, MaxVio_global, where) of a run: the whole-split final evaluation when it kept
     the loads, else the last in-training evaluation."""
-    _, records, final, _ = run
+    _, records, final, config = run
     if final is not None and "expert_load" in final:
         return np.asarray(final["expert_load"], float), final["step"], final["maxvio_global"], "whole validation split"
     evals = eval_records(records)
@@ -137,7 +152,7 @@ def final_loads(run: tuple) -> tuple[np.ndarray, int, float, str] | None:
         return None
     last = evals[-1]
     return (np.asarray(last["expert_load"], float), last["step"], last["maxvio_global"],
-            "first 16 validation batches")
+            eval_batches_text([config]))
 
 
 def plot_expert_load(series: Series, out: str | Path, title: str) -> Path:
@@ -181,7 +196,7 @@ def plot_mtp(series: Series, out: str | Path, title: str) -> Path:
                 ax.plot(steps, [r["val_mtp_loss"] for r in evals], color=s["colour"], marker="s", markersize=3,
                         linestyle=":", label=f"{label} (seed {seed}): MTP depth 1 (token t+2)")
     ax.set(xlabel="step", ylabel="validation cross-entropy (nats/token)",
-           title="Validation loss, first 16 validation batches (unsmoothed)")
+           title=f"Validation loss, {eval_batches_text(_configs(series))} (unsmoothed)")
     return _finish(fig, (ax,), out, title)
 
 

@@ -208,7 +208,8 @@ def test_heatmap_prefers_the_whole_split_loads(tmp_path):
 
     _fake_run(tmp_path / "r")
     final_path = tmp_path / "r/final_eval.json"
-    run_tuple = (0, collect.read_jsonl(tmp_path / "r/metrics.jsonl"), json.loads(final_path.read_text()), {})
+    config = {"train": {"eval_batches": 16}}
+    run_tuple = (0, collect.read_jsonl(tmp_path / "r/metrics.jsonl"), json.loads(final_path.read_text()), config)
     assert plots.final_loads(run_tuple)[3] == "first 16 validation batches"
     final = {**json.loads(final_path.read_text()), "expert_load": [[4.0, 4.0, 4.0, 4.0], [1.0, 7.0, 4.0, 4.0]]}
     loads, step, _, where = plots.final_loads((0, run_tuple[1], final, {}))
@@ -320,6 +321,17 @@ def test_runs_are_finished_at_the_specs_step_count_and_found_under_one_directory
     assert spec.run_key("mtp", "no_mtp", "cpu", 1) == Path("mtp/no_mtp/seed1")
     assert spec.run_key("mtp", "no_mtp", "long", 1) == spec.experiment_dir("mtp", "long") / "no_mtp/seed1"
     assert spec.experiment_dir("mtp", "long") == Path("mtp/long") and spec.experiment_dir("mtp", "cpu") == Path("mtp")
+
+
+def test_plots_say_what_the_in_training_evaluations_covered():
+    from experiments.plots import eval_batches_text
+
+    def cfg(n):
+        return {"train": {"eval_batches": n}}
+
+    assert eval_batches_text([cfg(0), cfg(0)]) == "whole validation split"
+    assert eval_batches_text([cfg(16)]) == "first 16 validation batches"
+    assert eval_batches_text([cfg(16), cfg(0)]) == eval_batches_text([{}]) == "in-training evaluations"
 
 
 def test_parsed_variants_are_hashable_values():
