@@ -116,6 +116,7 @@ def _last_json_object(text: str) -> dict:
 
 
 TRAIN_FIELDS = ("wall_s", "wall_s_source", "load_average_1m_at_end", "finished_at")  # kept when re-collecting
+RESUMED_WALL = "runner, last invocation only (a resumed run: summary.json's train_seconds counts every step)"
 
 
 def run_variant(exp: spec.Experiment, variant: spec.Variant, scale: str, seed: int, code: Code,
@@ -147,7 +148,7 @@ def run_variant(exp: spec.Experiment, variant: spec.Variant, scale: str, seed: i
         rc, wall_s, _ = _run_logged(train_cmd, run_dir / "train.log", code)
         if rc != 0:
             raise SystemExit(f"{key}: training failed (exit {rc}); see {run_dir / 'train.log'}")
-        train_info = {"wall_s": round(wall_s, 1), "wall_s_source": "runner, resumed run" if resumed else "runner",
+        train_info = {"wall_s": round(wall_s, 1), "wall_s_source": RESUMED_WALL if resumed else "runner",
                       "load_average_1m_at_end": round(os.getloadavg()[0], 2),
                       "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}
     rc, eval_s, out = _run_logged(eval_command(run_dir), run_dir / "eval.log", code)
