@@ -144,7 +144,8 @@ def run_variant(exp: spec.Experiment, variant: spec.Variant, scale: str, seed: i
         print(f"{key}: no finished run in {run_dir}; skipped (training is off)")
         return None
     else:
-        resumed = metrics_path.is_file()
+        checkpoints = run_dir / "checkpoints"  # the trainer resumes from these; without one it starts at step 0
+        resumed = checkpoints.is_dir() and any(checkpoints.iterdir())
         rc, wall_s, _ = _run_logged(train_cmd, run_dir / "train.log", code)
         if rc != 0:
             raise SystemExit(f"{key}: training failed (exit {rc}); see {run_dir / 'train.log'}")
