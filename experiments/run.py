@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from dsv3_jax.rundir import RunDirLocked, RunLock
+from dsv3_jax.rundir import RunDirLocked, RunLock, has_checkpoints
 from experiments import collect, spec
 from experiments.plots import PLOTTERS, load_series
 
@@ -144,8 +144,7 @@ def run_variant(exp: spec.Experiment, variant: spec.Variant, scale: str, seed: i
         print(f"{key}: no finished run in {run_dir}; skipped (training is off)")
         return None
     else:
-        checkpoints = run_dir / "checkpoints"  # the trainer resumes from these; without one it starts at step 0
-        resumed = checkpoints.is_dir() and any(checkpoints.iterdir())
+        resumed = has_checkpoints(run_dir)  # the trainer resumes from one; without one it starts at step 0
         rc, wall_s, _ = _run_logged(train_cmd, run_dir / "train.log", code)
         if rc != 0:
             raise SystemExit(f"{key}: training failed (exit {rc}); see {run_dir / 'train.log'}")
