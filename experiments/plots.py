@@ -71,6 +71,15 @@ def eval_batches_text(configs: list[dict[str, Any]]) -> str:
     return "in-training evaluations"  # runs that differ, or configs not collected
 
 
+def eval_marks_text(configs: list[dict[str, Any]]) -> str:
+    """What the dots and the star of an evaluation panel are: in-training evaluations and the final whole-split
+    evaluation, which are the same kind of number when the runs evaluated the whole split every time."""
+    dots = eval_batches_text(configs)
+    if dots == "whole validation split":
+        return "whole validation split at every evaluation; star: final"
+    return f"dots: {dots}; star: whole split"
+
+
 def _configs(series: Series) -> list[dict[str, Any]]:
     return [config for s in series.values() for *_, config in s["runs"]]
 
@@ -99,7 +108,7 @@ def plot_loss(series: Series, out: str | Path, title: str) -> Path:
     ax_tr.set(xlabel="step", ylabel="train cross-entropy (nats/token)",
               title=f"Train loss, EMA {SMOOTHING} (main token; y zoomed on the last 2/3)")
     ax_val.set(xlabel="step", ylabel="validation cross-entropy (nats/token)",
-               title=f"Validation loss (dots: {eval_batches_text(_configs(series))}; star: whole split)")
+               title=f"Validation loss ({eval_marks_text(_configs(series))})")
     return _finish(fig, (ax_tr, ax_val), out, title)
 
 
@@ -126,7 +135,7 @@ def plot_maxvio(series: Series, out: str | Path, title: str) -> Path:
     ax_b.set(xlabel="step", ylabel="MaxVio_batch (mean over MoE layers)",
              title=f"MaxVio_batch per training batch, EMA {SMOOTHING}")
     ax_g.set(xlabel="step", ylabel="MaxVio_global (mean over MoE layers)",
-             title=f"MaxVio_global, validation (dots: {eval_batches_text(_configs(series))}; star: whole split)")
+             title=f"MaxVio_global, validation ({eval_marks_text(_configs(series))})")
     return _finish(fig, (ax_b, ax_g), out, title)
 
 

@@ -324,7 +324,7 @@ def test_runs_are_finished_at_the_specs_step_count_and_found_under_one_directory
 
 
 def test_plots_say_what_the_in_training_evaluations_covered():
-    from experiments.plots import eval_batches_text
+    from experiments.plots import eval_batches_text, eval_marks_text
 
     def cfg(n):
         return {"train": {"eval_batches": n}}
@@ -332,6 +332,9 @@ def test_plots_say_what_the_in_training_evaluations_covered():
     assert eval_batches_text([cfg(0), cfg(0)]) == "whole validation split"
     assert eval_batches_text([cfg(16)]) == "first 16 validation batches"
     assert eval_batches_text([cfg(16), cfg(0)]) == eval_batches_text([{}]) == "in-training evaluations"
+    # The panel legend names the final star separately only when the dots are a different kind of number.
+    assert eval_marks_text([cfg(0)]) == "whole validation split at every evaluation; star: final"
+    assert eval_marks_text([cfg(16)]) == "dots: first 16 validation batches; star: whole split"
 
 
 def test_parsed_variants_are_hashable_values():
