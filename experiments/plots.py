@@ -26,11 +26,14 @@ def ema(values: list[float], decay: float = SMOOTHING) -> np.ndarray:
     return np.asarray(out)
 
 
-Series = dict[str, dict[str, Any]]  # label -> {"colour", "runs": [(seed, records, final_eval | None, config)]}
+# label -> {"colour", "reference": bool, "runs": [(seed, records, final_eval | None, config)]}; the reference is
+# the experiment's first variant, the one summaries pair every other variant with.
+Series = dict[str, dict[str, Any]]
 
 
 def load_series(runs: dict[str, list[tuple[int, Path]]], labels: dict[str, str]) -> Series:
-    """Read every run's metrics (and final eval / config) once; keys are the variants' labels."""
+    """Read every run's metrics (and final eval / config) once; keys are the variants' labels, in the order of
+    `runs`, whose first variant is the reference."""
     series = {}
     for i, (name, seed_dirs) in enumerate(runs.items()):
         loaded = []
@@ -39,7 +42,8 @@ def load_series(runs: dict[str, list[tuple[int, Path]]], labels: dict[str, str])
             config = read_json(path / "config.json") if (path / "config.json").is_file() else {}
             loaded.append((seed, read_jsonl(path / "metrics.jsonl"), final, config))
         if loaded:
-            series[labels.get(name, name)] = {"colour": COLOURS[i % len(COLOURS)], "runs": loaded}
+            series[labels.get(name, name)] = {"colour": COLOURS[i % len(COLOURS)], "reference": i == 0,
+                                              "runs": loaded}
     return series
 
 
@@ -76,7 +80,7 @@ def eval_marks_text(configs: list[dict[str, Any]]) -> str:
     evaluation, which are the same kind of number when the runs evaluated the whole split every time."""
     dots = eval_batches_text(configs)
     if dots == "whole validation split":
-        return "whole validation split at every evaluation; star: final"
+        return "whole split at every evaluation; star: final"
     return f"dots: {dots}; star: whole split"
 
 
@@ -99,17 +103,65 @@ def _train_and_eval_panels(series: Series, ax_train: Any, ax_eval: Any, train_fi
                              linestyle="none")
 
 
+# steps, the differences there, and (step, difference) of the final whole-split evaluations if both runs have one
+PairedCurve = tuple[list[int], list[float], tuple[int, float] | None]
+
+
+def paired_eval_differences(series: Series, field: str = "val_loss") -> dict[str, dict[int, PairedCurve]]:
+    """label -> seed -> `field` of the variant minus the reference's at the same seed, at every step both runs
+    evaluated, plus the difference of their final whole-split evaluations (None unless both have one).
+    Pairing by seed removes the part of the difference that the seed (initialisation and data order) explains."""
+    reference = next((s for s in series.values() if s["reference"]), None)
+    if reference is None:
+        return {}
+    ref_runs = {seed: (eval_records(records), final) for seed, records, final, _ in reference["runs"]}
+    out: dict[str, dict[int, PairedCurve]] = {}
+    for label, s in series.items():
+        if s["reference"]:
+            continue
+        for seed, records, final, _ in s["runs"]:
+            if seed not in ref_runs:
+                continue
+            ref_evals, ref_final = ref_runs[seed]
+            ref_at = {r["step"]: r[field] for r in ref_evals}
+            evals = [r for r in eval_records(records) if r["step"] in ref_at]
+            final_diff = ((final["step"], final[field] - ref_final[field])
+                          if final is not None and ref_final is not None else None)
+            out.setdefault(label, {})[seed] = ([r["step"] for r in evals],
+                                               [r[field] - ref_at[r["step"]] for r in evals], final_diff)
+    return out
+
+
 def plot_loss(series: Series, out: str | Path, title: str) -> Path:
-    """Train loss (EMA) and validation loss per variant; a star marks the final full-split validation loss."""
+    """Train loss (EMA) and validation loss per variant, a star marking the final full-split validation loss,
+    and a third panel with each variant's validation loss minus the reference's at the same seed."""
     plt = _pyplot()
-    fig, (ax_tr, ax_val) = plt.subplots(1, 2, figsize=(13, 4.8))
+    diffs = paired_eval_differences(series)
+    fig, axes = plt.subplots(1, 3 if diffs else 2, figsize=(19.5 if diffs else 13, 4.8))
+    ax_tr, ax_val = axes[:2]
     _train_and_eval_panels(series, ax_tr, ax_val, "loss", "val_loss")
     _zoom(ax_tr, series, "loss")
     ax_tr.set(xlabel="step", ylabel="train cross-entropy (nats/token)",
               title=f"Train loss, EMA {SMOOTHING} (main token; y zoomed on the last 2/3)")
-    ax_val.set(xlabel="step", ylabel="validation cross-entropy (nats/token)",
-               title=f"Validation loss ({eval_marks_text(_configs(series))})")
-    return _finish(fig, (ax_tr, ax_val), out, title)
+    marks = eval_marks_text(_configs(series))
+    ax_val.set(xlabel="step", ylabel="validation cross-entropy (nats/token)", title=f"Validation loss ({marks})")
+    if diffs:
+        _paired_panel(axes[2], series, diffs)
+    return _finish(fig, tuple(axes), out, title)
+
+
+def _paired_panel(ax: Any, series: Series, diffs: dict[str, dict[int, PairedCurve]]) -> None:
+    reference = next(label for label, s in series.items() if s["reference"])
+    for label, by_seed in diffs.items():
+        for i, (seed, (steps, values, final_diff)) in enumerate(sorted(by_seed.items())):
+            ax.plot(steps, values, marker="o", markersize=3, color=series[label]["colour"],
+                    label=_label(label, seed), **_style(i))
+            if final_diff is not None:
+                ax.plot([final_diff[0]], [final_diff[1]], marker="*", markersize=11, color=series[label]["colour"],
+                        linestyle="none")
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set(xlabel="step", ylabel="Δ validation cross-entropy (nats/token)",
+           title=f"Val loss minus {reference}, same seed")
 
 
 def _zoom(ax: Any, series: Series, field: str) -> None:

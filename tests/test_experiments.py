@@ -333,8 +333,47 @@ def test_plots_say_what_the_in_training_evaluations_covered():
     assert eval_batches_text([cfg(16)]) == "first 16 validation batches"
     assert eval_batches_text([cfg(16), cfg(0)]) == eval_batches_text([{}]) == "in-training evaluations"
     # The panel legend names the final star separately only when the dots are a different kind of number.
-    assert eval_marks_text([cfg(0)]) == "whole validation split at every evaluation; star: final"
+    assert eval_marks_text([cfg(0)]) == "whole split at every evaluation; star: final"
     assert eval_marks_text([cfg(16)]) == "dots: first 16 validation batches; star: whole split"
+
+
+def test_paired_eval_differences_pair_each_seed_with_the_reference(tmp_path):
+    import numpy as np
+
+    from experiments.plots import load_series, paired_eval_differences
+
+    def run(losses, final):
+        records = [{"kind": "train", "step": 1, "loss": 9.0}]
+        records += [{"kind": "eval", "step": step, "val_loss": v} for step, v in losses.items()]
+        return records, (None if final is None else {"step": 300, "val_loss": final})
+
+    runs = {  # label -> seed -> (records, final eval)
+        "ref": {0: run({100: 5.0, 200: 4.5}, 4.4), 1: run({100: 5.2, 200: 4.6}, 4.5)},
+        "arm": {0: run({100: 5.1, 200: 4.4, 250: 4.3}, 4.2), 2: run({100: 5.0}, 4.9)},  # seed 2: no reference
+        "other": {1: run({200: 4.7}, None)},
+    }
+    series = {label: {"colour": "k", "reference": label == "ref",
+                      "runs": [(seed, records, final, {}) for seed, (records, final) in by_seed.items()]}
+              for label, by_seed in runs.items()}
+    diffs = paired_eval_differences(series)
+    assert set(diffs) == {"arm", "other"} and set(diffs["arm"]) == {0} and set(diffs["other"]) == {1}
+    steps, values, final = diffs["arm"][0]
+    assert steps == [100, 200]  # step 250 has no reference evaluation to pair with
+    np.testing.assert_allclose(values, [0.1, -0.1], rtol=1e-12, atol=1e-12)
+    assert final[0] == 300 and abs(final[1] - (-0.2)) < 1e-12
+    steps, values, final = diffs["other"][1]
+    assert steps == [200] and final is None  # no final evaluation to compare
+    np.testing.assert_allclose(values, [0.1], rtol=1e-12, atol=1e-12)
+    # Without the reference's runs there is nothing to pair with.
+    assert paired_eval_differences({k: v for k, v in series.items() if k != "ref"}) == {}
+
+    # load_series marks the experiment's first variant as the reference, and no other, even when it has no runs.
+    for name in ("ref", "arm"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs[name][0][0]))
+    loaded = load_series({"ref": [(0, tmp_path / "ref")], "arm": [(0, tmp_path / "arm")]}, {"arm": "Arm"})
+    assert [(k, v["reference"]) for k, v in loaded.items()] == [("ref", True), ("Arm", False)]
+    assert [v["reference"] for v in load_series({"ref": [], "arm": [(0, tmp_path / "arm")]}, {}).values()] == [False]
 
 
 def test_parsed_variants_are_hashable_values():
