@@ -64,10 +64,15 @@ def _label(label: str, seed: int) -> str:
     return f"{label} (seed {seed})"
 
 
+def _eval_batch_counts(configs: list[dict[str, Any]]) -> set[int | None]:
+    """The runs' `train.eval_batches` (0 = the whole validation split; None = a config not collected)."""
+    return {c.get("train", {}).get("eval_batches") for c in configs}
+
+
 def eval_batches_text(configs: list[dict[str, Any]]) -> str:
     """What the in-training evaluations of these runs covered, from their configs' `train.eval_batches`
     (0 = the whole validation split; the cpu scale evaluates the first 16 batches, the long scale all of them)."""
-    counts = {c.get("train", {}).get("eval_batches") for c in configs}
+    counts = _eval_batch_counts(configs)
     if counts == {0}:
         return "whole validation split"
     if len(counts) == 1 and None not in counts:
@@ -78,10 +83,9 @@ def eval_batches_text(configs: list[dict[str, Any]]) -> str:
 def eval_marks_text(configs: list[dict[str, Any]]) -> str:
     """What the dots and the star of an evaluation panel are: in-training evaluations and the final whole-split
     evaluation, which are the same kind of number when the runs evaluated the whole split every time."""
-    dots = eval_batches_text(configs)
-    if dots == "whole validation split":
+    if _eval_batch_counts(configs) == {0}:
         return "whole split at every evaluation; star: final"
-    return f"dots: {dots}; star: whole split"
+    return f"dots: {eval_batches_text(configs)}; star: whole split"
 
 
 def _configs(series: Series) -> list[dict[str, Any]]:
