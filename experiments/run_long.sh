@@ -6,7 +6,8 @@
 #
 #     experiments/run_long.sh COMMIT     # the library as committed at COMMIT (keep it the same across sessions)
 #
-# About 75 minutes per run on 2 CPU cores, 10 runs. Progress: runs/experiments/*/long/*/seed*/train.log.
+# 75 minutes to 2 hours per run on 2 CPU cores, by CPU model; 10 runs. Checkpoints stay in runs/ (not in git),
+# so resuming needs the same checkout. Progress: runs/experiments/*/long/*/seed*/train.log.
 set -euo pipefail
 code="${1:?usage: experiments/run_long.sh COMMIT (the git commit whose dsv3_jax trains every run)}"
 py="${PYTHON:-.venv/bin/python}"
