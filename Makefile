@@ -19,10 +19,16 @@ RUN_DIR ?= runs/small
 train: $(STAMP)
 	$(PY) -m dsv3_jax train --preset small --run-dir $(RUN_DIR)
 
-# Unit tests, then the notebooks executed top to bottom (nbmake; outputs are not written back).
+# The test suite and the notebooks executed top to bottom (nbmake; outputs are not written back), in one pytest
+# run over TEST_WORKERS processes (pytest-xdist: a test file runs whole on one worker, so its fixtures are built
+# once; the slowest files start first: tests/conftest.py). Compiled programs are cached under .cache/jax.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q tests
-	$(PY) -m pytest -q --nbmake --nbmake-timeout=600 notebooks/
+	@start=$$(date +%s); status=0; \
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder \
+		--nbmake --nbmake-timeout=600 tests notebooks || status=$$?; \
+	echo "make test: $$(( $$(date +%s) - start )) s of tests and notebooks on $(TEST_WORKERS) workers"; \
+	exit $$status
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis .cache
