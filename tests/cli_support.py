@@ -16,10 +16,11 @@ VOLATILE = {"tokens_per_s"}
 
 
 def cli_env(root: Path) -> dict:
-    """Environment of a CLI subprocess: the repository importable, compiled programs cached under `root`."""
+    """Environment of a CLI subprocess: the repository importable, compiled programs cached (in the suite's cache,
+    tests/conftest.py, or else under `root`) so that later runs reuse compiled steps."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env["JAX_COMPILATION_CACHE_DIR"] = str(root / "jax_cache")  # later runs reuse compiled steps
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(root / "jax_cache"))
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
     return env

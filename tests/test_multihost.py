@@ -33,8 +33,11 @@ def workdir(tmp_path_factory) -> Path:
 def _env(workdir: Path, devices: int) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0")
-    env["JAX_COMPILATION_CACHE_DIR"] = str(workdir / "jax_cache")  # the resume reuses the reference's programs
+    inherited = [f for f in env.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
+    env["XLA_FLAGS"] = " ".join([*inherited, f"--xla_force_host_platform_device_count={devices}",
+                                 "--xla_backend_optimization_level=0"])
+    # the resume reuses the reference's programs (through the suite's cache, tests/conftest.py, when there is one)
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(workdir / "jax_cache"))
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     return env
 
