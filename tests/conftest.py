@@ -9,7 +9,6 @@ from pathlib import Path
 from compile_cache import cache_dir
 from hypothesis import settings
 
-REPO = Path(__file__).resolve().parents[1]
 # The user's own values of what the suite changes, recorded by the first process that loads this file: xdist
 # workers inherit the controller's environment, already changed.
 os.environ.setdefault("DSV3_TESTS_USER_ENVIRONMENT", json.dumps(

@@ -86,12 +86,10 @@ def apply(root: Path, brk: Break) -> None:
 
 def run_guards(root: Path, brk: Break, workers: int) -> dict:
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache_dir()))
-    report = root / "report.txt"
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", str(workers),
                            "--dist", "loadfile", "-rf", *brk.guards], cwd=root, env=env, capture_output=True,
                           text=True)
-    report.write_text(proc.stdout)
     failed = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("FAILED ")]
     summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-300:]
     return {"break": brk.name, "what": brk.what, "file": brk.path, "guards": list(brk.guards),

@@ -1,5 +1,5 @@
 """Where the suite's time goes, per test: wall time, JAX compilation in the test process, CPU time of the
-processes it started. Enabled by `DSV3_TEST_PROFILE=DIR` (conftest imports the hooks); every pytest process
+processes it started. Enabled by `DSV3_TEST_PROFILE=DIR` (conftest registers `SuiteProfile`); every pytest process
 (each xdist worker) appends one JSON line per test to DIR/<worker>.jsonl, and `python tests/suite_profile.py DIR`
 prints the per-file table of tests/README.md.
 
@@ -21,23 +21,11 @@ from pathlib import Path
 # compile (or the persistent cache's load, on a hit).
 COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
                   "/jax/core/compile/backend_compile_duration")
-_compile_seconds = [0.0]
-_listening = [False]
-
-
-def _on_duration(event: str, seconds: float, **_: object) -> None:
-    if event in COMPILE_EVENTS:
-        _compile_seconds[0] += seconds
 
 
 def _children_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # only children that have ended and been waited for
     return usage.ru_utime + usage.ru_stime
-
-
-def _output_dir() -> Path | None:
-    directory = os.environ.get("DSV3_TEST_PROFILE")
-    return Path(directory) if directory else None
 
 
 def classify(wall_s: float, compile_s: float, children_cpu_s: float) -> str:
@@ -54,31 +42,31 @@ class SuiteProfile:
     needs them, as in --durations)."""
 
     def __init__(self, directory: Path) -> None:
+        import jax.monitoring  # conftest has set the environment by the time pytest configures its plugins
+
         directory.mkdir(parents=True, exist_ok=True)
-        worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-        self.path = directory / f"{worker}.jsonl"
-        self.current: dict[str, float] = {}
+        self.path = directory / f"{os.environ.get('PYTEST_XDIST_WORKER', 'main')}.jsonl"
+        self.compile_seconds = 0.0
+        self.start: tuple[float, float, float] | None = None
+        jax.monitoring.register_event_duration_secs_listener(self._on_duration)
+
+    def _on_duration(self, event: str, seconds: float, **_: object) -> None:
+        if event in COMPILE_EVENTS:
+            self.compile_seconds += seconds
 
     def pytest_runtest_protocol(self, item, nextitem):  # noqa: ARG002 - pytest's hook signature
-        if not _listening[0]:  # JAX is imported by the test modules by now
-            import jax.monitoring
-
-            jax.monitoring.register_event_duration_secs_listener(_on_duration)
-            _listening[0] = True
-        self.current = {"t": time.perf_counter(), "compile": _compile_seconds[0],
-                        "children": _children_cpu_seconds()}
+        self.start = (time.perf_counter(), self.compile_seconds, _children_cpu_seconds())
 
     def pytest_runtest_logfinish(self, nodeid, location):  # noqa: ARG002
-        if not self.current:
+        if self.start is None:
             return
-        wall = time.perf_counter() - self.current["t"]
-        compile_s = _compile_seconds[0] - self.current["compile"]
-        children = _children_cpu_seconds() - self.current["children"]
-        record = {"nodeid": nodeid, "wall_s": round(wall, 3), "compile_s": round(compile_s, 3),
-                  "children_cpu_s": round(children, 3), "kind": classify(wall, compile_s, children)}
+        t0, compile0, children0 = self.start
+        record = {"nodeid": nodeid, "wall_s": round(time.perf_counter() - t0, 3),
+                  "compile_s": round(self.compile_seconds - compile0, 3),
+                  "children_cpu_s": round(_children_cpu_seconds() - children0, 3)}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        self.current = {}
+        self.start = None
 
 
 def per_file_table(directory: Path) -> str:

@@ -14,6 +14,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+from cli_support import cli_env
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -31,14 +32,10 @@ def workdir(tmp_path_factory) -> Path:
 
 
 def _env(workdir: Path, devices: int) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    inherited = [f for f in env.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
-    env["XLA_FLAGS"] = " ".join([*inherited, f"--xla_force_host_platform_device_count={devices}",
-                                 "--xla_backend_optimization_level=0"])
-    # the resume reuses the reference's programs (through the suite's cache, tests/conftest.py, when there is one)
-    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(workdir / "jax_cache"))
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    """The CLI tests' environment (the resume reuses the reference's compiled programs) with `devices` CPU devices."""
+    env = cli_env(workdir)
+    flags = [f for f in env["XLA_FLAGS"].split() if "force_host_platform_device_count" not in f]
+    env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
     return env
 
 

@@ -27,9 +27,17 @@ def test_every_process_the_suite_starts_inherits_the_cache_and_flags():
     assert "--xla_cpu_use_fusion_emitters=false" in seen["flags"]
 
 
-def test_cache_folder_is_per_cpu_and_ignored_by_git():
-    assert cache_dir() == REPO / ".cache" / "jax" / host_cpu_fingerprint()
-    assert host_cpu_fingerprint() == host_cpu_fingerprint() and len(host_cpu_fingerprint()) == 12
+def test_cache_folder_changes_with_the_cpu_model_and_flags_only():
+    cpu = "processor\t: {n}\nmodel name\t: {model}\ncpu MHz\t\t: {mhz}\nflags\t\t: fpu sse2 {extra}\n"
+    fingerprint = lambda **kw: host_cpu_fingerprint("".join(cpu.format(n=n, **kw) for n in range(2)))  # noqa: E731
+    base = fingerprint(model="Xeon", mhz="2100.0", extra="avx2")
+    assert fingerprint(model="Xeon", mhz="3400.5", extra="avx2") == base  # the clock moves while it runs
+    assert fingerprint(model="EPYC", mhz="2100.0", extra="avx2") != base
+    assert fingerprint(model="Xeon", mhz="2100.0", extra="avx2 avx512f") != base
+    assert cache_dir().parent == REPO / ".cache" / "jax" and cache_dir().name == host_cpu_fingerprint()
+
+
+def test_cache_folder_is_ignored_by_git():
     ignored = subprocess.run(["git", "check-ignore", "-q", str(cache_dir() / "entry")], cwd=REPO)
     if ignored.returncode == 128:
         pytest.skip("not a git checkout")
