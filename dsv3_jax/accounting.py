@@ -22,8 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsv3_jax.config import ModelConfig
-
-REPEATED = ("layers", "mtp")  # top-level lists of identical modules, indexed by path[1]
+from dsv3_jax.partitioning import logical_axes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +38,8 @@ class TemplateLeaf:
     shape: tuple[int, ...]
     dtype: str
     indices: range | None = None
+    axes: tuple[str | None, ...] | None = None  # the logical axes the variable was created with
+    quantised: bool = False  # its GEMM runs through an FP8 recipe (`layers.quantised_if`)
 
     @property
     def copies(self) -> int:
@@ -96,7 +97,8 @@ def layer_templates(cfg: ModelConfig) -> tuple[tuple[TemplateLeaf, ...], tuple[T
 
     def templates(state) -> tuple[TemplateLeaf, ...]:
         return tuple(TemplateLeaf(tuple(path), tuple(leaf.shape), jnp.dtype(leaf.dtype).name,
-                                  _template_indices(cfg, path))
+                                  _template_indices(cfg, path), logical_axes(leaf),
+                                  bool(leaf.get_metadata().get("quantised")))
                      for path, leaf in nnx.to_flat_state(state))
 
     params, biases = jax.eval_shape(build)

@@ -13,9 +13,9 @@ Recipes (V3 §3.3; docs/semantics.md §11):
   Wgrad one (never 128x128 blocks: the paper saw that diverge).
 * `per_tensor`: one current (just-in-time) scale per tensor, E4M3 forward and E5M2 gradients, the hybrid
   format of earlier FP8 training work; the common baseline.
-* delayed per-tensor scaling (scales from an amax history of earlier steps) is `delayed_scaling_dot`, a
-  standalone function whose history is updated through its gradient (see there); the model uses current
-  scaling because delayed scaling needs state that the train step would have to thread through.
+  Both use *current* scaling (scales from the tensor being quantised), as DeepSeek-V3 does; delayed scaling
+  (from an amax history of earlier steps) would need per-GEMM state threaded through the train step, and is
+  not provided.
 
 Optionally, `Accumulation` emulates the tensor cores' limited accumulation (about 14 mantissa bits, products
 aligned to the largest exponent and truncated) with promotion to FP32 every `interval` elements.
@@ -34,9 +34,8 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 
-from dsv3_jax.config import ConfigError, ModelConfig
+from dsv3_jax.config import ModelConfig
 
 E4M3 = jnp.dtype(jnp.float8_e4m3fn)
 E5M2 = jnp.dtype(jnp.float8_e5m2)
@@ -371,135 +370,3 @@ def dot_general_for(cfg: ModelConfig) -> DotGeneral:
     """The dot_general every FP8-eligible Linear of the model uses."""
     recipe = recipe_for(cfg)
     return jax.lax.dot_general if recipe is None else fp8_dot_general(recipe)
-
-
-# ---- mesh validation ----------------------------------------------------------------------------------------
-def fp8_gemm_dims(cfg: ModelConfig) -> list[tuple[str, tuple[str, str], tuple[tuple[str, int], tuple[str, int]]]]:
-    """(weight, logical axes (K, N), ((field, size) of K, (field, size) of N)) for every FP8 GEMM weight."""
-    heads = cfg.num_attention_heads
-    hidden = ("model.hidden_size", cfg.hidden_size)
-    dims = []
-    if cfg.q_lora_rank is not None:
-        dims += [("q_a_proj", ("embed", "q_lora"), (hidden, ("model.q_lora_rank", cfg.q_lora_rank))),
-                 ("q_b_proj", ("q_lora", "heads"), (("model.q_lora_rank", cfg.q_lora_rank),
-                                                    ("model.num_attention_heads", heads * cfg.qk_head_dim)))]
-    else:
-        dims.append(("q_proj", ("embed", "heads"), (hidden, ("model.num_attention_heads", heads * cfg.qk_head_dim))))
-    dims += [("kv_a_proj_with_mqa", ("embed", "kv_lora"), (hidden, ("model.kv_lora_rank", cfg.kv_cache_dim))),
-             ("kv_b_proj", ("kv_lora", "heads"), (("model.kv_lora_rank", cfg.kv_lora_rank),
-                                                  ("model.num_attention_heads",
-                                                   heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)))),
-             ("o_proj", ("heads", "embed"), (("model.num_attention_heads", heads * cfg.v_head_dim), hidden))]
-    if cfg.first_k_dense_replace > 0:
-        inter = ("model.intermediate_size", cfg.intermediate_size)
-        dims += [("mlp.gate_proj/up_proj", ("embed", "mlp"), (hidden, inter)),
-                 ("mlp.down_proj", ("mlp", "embed"), (inter, hidden))]
-    if cfg.n_moe_layers + cfg.mtp_depth > 0:
-        routed = ("model.moe_intermediate_size", cfg.moe_intermediate_size)
-        dims += [("experts.gate_proj/up_proj", ("embed", "expert_mlp"), (hidden, routed)),
-                 ("experts.down_proj", ("expert_mlp", "embed"), (routed, hidden))]
-    if cfg.n_shared_experts and cfg.n_moe_layers + cfg.mtp_depth > 0:
-        shared = ("model.moe_intermediate_size", cfg.n_shared_experts * cfg.moe_intermediate_size)
-        dims += [("shared_experts.gate_proj/up_proj", ("embed", "mlp"), (hidden, shared)),
-                 ("shared_experts.down_proj", ("mlp", "embed"), (shared, hidden))]
-    return dims
-
-
-def check_mesh_tiling(cfg: ModelConfig, plan: Any) -> None:
-    """ConfigError naming the model field when a mesh split would cut an FP8 tile or block in two.
-
-    Scales are per 128 elements along each GEMM dim a tile spans; if a mesh axis splits such a dim, every
-    shard must hold whole tiles, or one tile's max-abs would need values from two devices. Dims the mesh does
-    not divide at all are reported by the sharding checks themselves. `plan` is a `sharding.MeshPlan`.
-    """
-    if cfg.fp8 == "none":
-        return
-    tile = RECIPES[cfg.fp8].tile
-    for weight, logical, fields in fp8_gemm_dims(cfg):
-        spec = plan.spec(logical)
-        for dim, (field, size) in enumerate(fields):
-            axes = spec[dim] if dim < len(spec) else None
-            if axes is None:
-                continue
-            axes = (axes,) if isinstance(axes, str) else tuple(axes)
-            shards = math.prod(plan.mesh.shape[a] for a in axes)
-            if size % shards == 0 and (size // shards) % tile:
-                which = "contraction (K)" if dim == 0 else "output (N)"
-                raise ConfigError(field, f"model.fp8={cfg.fp8} quantises in {tile}-wide tiles, but mesh "
-                                  f"{'*'.join(axes)}={shards} splits the {which} dim of {weight} ({size}) into "
-                                  f"{size // shards}-wide shards, so tiles would straddle devices; make "
-                                  f"{size}/{shards} a multiple of {tile}, use a smaller mesh axis, or fp8=none")
-
-
-# ---- delayed per-tensor scaling (standalone) ------------------------------------------------------------------
-@struct.dataclass
-class AmaxHistory:
-    """Max-abs of one GEMM's activation, weight and output gradient over the last steps, newest first."""
-
-    x: jax.Array  # [L] float32
-    w: jax.Array
-    g: jax.Array
-
-    @classmethod
-    def zeros(cls, length: int = 16) -> "AmaxHistory":
-        z = jnp.zeros((length,), F32)
-        return cls(x=z, w=z, g=z)
-
-
-def _push(history_L: jax.Array, amax: jax.Array) -> jax.Array:
-    return jnp.concatenate([amax.astype(F32)[None], history_L[:-1]])
-
-
-def _delayed_scale(history_L: jax.Array, current_amax: jax.Array, fmt: Any) -> jax.Array:
-    """Scale from the history's max; an empty (all-zero) history falls back to the current amax."""
-    past = jnp.max(history_L)
-    return scale_from_amax(jnp.where(past > 0, past, current_amax), fmt)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
-def _delayed_gemm(fwd_format, grad_format, x_dtype, w_dtype, out_dtype, x_ZRMK, w_ZSKN, history):
-    return _delayed_gemm_fwd(fwd_format, grad_format, x_dtype, w_dtype, out_dtype, x_ZRMK, w_ZSKN, history)[0]
-
-
-def _delayed_gemm_fwd(fwd_format, grad_format, x_dtype, w_dtype, out_dtype, x_ZRMK, w_ZSKN, history):
-    x_amax, w_amax = jnp.max(jnp.abs(x_ZRMK)).astype(F32), jnp.max(jnp.abs(w_ZSKN)).astype(F32)
-    x_scale = _delayed_scale(history.x, x_amax, fwd_format)
-    w_scale = _delayed_scale(history.w, w_amax, fwd_format)
-    x_deq = quantize_with_scale(x_ZRMK, x_scale, fwd_format).astype(F32) * x_scale
-    w_deq = quantize_with_scale(w_ZSKN, w_scale, fwd_format).astype(F32) * w_scale
-    y = _fprop(x_deq, w_deq, None).astype(out_dtype)
-    return y, (x_deq, w_deq, x_amax, w_amax, history)
-
-
-def _delayed_gemm_bwd(fwd_format, grad_format, x_dtype, w_dtype, out_dtype, residuals, g_ZRMSN):
-    x_deq, w_deq, x_amax, w_amax, history = residuals
-    g_amax = jnp.max(jnp.abs(g_ZRMSN)).astype(F32)
-    g_scale = _delayed_scale(history.g, g_amax, grad_format)
-    g_deq = quantize_with_scale(g_ZRMSN, g_scale, grad_format).astype(F32) * g_scale
-    dx = _dgrad(g_deq, w_deq, None).astype(x_dtype)
-    dw = _wgrad(x_deq, g_deq, None).astype(w_dtype)
-    # Overwrite-with-gradient: the history's "cotangent" is its next value (the caller stores it, no optimizer).
-    new_history = AmaxHistory(x=_push(history.x, x_amax), w=_push(history.w, w_amax), g=_push(history.g, g_amax))
-    return dx, dw, new_history
-
-
-_delayed_gemm.defvjp(_delayed_gemm_fwd, _delayed_gemm_bwd)
-
-
-def delayed_scaling_dot(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any, history: AmaxHistory,
-                        fwd_format: Any = E4M3, grad_format: Any = E5M2,
-                        preferred_element_type: Any = None) -> jax.Array:
-    """Per-tensor FP8 dot_general with *delayed* scaling: scales come from `history` (earlier steps' amaxes).
-
-    Values above a stale amax saturate. Differentiate with respect to `history` as well: its gradient is not
-    a gradient but the next history (this step's amaxes pushed to the front), which the caller stores in place
-    of the old one and keeps away from the optimizer (the "overwrite with gradient" convention). Use one
-    history per call site, since cotangents of a shared input would be summed.
-    """
-    lhs_contract, rhs_contract, lhs_batch, rhs_batch = _normalise_dims(dimension_numbers, lhs.ndim, rhs.ndim)
-    x_ZRMK, lhs_free = _canonical(lhs, lhs_batch, lhs_contract, contract_last=True)
-    w_ZSKN, rhs_free = _canonical(rhs, rhs_batch, rhs_contract, contract_last=False)
-    out_dtype = _out_dtype(lhs, rhs, preferred_element_type)
-    y = _delayed_gemm(jnp.dtype(fwd_format), jnp.dtype(grad_format), lhs.dtype, rhs.dtype, out_dtype, x_ZRMK,
-                      w_ZSKN, history)
-    return y.reshape(tuple(lhs.shape[d] for d in lhs_batch) + lhs_free + rhs_free)

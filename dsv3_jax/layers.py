@@ -14,7 +14,7 @@ from flax import nnx
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.remat_names import MLP_GATE, MLP_UP, tag
-from dsv3_jax.partitioning import constrain
+from dsv3_jax.partitioning import constrain, param
 
 DotGeneral = Callable[..., jax.Array]
 
@@ -28,11 +28,17 @@ def normal_init(rngs: nnx.Rngs, shape: tuple[int, ...], cfg: ModelConfig) -> jax
     return (cfg.init_std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(cfg.param_dtype)
 
 
+def quantised_if(dot_general: DotGeneral) -> dict[str, bool]:
+    """Parameter metadata for a weight whose GEMM runs through `dot_general`: marked when that is not the
+    plain high-precision one (an FP8 recipe's)."""
+    return {} if dot_general is jax.lax.dot_general else {"quantised": True}
+
+
 class RMSNorm(nnx.Module):
     """y = w * x / sqrt(mean(x^2) + eps), normalised in fp32 and cast back before the weight (HF order)."""
 
     def __init__(self, dim: int, cfg: ModelConfig):
-        self.weight = nnx.Param(jnp.ones((dim,), cfg.param_dtype))
+        self.weight = param(jnp.ones((dim,), cfg.param_dtype), "norm")
         self.eps = cfg.rms_norm_eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -43,11 +49,15 @@ class RMSNorm(nnx.Module):
 
 
 class Linear(nnx.Module):
-    """y = x @ W without bias; `dot_general` is injectable so FP8 recipes can replace the GEMM."""
+    """y = x @ W without bias; `dot_general` is injectable so FP8 recipes can replace the GEMM.
+
+    `axes` are the kernel's logical axes (in, out). A kernel whose GEMM runs through an injected dot_general is
+    marked `quantised` (FP8 tiles must not straddle its shards: `fp8.check_mesh_tiling`)."""
 
     def __init__(self, in_features: int, out_features: int, cfg: ModelConfig, rngs: nnx.Rngs,
-                 dot_general: DotGeneral = jax.lax.dot_general):
-        self.kernel = nnx.Param(normal_init(rngs, (in_features, out_features), cfg))
+                 axes: tuple[str | None, str | None], dot_general: DotGeneral = jax.lax.dot_general):
+        self.kernel = param(normal_init(rngs, (in_features, out_features), cfg), *axes,
+                            **quantised_if(dot_general))
         self.compute_dtype = dtype_of(cfg.dtype)
         self.dot_general = dot_general
 
@@ -61,7 +71,7 @@ class Embed(nnx.Module):
     """Token embedding table [vocab, hidden] (not tied to the output head in DeepSeek-V3)."""
 
     def __init__(self, vocab_size: int, dim: int, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.embedding = nnx.Param(normal_init(rngs, (vocab_size, dim), cfg))
+        self.embedding = param(normal_init(rngs, (vocab_size, dim), cfg), "vocab", "embed")
         self.compute_dtype = dtype_of(cfg.dtype)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
@@ -76,9 +86,9 @@ class MLP(nnx.Module):
 
     def __init__(self, dim: int, hidden: int, cfg: ModelConfig, rngs: nnx.Rngs,
                  dot_general: DotGeneral = jax.lax.dot_general):
-        self.gate_proj = Linear(dim, hidden, cfg, rngs, dot_general)
-        self.up_proj = Linear(dim, hidden, cfg, rngs, dot_general)
-        self.down_proj = Linear(hidden, dim, cfg, rngs, dot_general)
+        self.gate_proj = Linear(dim, hidden, cfg, rngs, ("embed", "mlp"), dot_general)
+        self.up_proj = Linear(dim, hidden, cfg, rngs, ("embed", "mlp"), dot_general)
+        self.down_proj = Linear(hidden, dim, cfg, rngs, ("mlp", "embed"), dot_general)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         # x is [B, T, D] (dense layers) or [N, D] (shared experts); tokens stay split like the batch and the

@@ -38,10 +38,10 @@ class MHA(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dot_general: DotGeneral = jax.lax.dot_general):
         self.cfg = cfg
         width = cfg.num_attention_heads * cfg.v_head_dim
-        self.q_proj = Linear(cfg.hidden_size, width, cfg, rngs, dot_general)
-        self.k_proj = Linear(cfg.hidden_size, width, cfg, rngs, dot_general)
-        self.v_proj = Linear(cfg.hidden_size, width, cfg, rngs, dot_general)
-        self.o_proj = Linear(width, cfg.hidden_size, cfg, rngs, dot_general)
+        self.q_proj = Linear(cfg.hidden_size, width, cfg, rngs, ("embed", "heads"), dot_general)
+        self.k_proj = Linear(cfg.hidden_size, width, cfg, rngs, ("embed", "heads"), dot_general)
+        self.v_proj = Linear(cfg.hidden_size, width, cfg, rngs, ("embed", "heads"), dot_general)
+        self.o_proj = Linear(width, cfg.hidden_size, cfg, rngs, ("heads", "embed"), dot_general)
 
     def _heads(self, y_BTW: jax.Array) -> jax.Array:
         return constrain(y_BTW.reshape(*y_BTW.shape[:2], self.cfg.num_attention_heads, -1), *HEADS_AXES)

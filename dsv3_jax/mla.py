@@ -29,16 +29,18 @@ class MLA(nnx.Module):
         self.cfg = cfg
         heads = cfg.num_attention_heads
         if cfg.q_lora_rank is not None:
-            self.q_a_proj = Linear(cfg.hidden_size, cfg.q_lora_rank, cfg, rngs, dot_general)
+            self.q_a_proj = Linear(cfg.hidden_size, cfg.q_lora_rank, cfg, rngs, ("embed", "q_lora"), dot_general)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg)
-            self.q_b_proj = Linear(cfg.q_lora_rank, heads * cfg.qk_head_dim, cfg, rngs, dot_general)
+            self.q_b_proj = Linear(cfg.q_lora_rank, heads * cfg.qk_head_dim, cfg, rngs, ("q_lora", "heads"),
+                                   dot_general)
         else:
-            self.q_proj = Linear(cfg.hidden_size, heads * cfg.qk_head_dim, cfg, rngs, dot_general)
-        self.kv_a_proj_with_mqa = Linear(cfg.hidden_size, cfg.kv_cache_dim, cfg, rngs, dot_general)
+            self.q_proj = Linear(cfg.hidden_size, heads * cfg.qk_head_dim, cfg, rngs, ("embed", "heads"), dot_general)
+        self.kv_a_proj_with_mqa = Linear(cfg.hidden_size, cfg.kv_cache_dim, cfg, rngs, ("embed", "kv_lora"),
+                                         dot_general)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg)
         self.kv_b_proj = Linear(cfg.kv_lora_rank, heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg, rngs,
-                                dot_general)
-        self.o_proj = Linear(heads * cfg.v_head_dim, cfg.hidden_size, cfg, rngs, dot_general)
+                                ("kv_lora", "heads"), dot_general)
+        self.o_proj = Linear(heads * cfg.v_head_dim, cfg.hidden_size, cfg, rngs, ("heads", "embed"), dot_general)
 
     def queries(self, x_BTD: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(q_nope [B,T,H,N], rotated q_pe [B,T,H,R]); each head's 192 dims are nope first, then rope."""

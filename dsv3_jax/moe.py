@@ -14,11 +14,11 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from dsv3_jax.config import ModelConfig, resolve_grouped_gemm, resolve_moe_dispatch
-from dsv3_jax.layers import MLP, DotGeneral, normal_init
+from dsv3_jax.layers import MLP, DotGeneral, normal_init, quantised_if
 from dsv3_jax.moe_ragged import (_blocked_grouped_swiglu, block_layout, ragged_experts, ragged_experts_ep,
                                  sort_by_expert)
 from dsv3_jax.remat_names import EXPERT_GATE, EXPERT_UP, tag
-from dsv3_jax.partitioning import active_plan, constrain
+from dsv3_jax.partitioning import active_plan, constrain, param
 
 
 class RouterBias(nnx.Variable):
@@ -85,8 +85,9 @@ class Router(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.kernel = nnx.Param(normal_init(rngs, (cfg.hidden_size, cfg.n_routed_experts), cfg))
-        self.bias = RouterBias(jnp.zeros((cfg.n_routed_experts,), jnp.float32))
+        self.kernel = param(normal_init(rngs, (cfg.hidden_size, cfg.n_routed_experts), cfg), "embed", "router")
+        self.bias = RouterBias(jnp.zeros((cfg.n_routed_experts,), jnp.float32), out_sharding=("router",),
+                               eager_sharding=False)
 
     def __call__(self, x_ND: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         logits_NE = jnp.dot(x_ND.astype(jnp.float32), self.kernel[...].astype(jnp.float32),
@@ -106,9 +107,10 @@ class RoutedExperts(nnx.Module):
         self.cfg = cfg
         self.dot_general = dot_general  # the expert GEMMs run through it (FP8 recipes replace it)
         e, d, f = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
-        self.gate_proj = nnx.Param(normal_init(rngs, (e, d, f), cfg))
-        self.up_proj = nnx.Param(normal_init(rngs, (e, d, f), cfg))
-        self.down_proj = nnx.Param(normal_init(rngs, (e, f, d), cfg))
+        quantised = quantised_if(dot_general)
+        self.gate_proj = param(normal_init(rngs, (e, d, f), cfg), "experts", "embed", "expert_mlp", **quantised)
+        self.up_proj = param(normal_init(rngs, (e, d, f), cfg), "experts", "embed", "expert_mlp", **quantised)
+        self.down_proj = param(normal_init(rngs, (e, f, d), cfg), "experts", "expert_mlp", "embed", **quantised)
 
     def _weights(self) -> tuple[jax.Array, jax.Array, jax.Array]:
         dtype = jnp.dtype(self.cfg.dtype)

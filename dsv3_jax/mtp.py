@@ -33,7 +33,8 @@ class MTPModule(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dot_general: DotGeneral = jax.lax.dot_general):
         self.enorm = RMSNorm(cfg.hidden_size, cfg)
         self.hnorm = RMSNorm(cfg.hidden_size, cfg)
-        self.eh_proj = Linear(2 * cfg.hidden_size, cfg.hidden_size, cfg, rngs)  # kept high precision (not FP8)
+        # [emb ; h] is two hidden vectors side by side: its input dim is not the model's hidden dim (never split)
+        self.eh_proj = Linear(2 * cfg.hidden_size, cfg.hidden_size, cfg, rngs, (None, "embed"))  # high precision
         self.block = DecoderLayer(cfg, rngs, use_moe=True, dot_general=dot_general)
         self.shared_head = SharedHeadNorm(cfg)
 

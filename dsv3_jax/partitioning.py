@@ -2,8 +2,8 @@
 that depends on the model (the leaf of the sharding code; run-level planning is `dsv3_jax.sharding`).
 
 Every array dimension we shard has a *logical* name (batch, embed, heads, vocab, experts, ...), and ONE table
-(`LOGICAL_RULES`, data, not code) maps logical names to mesh axes. Parameters get logical names from their
-path (`PARAM_AXES`, a small regex table; a scanned layer stack's leading axis is the never-sharded `layers`),
+(`LOGICAL_RULES`, data, not code) maps logical names to mesh axes. Each parameter is created with its logical
+names (`param`, at the line that creates it; a scanned layer stack adds its never-sharded `layers` axis),
 optimizer state follows the parameter it belongs to, router biases and scalars are replicated, and batches
 are split over ("data", "expert"): expert parallelism reuses the data-parallel ranks, as in DeepSeek-V3's
 training. `constrain` annotates activations while a `MeshPlan` is active (`use_plan`).
@@ -15,11 +15,12 @@ import contextlib
 import contextvars
 import dataclasses
 import math
-import re
 from typing import Any, Iterator, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dsv3_jax.config import ConfigError, ModelConfig
@@ -52,27 +53,6 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
 FSDP_AXES = ("data", "expert")
 FSDP_RULES: dict[str, tuple[str, ...]] = {"embed": FSDP_AXES, "q_lora": FSDP_AXES, "kv_lora": FSDP_AXES}
 
-# Parameter path (regex searched in "a/b/c", list indices included) -> logical axes, one per dimension.
-# Order matters: the first match wins (routed experts before the dense/shared-expert SwiGLU kernels).
-PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
-    (r"(^|/)embed_tokens/embedding$", ("vocab", "embed")),
-    (r"(^|/)lm_head/kernel$", ("embed", "vocab")),
-    (r"(^|/)experts/(gate_proj|up_proj)$", ("experts", "embed", "expert_mlp")),
-    (r"(^|/)experts/down_proj$", ("experts", "expert_mlp", "embed")),
-    (r"(^|/)(gate_proj|up_proj)/kernel$", ("embed", "mlp")),
-    (r"(^|/)down_proj/kernel$", ("mlp", "embed")),
-    (r"(^|/)gate/kernel$", ("embed", "router")),
-    (r"(^|/)gate/bias$", ("router",)),
-    (r"(^|/)q_a_proj/kernel$", ("embed", "q_lora")),
-    (r"(^|/)q_b_proj/kernel$", ("q_lora", "heads")),
-    (r"(^|/)(q_proj|k_proj|v_proj)/kernel$", ("embed", "heads")),  # k/v: the MHA ablation (mha.py)
-    (r"(^|/)kv_a_proj_with_mqa/kernel$", ("embed", "kv_lora")),
-    (r"(^|/)kv_b_proj/kernel$", ("kv_lora", "heads")),
-    (r"(^|/)o_proj/kernel$", ("heads", "embed")),
-    (r"(^|/)eh_proj/kernel$", (None, "embed")),
-    (r"(^|/)weight$", ("norm",)),
-)
-
 BATCH_AXES = ("batch", None)  # a [B, window] token batch
 
 
@@ -93,22 +73,26 @@ def path_str(path: Sequence[Any], sep: str = "/") -> str:
     return sep.join(parts)
 
 
-# Parameters under these top-level names carry a leading layer axis (model.scan_layers): the rule of the
-# same parameter in one layer applies to the remaining dims.
-STACKED_PREFIX = re.compile(r"^(dense_layers|moe_layers)/")
+def param(value: Any, *axes: str | None, **metadata: Any) -> nnx.Param:
+    """An `nnx.Param` that carries its logical axes (one per dimension) as its sharding metadata: the one place
+    a weight's sharding is stated. A stack of layers prepends `layers` (`stack.stacked_layers`); the partitioner,
+    the FP8 tiling check, the memory plan and checkpoints read the axes back with `logical_axes`. Nothing is
+    sharded when the parameter is created (`eager_sharding=False`): `MeshPlan.shardings` decides placement."""
+    if len(axes) != jnp.ndim(value):
+        raise ValueError(f"{len(axes)} logical axes {axes} for a parameter of rank {jnp.ndim(value)}")
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False, **metadata)
 
 
-def param_logical_axes(path: str, ndim: int) -> tuple[str | None, ...] | None:
-    """Logical axes of the parameter at `path` (None: no rule, replicated)."""
-    if STACKED_PREFIX.match(path):
-        inner = param_logical_axes(STACKED_PREFIX.sub("", path), ndim - 1)
-        return None if inner is None else ("layers", *inner)
-    for pattern, axes in PARAM_AXES:
-        if re.search(pattern, path):
-            if len(axes) != ndim:
-                raise ValueError(f"sharding rule {pattern!r} gives {len(axes)} axes to {path} of rank {ndim}")
-            return axes
-    return None
+def logical_axes(variable: Any) -> tuple[str | None, ...] | None:
+    """The logical axes a Variable was created with (None: none declared, e.g. an optimizer's step count)."""
+    if not isinstance(variable, nnx.Variable):
+        return None
+    axes = variable.get_metadata().get("out_sharding")
+    return None if axes is None else tuple(axes)
+
+
+def _is_variable(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
 
 
 def rules_for(fsdp: bool = False) -> dict[str, tuple[str, ...]]:
@@ -149,39 +133,29 @@ class MeshPlan:
         """[B, window] token batches: sequences split over data and expert, replicated over tensor."""
         return self.named(self.spec(BATCH_AXES))
 
-    def param_shardings(self, params: Any) -> Any:
-        """NamedSharding for every leaf of a parameter (or router-bias) tree, from `PARAM_AXES`."""
-        def one(path, leaf):
-            axes = param_logical_axes(path_str(path), len(leaf.shape))
-            return self.replicated() if axes is None else self.named(self.spec(axes))
-        return jax.tree_util.tree_map_with_path(one, params)
+    def sharding_of(self, variable: Any) -> NamedSharding:
+        """A Variable's NamedSharding from its logical axes; replicated when it declares none."""
+        axes = logical_axes(variable)
+        return self.replicated() if axes is None else self.named(self.spec(axes))
 
-    def opt_state_shardings(self, opt_state: Any, params: Any) -> Any:
-        """Each optimizer leaf takes the sharding of the parameter whose path (and shape) it ends with."""
-        by_path = {path_str(p): (leaf.shape, s) for (p, leaf), s in zip(
-            jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(self.param_shardings(params)))}
-
-        def one(path, leaf):
-            parts = path_str(path).split("/")
-            for start in range(len(parts)):
-                hit = by_path.get("/".join(parts[start:]))
-                if hit is not None and tuple(hit[0]) == tuple(leaf.shape):
-                    return hit[1]
-            return self.replicated()  # step counts and other scalars
-        return jax.tree_util.tree_map_with_path(one, opt_state)
+    def shardings(self, tree: Any) -> Any:
+        """NamedSharding for every leaf of any state tree (parameters, router biases, optimizer state, a whole
+        TrainState): each Variable's from its own axes (optimizer moments are copies of their parameter's
+        Variable, so they follow it), everything else (step counts, counters) replicated."""
+        return jax.tree.map(lambda x: x.replace(value=self.sharding_of(x)) if _is_variable(x) else self.replicated(),
+                            tree, is_leaf=_is_variable)
 
     def check_divisible(self, tree: Any, what: str = "parameter") -> None:
         """ConfigError naming the array, dimension and mesh axes when a sharded dimension does not divide."""
-        flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-        for (path, leaf), sharding in zip(flat, jax.tree.leaves(self.param_shardings(tree))):
-            for dim, axes in enumerate(sharding.spec):
+        for path, variable in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_variable)[0]:
+            for dim, axes in enumerate(self.sharding_of(variable).spec):
                 if axes is None:
                     continue
                 axes = (axes,) if isinstance(axes, str) else tuple(axes)
                 size = math.prod(self.mesh.shape[a] for a in axes)
-                if leaf.shape[dim] % size:
+                if variable.shape[dim] % size:
                     raise ConfigError(f"mesh.{axes[0]}", f"{'*'.join(axes)} = {size} does not divide dimension "
-                                      f"{dim} (size {leaf.shape[dim]}) of {what} {path_str(path)}")
+                                      f"{dim} (size {variable.shape[dim]}) of {what} {path_str(path)}")
 
     def put_batch(self, local_batch: Any, global_batch_size: int | None = None) -> jax.Array:
         """The global sharded [B, window] array from this process's rows (`process_batch_slice`)."""
@@ -227,7 +201,7 @@ def resolve_mesh_shape(data: int, expert: int, tensor: int, n_devices: int | Non
     sizes = {"data": data, "expert": expert, "tensor": tensor}
     for name, size in sizes.items():
         if not isinstance(size, int) or isinstance(size, bool) or (size < 1 and size != -1):
-            raise ConfigError(f"mesh.{name}", f"must be a positive integer or -1 (the rest), got {size!r}")
+            raise ConfigError(f"mesh.{name}", f"must be an integer >= 1 or -1 (the rest), got {size!r}")
     fill = [name for name, size in sizes.items() if size == -1]
     if len(fill) > 1:
         raise ConfigError("mesh", f"only one axis may be -1, got data={data}, expert={expert}, tensor={tensor}")

@@ -3,8 +3,8 @@
 Parameter shapes come from `jax.eval_shape` on the real model code (MTP modules, shared experts, norms, router
 kernels included), traced for one layer of each kind and counted once per layer of that kind
 (`dsv3_jax.accounting.layer_templates`), so planning takes the same time at any depth. Each parameter's
-per-device size follows the mesh's sharding rules, which `partition_spec` returns as a tuple usable as
-`jax.sharding.PartitionSpec(*spec)`:
+per-device size follows the logical axes each parameter was created with, turned into a PartitionSpec by the
+partitioner training uses (`MeshPlan` on an abstract mesh of the planned sizes), which gives:
 
 * routed experts ([E, D, F] gate/up, [E, F, D] down): E over `expert`, F over `tensor`;
 * attention: `q_b_proj` / `q_proj` and `kv_b_proj` outputs (heads x head dims) and the `o_proj` input over
@@ -76,20 +76,18 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
+from jax.sharding import AbstractMesh
+
 from dsv3_jax.accounting import layer_templates
 from dsv3_jax.config import ConfigError, ModelConfig, resolve_moe_dispatch
 from dsv3_jax.kv_cache import latent_cache_bytes_per_token
 from dsv3_jax.moe import expert_capacity, uses_ragged_exchange
 from dsv3_jax.moe_ragged import exchange_capacity
-from dsv3_jax.partitioning import check_divisibility, param_logical_axes, path_str, rules_for
+from dsv3_jax.partitioning import (MESH_AXES, MeshPlan, check_divisibility, path_str, resolve_mesh_shape,
+                                   rules_for)
 
-AXES = ("data", "expert", "tensor")
 GIB = 1024 ** 3
 BLOCK_ROWS = 128  # RoutedExperts.blocked's default block
-
-
-class MeshError(ConfigError):
-    """A mesh that cannot hold the model: the message names the mesh axis and the model dimension."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,78 +130,39 @@ class MemoryPlan:
 
 # ---- mesh ----------------------------------------------------------------------------------------------------
 def normalize_mesh(mesh_shape: Mapping[str, int] | None) -> dict[str, int]:
-    """{data, expert, tensor} with missing axes set to 1; unknown axes and sizes < 1 raise MeshError."""
+    """{data, expert, tensor} with missing axes set to 1 (sizes checked by `resolve_mesh_shape`, as training
+    checks them; a -1 axis is 1 here, with no devices to fill); an unknown axis is a ConfigError."""
     mesh_shape = dict(mesh_shape or {})
-    unknown = sorted(set(mesh_shape) - set(AXES))
+    unknown = sorted(set(mesh_shape) - set(MESH_AXES))
     if unknown:
-        raise MeshError(f"mesh.{unknown[0]}", f"unknown mesh axis; the axes are {AXES}")
-    mesh = {axis: mesh_shape.get(axis, 1) for axis in AXES}
-    for axis, size in mesh.items():
-        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-            raise MeshError(f"mesh.{axis}", f"must be an integer >= 1, got {size!r}")
-    return mesh
+        raise ConfigError(f"mesh.{unknown[0]}", f"unknown mesh axis; the axes are {MESH_AXES}")
+    return dict(zip(MESH_AXES, resolve_mesh_shape(*(mesh_shape.get(axis, 1) for axis in MESH_AXES), None)))
 
 
 def validate_mesh(model_cfg: ModelConfig, mesh_shape: Mapping[str, int], batch_size: int | None = None,
                   fsdp: bool = False, grad_accum: int = 1) -> dict[str, int]:
-    """Raise MeshError naming the axis and the dimension it does not divide (the same rules as training:
+    """Raise ConfigError naming the axis and the dimension it does not divide (the same rules as training:
     `partitioning.check_divisibility`); return the normalised mesh."""
     mesh = normalize_mesh(mesh_shape)
-    try:
-        check_divisibility(model_cfg, mesh, fsdp, batch_size, grad_accum)
-    except ConfigError as err:
-        raise MeshError(err.field, err.message) from None
+    check_divisibility(model_cfg, mesh, fsdp, batch_size, grad_accum)
     return mesh
 
 
 # ---- parameter sharding --------------------------------------------------------------------------------------
-def partition_spec(path: tuple, shape: tuple[int, ...], mesh_shape: Mapping[str, int] | None = None,
-                   fsdp: bool = False) -> tuple[str | tuple[str, ...] | None, ...]:
-    """The mesh axis, axes (a tuple, as in a PartitionSpec) or None each dimension of the parameter at `path`
-    is split over.
-
-    `path` is an nnx flat-state path such as ('layers', 3, 'mlp', 'experts', 'gate_proj'). The answer comes
-    from dsv3_jax.partitioning's tables (PARAM_AXES: parameter -> logical axes; the rule table: logical -> mesh
-    axes), so the plan cannot drift from what training actually does. A parameter no rule knows stays
-    replicated, so a new one is over- rather than under-counted. Unlike `MeshPlan.spec`, axes of size 1 are
-    kept (the spec does not depend on the axis sizes; `local_shape` divides by them).
-    """
-    del mesh_shape
-    logical = param_logical_axes(path_str(path), len(shape)) or (None,) * len(shape)
-    rules = rules_for(fsdp)
-    spec: list[str | tuple[str, ...] | None] = []
-    used: set[str] = set()
-    for name in logical:
-        axes = tuple(a for a in (rules[name] if name else ()) if a not in used)
-        used.update(axes)
-        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
-    return tuple(spec)
+def mesh_plan(mesh: Mapping[str, int], fsdp: bool) -> MeshPlan:
+    """The training partitioner (`MeshPlan`) on an abstract mesh of these sizes: no devices needed."""
+    return MeshPlan(AbstractMesh(tuple(mesh[a] for a in MESH_AXES), MESH_AXES), rules_for(fsdp))
 
 
 def local_shape(shape: tuple[int, ...], spec: tuple[str | tuple[str, ...] | None, ...],
                 mesh: Mapping[str, int]) -> tuple[int, ...]:
-    """Per-device shape (ceil division, as GSPMD pads an uneven split)."""
+    """Per-device shape (ceil division, as GSPMD pads an uneven split); `spec` may be shorter than `shape`
+    (a PartitionSpec drops its trailing unsplit dims)."""
+    spec = tuple(spec) + (None,) * (len(shape) - len(spec))
     def ways(axes: str | tuple[str, ...] | None) -> int:
         return 1 if axes is None else mesh[axes] if isinstance(axes, str) else math.prod(mesh[a] for a in axes)
 
     return tuple(-(-dim // ways(axes)) for dim, axes in zip(shape, spec))
-
-
-@dataclasses.dataclass(frozen=True)
-class ParamShard:
-    path: str
-    shape: tuple[int, ...]
-    dtype: str
-    spec: tuple[str | tuple[str, ...] | None, ...]
-    local_shape: tuple[int, ...]
-
-    @property
-    def local_bytes(self) -> int:
-        return math.prod(self.local_shape) * jnp.dtype(self.dtype).itemsize
-
-    @property
-    def global_bytes(self) -> int:
-        return math.prod(self.shape) * jnp.dtype(self.dtype).itemsize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,18 +193,6 @@ def abstract_state(model_cfg: ModelConfig) -> tuple[tuple[AbstractLeaf, ...], tu
     return expand(params), expand(biases)
 
 
-def param_shards(model_cfg: ModelConfig, mesh_shape: Mapping[str, int] | None = None,
-                 fsdp: bool = False) -> list[ParamShard]:
-    """Every trainable parameter with its global shape, partition spec and per-device shape."""
-    mesh = validate_mesh(model_cfg, mesh_shape or {}, fsdp=fsdp)
-    return [_shard(leaf, mesh, fsdp) for leaf in abstract_state(model_cfg)[0]]
-
-
-def _shard(leaf: AbstractLeaf, mesh: Mapping[str, int], fsdp: bool) -> ParamShard:
-    spec = partition_spec(leaf.path, leaf.shape, mesh, fsdp)
-    return ParamShard(path_str(leaf.path), leaf.shape, leaf.dtype, spec, local_shape(leaf.shape, spec, mesh))
-
-
 def kv_cache_bytes_per_token(model_cfg: ModelConfig) -> int:
     """Absorbed-MLA decode cache per token: (kv_lora_rank + qk_rope_head_dim) x layers x bytes of `dtype`.
 
@@ -271,9 +218,10 @@ def estimate_memory(model_cfg: ModelConfig, train_cfg, mesh_shape: Mapping[str, 
     # counted `copies` times: nothing here grows with the depth. Sharding specs depend on the parameter's
     # name, not on its layer index, so a template's shard is every copy's.
     params, biases = layer_templates(model_cfg)
-    shards = [(_shard(AbstractLeaf(t.path, t.shape, t.dtype), mesh, fsdp), t.copies) for t in params]
-    param_bytes = sum(s.local_bytes * copies for s, copies in shards)
-    global_param_bytes = sum(s.global_bytes * copies for s, copies in shards)
+    partitioner = mesh_plan(mesh, fsdp)
+    local = [(local_shape(t.shape, tuple(partitioner.spec(t.axes or ())), mesh), t) for t in params]
+    param_bytes = sum(math.prod(shape) * jnp.dtype(t.dtype).itemsize * t.copies for shape, t in local)
+    global_param_bytes = sum(t.size * jnp.dtype(t.dtype).itemsize * t.copies for t in params)
     bias_bytes = sum(t.size * jnp.dtype(t.dtype).itemsize * t.copies for t in biases)
 
     # Optimizer: moments mirror their parameters (same shape, dtype and sharding); scalars are replicated.
@@ -297,7 +245,7 @@ def estimate_memory(model_cfg: ModelConfig, train_cfg, mesh_shape: Mapping[str, 
     micro_batch = local_batch // train_cfg.grad_accum  # activations exist for one microbatch at a time
     positions = train_cfg.seq_len + model_cfg.mtp_depth
     breakdown = activation_breakdown(model_cfg, micro_batch, positions, mesh,
-                                     sum(math.prod(s.local_shape) * copies for s, copies in shards))
+                                     sum(math.prod(shape) * t.copies for shape, t in local))
     # under accumulation the running sum and the microbatch's own gradients coexist
     gradient_bytes = param_bytes * (2 if train_cfg.grad_accum > 1 else 1)
     return MemoryPlan(

@@ -12,6 +12,7 @@ every layer, for the same compiled program.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Sequence
 
@@ -20,17 +21,17 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh
 
 from dsv3_jax.config import ConfigError, ModelConfig
-from dsv3_jax.fp8 import check_mesh_tiling
+from dsv3_jax.accounting import layer_templates
+from dsv3_jax.fp8 import RECIPES
 from dsv3_jax.model import init_model
 from dsv3_jax.moe import RouterBias
-from dsv3_jax.partitioning import (BATCH_AXES, FSDP_RULES, LOGICAL_RULES, MESH_AXES, PARAM_AXES, MeshFunction,
-                                   MeshPlan, active_plan, check_divisibility, constrain, param_logical_axes,
-                                   path_str, resolve_mesh_shape, rules_for, use_plan)
+from dsv3_jax.partitioning import (BATCH_AXES, FSDP_RULES, LOGICAL_RULES, MESH_AXES, MeshFunction, MeshPlan,
+                                   active_plan, check_divisibility, constrain, logical_axes, path_str,
+                                   resolve_mesh_shape, rules_for, use_plan)
 
-__all__ = ["BATCH_AXES", "FSDP_RULES", "LOGICAL_RULES", "MESH_AXES", "PARAM_AXES", "MeshFunction", "MeshPlan",
-           "active_plan", "check_divisibility", "check_model_fits", "constrain", "describe", "make_mesh",
-           "param_logical_axes", "path_str", "plan_for", "plan_from_config", "resolve_mesh_shape", "rules_for",
-           "use_plan"]
+__all__ = ["BATCH_AXES", "FSDP_RULES", "LOGICAL_RULES", "MESH_AXES", "MeshFunction", "MeshPlan", "active_plan",
+           "check_divisibility", "check_model_fits", "constrain", "describe", "logical_axes", "make_mesh",
+           "path_str", "plan_for", "plan_from_config", "resolve_mesh_shape", "rules_for", "use_plan"]
 
 
 def make_mesh(data: int = -1, expert: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
@@ -68,6 +69,41 @@ def check_model_fits(plan: MeshPlan, model_cfg: ModelConfig, batch_size: int | N
     _, params, biases = nnx.split(model, nnx.Param, RouterBias)
     plan.check_divisible(params)
     plan.check_divisible(biases, "router bias")
+
+
+# The model field that sets each logical axis's size, for errors (the shared experts' `mlp` is theirs).
+AXIS_FIELDS = {"embed": "model.hidden_size", "q_lora": "model.q_lora_rank", "kv_lora": "model.kv_lora_rank",
+               "heads": "model.num_attention_heads", "mlp": "model.intermediate_size",
+               "expert_mlp": "model.moe_intermediate_size"}
+
+
+def check_mesh_tiling(cfg: ModelConfig, plan: MeshPlan) -> None:
+    """ConfigError naming the model field when a mesh split would cut an FP8 tile or block in two.
+
+    Scales are per `tile` elements along each GEMM dim (the last two of every weight marked `quantised`); if a
+    mesh axis splits such a dim, every shard must hold whole tiles, or one tile's max-abs would need values
+    from two devices. Dims the mesh does not divide at all are reported by the divisibility checks."""
+    if cfg.fp8 == "none":
+        return
+    tile = RECIPES[cfg.fp8].tile
+    for leaf in layer_templates(cfg)[0]:
+        if not leaf.quantised:
+            continue
+        spec = list(plan.spec(leaf.axes)) + [None] * len(leaf.shape)
+        for dim in (len(leaf.shape) - 2, len(leaf.shape) - 1):
+            if spec[dim] is None:
+                continue
+            axes = (spec[dim],) if isinstance(spec[dim], str) else tuple(spec[dim])
+            shards, size = math.prod(plan.mesh.shape[a] for a in axes), leaf.shape[dim]
+            if size % shards == 0 and (size // shards) % tile:
+                name = path_str(leaf.path)
+                field = ("model.moe_intermediate_size" if "shared_experts" in name and leaf.axes[dim] == "mlp"
+                         else AXIS_FIELDS[leaf.axes[dim]])
+                which = "contraction (K)" if dim == len(leaf.shape) - 2 else "output (N)"
+                raise ConfigError(field, f"model.fp8={cfg.fp8} quantises in {tile}-wide tiles, but mesh "
+                                  f"{'*'.join(axes)}={shards} splits the {which} dim of {name} ({size}) into "
+                                  f"{size // shards}-wide shards, so tiles would straddle devices; make "
+                                  f"{size}/{shards} a multiple of {tile}, use a smaller mesh axis, or fp8=none")
 
 
 def plan_from_config(config: Any, devices: Sequence[Any] | None = None, every_param: bool = True) -> MeshPlan:

@@ -44,7 +44,7 @@ def stacked_layers(cfg: ModelConfig, rngs: nnx.Rngs, count: int, use_moe: bool,
                    dot_general: DotGeneral) -> DecoderLayer:
     """`count` independently initialised DecoderLayers as one module whose variables are [count, ...]."""
     @nnx.split_rngs(splits=count)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})  # axis 0: layers
     def create(layer_rngs: nnx.Rngs) -> DecoderLayer:
         return DecoderLayer(cfg, layer_rngs, use_moe=use_moe, dot_general=dot_general)
 

@@ -1,5 +1,5 @@
 """FP8 training emulation (dsv3_jax/fp8.py): quantisation bounds, the three GEMMs against an independent
-fake-quant reference, outliers, the accumulation model, delayed scaling, and the model integration."""
+fake-quant reference, outliers, the accumulation model, and the model integration."""
 
 import json
 import os
@@ -247,57 +247,6 @@ def test_accumulation_model_runs_inside_the_recipe():
     assert 1e-4 < float(jnp.max(rel)) < 0.05 and bool(jnp.all(limited <= exact))  # truncation only shrinks
 
 
-# ---- delayed scaling ---------------------------------------------------------------------------------------
-def test_delayed_scaling_uses_the_history_and_returns_the_next_one():
-    x, w, g = _normal(23, (64, 128)), _normal(24, (128, 32), 0.05), _normal(25, (64, 32), 1e-3)
-    history = fp8.AmaxHistory(x=jnp.array([1.0, 2.0, 0.5, 0.0]), w=jnp.zeros(4), g=jnp.array([1e-4, 0, 0, 0]))
-
-    def loss(x, w, history):
-        return jnp.sum(fp8.delayed_scaling_dot(x, w, LINEAR, history) * g)
-
-    y = fp8.delayed_scaling_dot(x, w, LINEAR, history)
-    dx, dw, new_history = jax.grad(loss, argnums=(0, 1, 2))(x, w, history)
-    # x: scale from the history's max (2.0) saturates every |x| > 2; w: empty history -> current amax;
-    # g: the stale amax 1e-4 is below the gradient's, so it saturates too (E5M2).
-    x_scale, w_scale, g_scale = 2.0 / 448, float(jnp.max(jnp.abs(w))) / 448, 1e-4 / 57344
-    xq = np.clip(np.asarray(x) / x_scale, -448, 448).astype(ml_dtypes.float8_e4m3fn).astype(np.float32) * x_scale
-    wq = np.clip(np.asarray(w) / w_scale, -448, 448).astype(ml_dtypes.float8_e4m3fn).astype(np.float32) * w_scale
-    gq = (np.clip(np.asarray(g) / g_scale, -57344, 57344).astype(ml_dtypes.float8_e5m2).astype(np.float32)
-          * g_scale)
-    # saturated, not rescaled: 448 * float32(2 / 448) is 2 up to its two roundings
-    assert np.max(np.abs(xq)) <= 2.0 * (1 + F32_EPS) < float(jnp.max(jnp.abs(x)))
-    assert_close(np.asarray(y), xq @ wq, terms=128)
-    assert_close(np.asarray(dx), gq @ wq.T, terms=32)
-    assert_close(np.asarray(dw), xq.T @ gq, terms=64)
-    # max |.| is exact; only the literal 1e-4 is rounded to float32 (1/2 ulp)
-    assert_close_f32(new_history.x, [float(jnp.max(jnp.abs(x))), 1.0, 2.0, 0.5], rtol_ulps=1, atol_ulps=0)
-    assert_close_f32(new_history.w, [float(jnp.max(jnp.abs(w))), 0, 0, 0], rtol_ulps=1, atol_ulps=0)
-    assert_close_f32(new_history.g, [float(jnp.max(jnp.abs(g))), 1e-4, 0, 0], rtol_ulps=1, atol_ulps=0)
-
-
-def test_delayed_scaling_trains_a_linear_regression():
-    """Overwrite-with-gradient in a jitted loop: the history tracks the amaxes and the fit converges."""
-    x = _normal(26, (256, 128))
-    w_true = _normal(27, (128, 8), 0.1)
-    target = x @ w_true
-
-    @jax.jit
-    def step(w, history):
-        def loss(w, history):
-            return jnp.mean((fp8.delayed_scaling_dot(x, w, LINEAR, history) - target) ** 2)
-        value, (dw, next_history) = jax.value_and_grad(loss, argnums=(0, 1))(w, history)
-        return w - 0.5 * dw, next_history, value
-
-    w, history = jnp.zeros((128, 8)), fp8.AmaxHistory.zeros(8)
-    losses = []
-    for _ in range(60):
-        w, history, value = step(w, history)
-        losses.append(float(value))
-    assert losses[-1] < 0.02 * losses[0]
-    assert float(history.x[0]) == pytest.approx(float(jnp.max(jnp.abs(x))))
-    assert float(history.w[0]) == pytest.approx(float(jnp.max(jnp.abs(w))), rel=0.05)
-
-
 # ---- model integration -------------------------------------------------------------------------------------
 TINY = get_preset("tiny").replace(init_std=0.02)
 # One dense and one MoE layer plus the MTP block (every kind of FP8 GEMM) with less to compile.
@@ -378,7 +327,8 @@ def test_tiles_that_would_straddle_shards_are_a_named_error():
     # fsdp over 2 splits q_lora_rank 96 into 48-wide shards of q_b_proj's contraction dim.
     with pytest.raises(ConfigError) as err:
         check_model_fits(_abstract_plan(data=2, fsdp=True), small, batch_size=8, every_param=False)
-    assert err.value.field == "model.q_lora_rank"
+    # (kv_lora_rank 64 into 32-wide shards of kv_b_proj's contraction dim straddles too; either is named)
+    assert err.value.field in ("model.q_lora_rank", "model.kv_lora_rank")
     # Batch-only meshes never split a tile; neither does fp8=none, and 128-multiple shards are fine.
     check_model_fits(_abstract_plan(data=2, expert=2), small, batch_size=8, every_param=False)
     check_model_fits(_abstract_plan(tensor=2), small.replace(fp8="none"), batch_size=8, every_param=False)

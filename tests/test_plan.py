@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import time
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -21,17 +22,35 @@ import pytest
 from flax import nnx
 
 from dsv3_jax.accounting import count_params
-from dsv3_jax.config import get_preset
+from dsv3_jax.config import ConfigError, get_preset
 from dsv3_jax.model import init_model
 from dsv3_jax.moe import RouterBias
-from dsv3_jax.plan import (MeshError, abstract_state, estimate_memory, format_plan, kv_cache_bytes_per_token,
-                           param_shards, partition_spec, validate_mesh)
+from dsv3_jax.partitioning import logical_axes
+from dsv3_jax.plan import (abstract_state, estimate_memory, format_plan, kv_cache_bytes_per_token, local_shape,
+                           mesh_plan, validate_mesh)
 from dsv3_jax.train.optim import make_optimizer
 from dsv3_jax.train.config import TrainConfig
 from dsv3_jax.train.presets import train_preset
 from dsv3_jax.train.step import init_train_state, make_train_step
 
 V3 = get_preset("deepseek-v3-671b")
+
+
+def param_shards(cfg, mesh, fsdp=False):
+    """Every parameter of the whole (unrolled) model with its global shape, dtype, PartitionSpec (padded to its
+    rank) and per-device shape, from the partitioner training uses on an abstract mesh of these sizes."""
+    mesh = validate_mesh(cfg, mesh, fsdp=fsdp)
+    params = jax.eval_shape(lambda: nnx.split(init_model(cfg.replace(scan_layers=False)), nnx.Param, ...)[1])
+    partitioner = mesh_plan(mesh, fsdp)
+    shards = []
+    for path, var in nnx.to_flat_state(params):
+        spec = tuple(partitioner.sharding_of(var).spec)
+        spec += (None,) * (len(var.shape) - len(spec))
+        shards.append(SimpleNamespace(path="/".join(map(str, path)), shape=tuple(var.shape), spec=spec,
+                                      local_shape=local_shape(var.shape, spec, mesh),
+                                      local_bytes=math.prod(local_shape(var.shape, spec, mesh)) * var.dtype.itemsize,
+                                      global_bytes=math.prod(var.shape) * var.dtype.itemsize))
+    return shards
 
 
 @pytest.mark.parametrize("name", ["tiny", "small"])
@@ -58,6 +77,12 @@ def test_layer_templating_matches_a_full_trace():
             expected = sorted((tuple(map(str, p)), tuple(x.shape), jnp.dtype(x.dtype).name)
                               for p, x in nnx.to_flat_state(state))
             assert sorted((tuple(map(str, x.path)), x.shape, x.dtype) for x in leaves) == expected
+        # the templates carry the logical axes each variable was created with
+        from dsv3_jax.accounting import layer_templates
+        axes = {tuple(map(str, p)): logical_axes(x) for state in full for p, x in nnx.to_flat_state(state)}
+        for template in layer_templates(cfg)[0] + layer_templates(cfg)[1]:
+            for path in template.paths():
+                assert template.axes == axes[tuple(map(str, path))] is not None, path
 
 
 def test_kv_cache_per_token_671b():
@@ -120,21 +145,6 @@ def test_partition_specs_and_divisors_on_a_fake_mesh():
     assert plan.activations < single.activations / 4 and plan.params < single.params / 3
 
 
-def test_specs_agree_with_the_sharding_rule_table():
-    """plan.py reads dsv3_jax.sharding's tables; its specs equal what MeshPlan (used by training) gives on an
-    abstract 2 x 4 x 2 mesh, with and without fsdp."""
-    from dsv3_jax import sharding
-    mesh = dict(data=2, expert=4, tensor=2)
-    abstract_mesh = jax.sharding.AbstractMesh(tuple(mesh.values()), tuple(mesh))
-    for fsdp in (False, True):
-        table = sharding.MeshPlan(abstract_mesh, sharding.rules_for(fsdp))
-        for leaf in abstract_state(get_preset("small"))[0]:
-            path = "/".join(map(str, leaf.path))
-            axes = sharding.param_logical_axes(path, len(leaf.shape))
-            theirs = list(table.spec(axes) if axes else ()) + [None] * len(leaf.shape)
-            assert tuple(theirs[:len(leaf.shape)]) == partition_spec(leaf.path, leaf.shape, mesh, fsdp), path
-
-
 @pytest.mark.parametrize("mesh, batch, changes, axis, dimension", [
     (dict(tensor=3), 4, {}, "mesh.tensor", "tensor=3 does not divide model.num_attention_heads=4"),
     (dict(expert=3), 6, {}, "mesh.expert", "expert=3 does not divide model.n_routed_experts=16"),
@@ -149,7 +159,7 @@ def test_specs_agree_with_the_sharding_rule_table():
 def test_mesh_errors_name_the_axis_and_dimension(mesh, batch, changes, axis, dimension):
     cfg = get_preset("small").replace(**changes)
     fsdp = "fsdp" in dimension
-    with pytest.raises(MeshError) as err:
+    with pytest.raises(ConfigError) as err:
         estimate_memory(cfg, TrainConfig(batch_size=batch, seq_len=32), mesh, fsdp=fsdp)
     assert err.value.field == axis and dimension in str(err.value)
     assert str(err.value).startswith(axis)

@@ -46,16 +46,18 @@ def _abstract_params(preset: str, scan_layers: bool = True):
 @pytest.mark.parametrize("preset", ["tiny", "small", "deepseek-v3-671b"])
 def test_rule_table_covers_every_parameter(preset, scan_layers):
     params, biases = _abstract_params(preset, scan_layers)
-    for tree in (params, biases):
-        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-            name = sharding.path_str(path)
-            assert sharding.param_logical_axes(name, leaf.ndim) is not None, name
+    for tree in (params, biases):  # every variable declares one logical axis per dimension where it is created
+        for path, var in nnx.to_flat_state(tree):
+            axes = sharding.logical_axes(var)
+            assert axes is not None and len(axes) == var.ndim, (path, axes)
+            assert all(a is None or a in sharding.LOGICAL_RULES for a in axes), (path, axes)
+            assert (axes[0] == "layers") == (scan_layers and path[0] in ("dense_layers", "moe_layers")), path
 
 
 def _specs(plan, tree):
     return {sharding.path_str(p): s.spec for p, s in
             zip([p for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]],
-                jax.tree.leaves(plan.param_shardings(tree)))}
+                jax.tree.leaves(plan.shardings(tree)))}
 
 
 class _Specs(dict):

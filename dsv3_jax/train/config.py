@@ -149,10 +149,9 @@ class MeshConfig:
 
     def shape(self, n_devices: int | None) -> dict[str, int]:
         """{data, expert, tensor} over `n_devices` (the -1 axis takes the rest; 1 when unknown)."""
-        from dsv3_jax.partitioning import resolve_mesh_shape
+        from dsv3_jax.partitioning import MESH_AXES, resolve_mesh_shape
 
-        return dict(zip(("data", "expert", "tensor"), resolve_mesh_shape(self.data, self.expert, self.tensor,
-                                                                          n_devices)))
+        return dict(zip(MESH_AXES, resolve_mesh_shape(self.data, self.expert, self.tensor, n_devices)))
 
 
 @dataclasses.dataclass(frozen=True)

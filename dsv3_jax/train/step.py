@@ -51,11 +51,7 @@ def _graphdef(model_cfg: ModelConfig, train_cfg: TrainConfig) -> nnx.GraphDef:
 def state_shardings(plan: MeshPlan, abstract_state: TrainState) -> TrainState:
     """NamedShardings of every TrainState leaf: params by the rule table, optimizer state like its param,
     router biases and counters replicated."""
-    repl = plan.replicated()
-    return TrainState(step=repl, params=plan.param_shardings(abstract_state.params),
-                      biases=jax.tree.map(lambda _: repl, abstract_state.biases),
-                      opt_state=plan.opt_state_shardings(abstract_state.opt_state, abstract_state.params),
-                      nonfinite_streak=repl, skipped_total=repl)
+    return plan.shardings(abstract_state)
 
 
 def abstract_train_state(model_cfg: ModelConfig, train_cfg: TrainConfig,
