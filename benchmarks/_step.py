@@ -11,33 +11,25 @@ import jax
 import jax.numpy as jnp
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.train.config import TrainConfig
-from dsv3_jax.train.step import init_train_state, make_train_step
+from dsv3_jax.train.config import Config, MeshConfig, TrainConfig
+from dsv3_jax.train.setup import build_training
 
 
-def abstract_step(model_cfg: ModelConfig, train_cfg: TrainConfig) -> tuple[Any, Any, Any]:
-    """(jitted donated step, abstract TrainState, abstract window) without allocating the model."""
-    built = {}
-
-    def build():
-        built["graphdef"], state = init_train_state(model_cfg, train_cfg)
-        return state
-
-    state = jax.eval_shape(build)
-    step = jax.jit(make_train_step(built["graphdef"], model_cfg, train_cfg), donate_argnums=0)
-    window = jax.ShapeDtypeStruct((train_cfg.batch_size, train_cfg.seq_len + 1 + model_cfg.mtp_depth), jnp.int32)
-    return step, state, window
+def one_device_setup(model_cfg: ModelConfig, train_cfg: TrainConfig) -> Any:
+    """The trainer's setup (`train.setup.build_training`) of these configs on this host's first device."""
+    return build_training(Config(model=model_cfg, train=train_cfg, mesh=MeshConfig(data=1)), jax.devices()[:1])
 
 
-def compile_step(model_cfg: ModelConfig, train_cfg: TrainConfig) -> tuple[Any, dict[str, float]]:
-    """(compiled step, {"trace_s", "compile_s"}): tracing+lowering and XLA compilation timed apart."""
+def compile_step(model_cfg: ModelConfig, train_cfg: TrainConfig) -> tuple[Any, dict[str, float], Any]:
+    """(compiled step, {"trace_s", "compile_s"}, its one-device setup): tracing+lowering and XLA compilation
+    timed apart."""
     t0 = time.perf_counter()
-    step, state, window = abstract_step(model_cfg, train_cfg)
-    lowered = step.lower(state, window)
+    setup = one_device_setup(model_cfg, train_cfg)
+    lowered = setup.train_step.lower(setup.abstract, setup.window)
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()
-    return compiled, {"trace_s": t1 - t0, "compile_s": t2 - t1}
+    return compiled, {"trace_s": t1 - t0, "compile_s": t2 - t1}, setup
 
 
 def step_flops(compiled: Any) -> float | None:
@@ -84,18 +76,12 @@ def trainer_step(config: Any) -> TrainerStep:
     import numpy as np
 
     from dsv3_jax import sharding
-    from dsv3_jax.train.step import abstract_train_state, jit_train_step, state_shardings
 
-    mc, tc = config.model, config.train
-    plan = sharding.plan_from_config(config, every_param=False)
-    graphdef, abstract = abstract_train_state(mc, tc, plan)
-    shardings = state_shardings(plan, abstract)
-    window_shape = jax.ShapeDtypeStruct((tc.batch_size, tc.seq_len + 1 + mc.mtp_depth), jnp.int32,
-                                        sharding=plan.batch_sharding())
+    setup = build_training(config)
     t0 = time.perf_counter()
-    compiled = jit_train_step(graphdef, mc, tc, plan, shardings).lower(abstract, window_shape).compile()
+    compiled = setup.train_step.lower(setup.abstract, setup.window).compile()
     compile_s = time.perf_counter() - t0
-    _, state = init_train_state(mc, tc, plan, shardings, graphdef)
-    windows = [plan.put_batch(np.asarray(jax.random.randint(jax.random.key(i), window_shape.shape, 0, mc.vocab_size,
-                                                            dtype=jnp.int32))) for i in range(4)]
-    return TrainerStep(compiled, sharding.MeshFunction(compiled, plan), state, windows, compile_s)
+    shape, vocab = setup.window.shape, config.model.vocab_size
+    windows = [setup.plan.put_batch(np.asarray(jax.random.randint(jax.random.key(i), shape, 0, vocab, dtype=jnp.int32)))
+               for i in range(4)]
+    return TrainerStep(compiled, sharding.MeshFunction(compiled, setup.plan), setup.init_state(), windows, compile_s)

@@ -31,7 +31,7 @@ def one_case(layout: str, layers: int, batch: int, seq: int, remat: str) -> dict
 
     model_cfg = get_preset("tiny").replace(num_hidden_layers=layers, first_k_dense_replace=1,
                                            moe_dispatch="blocked", scan_layers=layout == "scanned", remat=remat)
-    _, times = compile_step(model_cfg, TrainConfig(batch_size=batch, seq_len=seq))
+    _, times, _ = compile_step(model_cfg, TrainConfig(batch_size=batch, seq_len=seq))
     return {"layout": layout, "layers": layers, "remat": remat, **{k: round(v, 3) for k, v in times.items()},
             "total_s": round(sum(times.values()), 3)}
 

@@ -81,7 +81,7 @@ def run_case(args, devices, platform: str, case: tuple) -> dict:
         out, _ = nnx.merge(graphdef, params, rest)(x)
         return jnp.mean(jnp.square(out.astype(jnp.float32)))
 
-    p_shard = plan.param_shardings(params)
+    p_shard = plan.shardings(params)
     abstract_params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params, p_shard)
     abstract_rest = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=plan.replicated()), rest)
     x = jax.ShapeDtypeStruct((n_tokens // 256, 256, dim), jnp.bfloat16, sharding=plan.named(plan.spec(("batch",))))

@@ -1,6 +1,6 @@
 """Train-step time of each FP8 emulation recipe against plain high-precision GEMMs (model.fp8=none).
 
-Builds the real jitted train step (`dsv3_jax.train.step.jit_train_step`: forward, backward, AdamW, bias
+Builds the real jitted train step (`dsv3_jax.train.setup.build_training`: forward, backward, AdamW, bias
 update) for the `small` preset once per recipe, compiles every case first and then times them round-robin, so
 load from other processes drifts over every case alike. The FP8 recipes are emulations (quantise to a real
 FP8 payload, dequantise, multiply in float32), so on a CPU they can only cost time: this measures what the
@@ -30,7 +30,7 @@ import jax  # noqa: E402
 
 from dsv3_jax.config import get_preset  # noqa: E402
 from dsv3_jax.train.presets import train_preset  # noqa: E402
-from dsv3_jax.train.step import init_train_state, jit_train_step  # noqa: E402
+from benchmarks._step import one_device_setup  # noqa: E402
 
 
 def model_config(preset: str, recipe: str, dtype: str):
@@ -63,12 +63,11 @@ def main() -> None:
     cases = {}
     for recipe in args.recipes:
         model_cfg = model_config(args.preset, recipe, args.dtype)
-        graphdef, state = init_train_state(model_cfg, train_cfg)
-        window = jax.random.randint(jax.random.key(0), (args.batch_size, args.seq_len + 1 + model_cfg.mtp_depth),
-                                    0, model_cfg.vocab_size)
-        step = jit_train_step(graphdef, model_cfg, train_cfg)
+        setup = one_device_setup(model_cfg, train_cfg)
+        state = setup.init_state()
+        window = setup.put_batch(jax.random.randint(jax.random.key(0), setup.window.shape, 0, model_cfg.vocab_size))
         t0 = time.perf_counter()
-        compiled = step.lower(state, window).compile()
+        compiled = setup.train_step.lower(setup.abstract, setup.window).compile()
         compile_s = time.perf_counter() - t0
         memory = compiled.memory_analysis()
         state, metrics = compiled(state, window)  # warm-up run

@@ -32,7 +32,6 @@ from benchmarks._step import compile_step  # noqa: E402
 from dsv3_jax.config import get_preset  # noqa: E402
 from dsv3_jax.plan import estimate_memory  # noqa: E402
 from dsv3_jax.train.config import TrainConfig  # noqa: E402
-from dsv3_jax.train.step import init_train_state  # noqa: E402
 
 GIB = 2 ** 30
 
@@ -41,7 +40,7 @@ def one(policy: str, args) -> dict:
     model_cfg = get_preset("small").replace(num_hidden_layers=args.layers, remat=policy,
                                             moe_dispatch=args.dispatch)
     train_cfg = TrainConfig(batch_size=args.batch, seq_len=args.seq)
-    compiled, times = compile_step(model_cfg, train_cfg)
+    compiled, times, setup = compile_step(model_cfg, train_cfg)
     mem = compiled.memory_analysis()
     plan = estimate_memory(model_cfg, train_cfg, {})
     row = {"remat": policy, "temp_gib": round(mem.temp_size_in_bytes / GIB, 3),
@@ -50,7 +49,7 @@ def one(policy: str, args) -> dict:
            "plan_vs_xla": round((plan.activations + plan.gradients) / mem.temp_size_in_bytes, 3),
            "compile_s": round(times["compile_s"], 1)}
     if not args.no_time:
-        _, state = init_train_state(model_cfg, train_cfg)
+        state = setup.init_state()
         window = jax.random.randint(jax.random.key(0), (args.batch, args.seq + 1 + model_cfg.mtp_depth), 0,
                                     model_cfg.vocab_size, dtype=jnp.int32)
         state, metrics = compiled(state, window)

@@ -30,7 +30,6 @@ import time
 from typing import Any, Iterator
 
 import jax
-import jax.numpy as jnp
 
 from dsv3_jax.config import ConfigError, resolve_for_backend
 from dsv3_jax.gpu_specs import GPU_SPECS, target_config_textproto
@@ -173,24 +172,18 @@ def model_flops_per_token(config: Any) -> float:
 
 def compile_train_step(config: Any, target: Target, dump_hlo: str | None = None) -> dict[str, Any]:
     """AOT-compile `train`'s step for `target` and report what XLA says about it (one JSON-able dict)."""
-    from dsv3_jax import sharding
     from dsv3_jax.plan import estimate_memory
-    from dsv3_jax.train.step import abstract_train_state, jit_train_step, state_shardings
+    from dsv3_jax.train.setup import build_training
 
     config.validate()
     devices = target_devices(target)
     # `auto` choices are made for the target, not for this host's backend
     config = dataclasses.replace(config, model=resolve_for_backend(config.model, target.platform))
-    plan = sharding.plan_from_config(config, devices, every_param=False)  # impossible meshes fail here
+    setup = build_training(config, devices)  # impossible meshes fail here
     mc, tc = config.model, config.train
-    graphdef, abstract = abstract_train_state(mc, tc, plan)
-    plan.check_divisible(abstract.params)
-    shardings = state_shardings(plan, abstract)
-    window = jax.ShapeDtypeStruct((tc.batch_size, tc.seq_len + 1 + mc.mtp_depth), jnp.int32,
-                                  sharding=plan.batch_sharding())
     t0 = time.perf_counter()
-    lowered = jit_train_step(graphdef, mc, tc, plan, shardings).lower(abstract, window)
-    mesh = dict(plan.mesh.shape)
+    lowered = setup.train_step.lower(setup.abstract, setup.window)
+    mesh = dict(setup.plan.mesh.shape)
     estimate = estimate_memory(mc, tc, mesh, fsdp=config.mesh.fsdp, backend=target.platform)
     base = {"target": target.text, "platform": target.platform, "devices": len(devices),
             "device_kind": getattr(devices[0], "device_kind", str(devices[0])), "mesh": mesh,

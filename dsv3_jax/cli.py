@@ -19,12 +19,13 @@ def _load_run_config(run_dir: str):
     """The run's saved config, None if `run_dir` holds no run yet; RunDirError if it is not a directory or its
     config.json is unreadable (never silently ignored: that would start the run over)."""
     from dsv3_jax import rundir
+    from dsv3_jax.train.config import read_run_config
 
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise rundir.RunDirError(f"--run-dir {run_dir!r} exists and is not a directory")
     if not os.path.isfile(os.path.join(run_dir, "config.json")):
         return None
-    return rundir.read_run_config(run_dir)
+    return read_run_config(run_dir)
 
 
 def _build_config(args: argparse.Namespace):
@@ -72,25 +73,19 @@ def _prepare_kwargs(config) -> dict:
 def _prepare_data_in_turn(config, **kwargs):
     """prepare_data on process 0 first; the others wait for it, then read (or, without a shared cache, rebuild)
     its cache."""
-    import jax
-
     from dsv3_jax import distributed
     from dsv3_jax.data import prepare_data
 
-    primary = jax.process_index() == 0
+    primary = distributed.is_primary()
     return distributed.primary_first(
         lambda: prepare_data(**_prepare_kwargs(config), verbose=primary, **kwargs), "preparing the data",
         log=lambda msg: print(msg, file=sys.stderr, flush=True))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import jax
-
-    from dsv3_jax import rundir, sharding
-    from dsv3_jax.checkpoint import RunCheckpointer
-    from dsv3_jax.train.trainer import ConfigMismatch, check_checkpoint_config, config_differences, layout_problem
-
+    from dsv3_jax import distributed, rundir
     from dsv3_jax.train.profiling import parse_profile
+    from dsv3_jax.train.trainer import train
 
     profile = None
     if args.profile is not None:
@@ -99,38 +94,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         except ValueError as err:
             raise ConfigError("--profile", str(err).removeprefix("--profile ")) from None
     config = _build_config(args)  # validated: bad overrides fail here, before data or compilation
-    saved = _load_run_config(args.run_dir)
-    if saved is not None and rundir.has_checkpoints(args.run_dir):
-        layout = layout_problem(saved.to_dict(), config)
-        if layout is not None:
-            raise ConfigMismatch(f"{args.run_dir} {layout}")
-        diffs = config_differences(saved.to_dict(), config.to_dict())  # the mesh may change on resume
-        if diffs:
-            raise ConfigMismatch(f"{args.run_dir} holds a run with another configuration (" + "; ".join(diffs[:5])
-                                 + "). Use a new --run-dir, or omit --preset/--set/--corpus to resume it.")
-        reader = RunCheckpointer(args.run_dir, writable=False)
-        try:
-            check_checkpoint_config(reader, config)  # config.json edited by hand: refuse before any data work
-        finally:
-            reader.close()
     if args.break_lock:
         holder = rundir.break_lock(args.run_dir)
         print(f"removed the lock of {holder}" if holder else f"{args.run_dir} was not locked", file=sys.stderr)
     _maybe_distributed(args)
-    # An impossible mesh fails here, before data or compilation (every parameter is checked by `train`).
-    plan = sharding.plan_from_config(config, every_param=False)
-    from dsv3_jax.train.trainer import train
 
-    # An existing run is locked before its data is prepared (a second trainer fails in a second, not after
-    # minutes of preparation); a new directory is created and locked by train() itself.
-    with rundir.locked(args.run_dir, enabled=jax.process_index() == 0 and os.path.isdir(args.run_dir)):
-        resuming = rundir.has_checkpoints(args.run_dir)
-        own_tokenizer = rundir.run_tokenizer_path(args.run_dir) if resuming else None
-        _, slice_count = plan.process_batch_slice(config.train.batch_size)
-        data = _prepare_data_in_turn(config, batch_size=config.train.batch_size, process_count=slice_count,
-                                     progress_bar=not args.no_progress and jax.process_index() == 0,
+    def prepare(setup):
+        """Called by train() once the run is locked and its checkpoints match `config`: a resumed run reads
+        its data with its own tokenizer."""
+        own_tokenizer = rundir.run_tokenizer_path(args.run_dir) if rundir.has_checkpoints(args.run_dir) else None
+        _, slice_count = setup.plan.process_batch_slice(config.train.batch_size)
+        return _prepare_data_in_turn(config, batch_size=config.train.batch_size, process_count=slice_count,
+                                     progress_bar=not args.no_progress and distributed.is_primary(),
                                      **_tokenizer_source(own_tokenizer, config))
-        result = train(config, args.run_dir, data, show_progress=not args.no_progress, profile=profile)
+
+    result = train(config, args.run_dir, prepare, show_progress=not args.no_progress, profile=profile)
     if result.last_eval is not None:
         print(f"final validation loss {result.last_eval['val_loss']:.4f}, "
               f"MaxVio_global {result.last_eval['maxvio_global']:.3f}")
@@ -179,10 +157,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from dsv3_jax import rundir, sharding
+    from dsv3_jax import rundir
     from dsv3_jax.loading import restore_for_reading
     from dsv3_jax.train.config import apply_overrides
-    from dsv3_jax.train.step import abstract_train_state, jit_eval_step, with_shardings
+    from dsv3_jax.train.setup import build_training
     from dsv3_jax.train.trainer import evaluate
 
     if args.max_batches < 0:
@@ -196,11 +174,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise rundir.RunDirError(f"{args.run_dir!r} has no checkpoint under checkpoints/: train it first")
     config = apply_overrides(saved, args.set or [])
     _maybe_distributed(args)
-    plan = sharding.plan_from_config(config, every_param=False)
-    graphdef, abstract = abstract_train_state(config.model, config.train)
-    plan.check_divisible(abstract.params)
-    abstract = with_shardings(abstract, plan)
-    restored = restore_for_reading(args.run_dir, config, abstract)
+    setup = build_training(config)
+    restored = restore_for_reading(args.run_dir, config, setup.abstract)
     if restored is None:
         raise rundir.RunDirError(f"no restorable checkpoint in {args.run_dir}/checkpoints")
     own_tokenizer = rundir.run_tokenizer_path(args.run_dir)
@@ -211,17 +186,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if change is not None:
         print(f"note: {change}; evaluating on its current validation split with the run's tokenizer",
               file=sys.stderr)
-    eval_fn = jit_eval_step(graphdef, config.model, config.train, plan)
-    batch = config.train.batch_size
-    index, count = plan.process_batch_slice(batch)
-    result = evaluate(eval_fn, restored.state.params, restored.state.biases, data.val_batches(batch, index, count),
-                      args.max_batches, lambda local: plan.put_batch(local, batch))
+    index, count = setup.plan.process_batch_slice(config.train.batch_size)
+    result = evaluate(setup.eval_step, restored.state.params, restored.state.biases,
+                      data.val_batches(config.train.batch_size, index, count), args.max_batches, setup.put_batch)
     out = {"step": restored.step, "val_loss": result["val_loss"], "val_mtp_loss": result["val_mtp_loss"],
            "maxvio_global": result["maxvio_global"], "maxvio_global_layers": result["maxvio_global_layers"],
            "val_batches": result["val_batches"], "corpus_changed": change is not None}
-    import jax
+    from dsv3_jax import distributed
 
-    if jax.process_index() == 0:
+    if distributed.is_primary():
         print(json.dumps(out, indent=2))
     return 0
 

@@ -97,7 +97,7 @@ def primary_first(work: Callable[[], T], name: str, log: Callable[[str], None] |
         return work()
     key = f"dsv3_jax/primary_first/{next(_primary_calls)}/{name}"
     client = _kv_client()
-    if jax.process_index() == 0:
+    if is_primary():
         try:
             result = work()
         except BaseException as err:

@@ -101,7 +101,7 @@ def run_tokenizer(run_dir: str | os.PathLike, config: Any, log: Any = None) -> A
 
 def run_config(run_dir: str | os.PathLike) -> Any:
     """The run's saved `train.config.Config` (after checking the directory holds a run with a checkpoint)."""
-    from dsv3_jax.rundir import read_run_config
+    from dsv3_jax.train.config import read_run_config
 
     return read_run_config(check_run_dir(run_dir))
 
@@ -113,16 +113,15 @@ def load_run(run_dir: str | os.PathLike, with_tokenizer: bool = True) -> LoadedM
 
     from dsv3_jax.model import init_model
     from dsv3_jax.moe import RouterBias
-    from dsv3_jax.train.step import abstract_train_state
+    from dsv3_jax.train.config import MeshConfig
+    from dsv3_jax.train.setup import build_training
 
     config = run_config(run_dir)
     path = Path(run_dir)
     tokenizer = run_tokenizer(path, config) if with_tokenizer else None
     # Restore onto this process's first device whatever mesh the run trained on.
-    _, abstract = abstract_train_state(config.model, config.train)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
-    restored = restore_for_reading(path, config, abstract)
+    setup = build_training(dataclasses.replace(config, mesh=MeshConfig(data=1)), jax.devices()[:1])
+    restored = restore_for_reading(path, config, setup.abstract)
     if restored is None:
         raise GenerationError(f"no restorable checkpoint in {path / 'checkpoints'}")
     step, state = restored.step, restored.state

@@ -74,20 +74,6 @@ def require_run_dir(run_dir: str | os.PathLike) -> Path:
     return path
 
 
-def read_run_config(run_dir: str | os.PathLike) -> Any:
-    """RUN/config.json as a validated `train.config.Config`; a RunDirError naming the file and field if the
-    file is not valid JSON or not a valid configuration (e.g. edited by hand)."""
-    from dsv3_jax.config import ConfigError
-    from dsv3_jax.train.config import Config
-
-    path = Path(run_dir) / "config.json"
-    try:
-        return Config.load(path)
-    except ConfigError as err:  # bad JSON names the file already; a bad field gets it here
-        raise RunDirError(str(err) if str(path) in str(err) else f"{path}: {err}") from None
-
-
-# ---- the lock ------------------------------------------------------------------------------------------------
 def _holder_description(info: dict[str, Any]) -> str:
     started = info.get("started")
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if isinstance(started, (int, float)) else "?"
@@ -120,20 +106,14 @@ class RunLock:
     holder's pid, host and start time for the error message. Where the file system has no flock (some FUSE
     mounts), the file's existence is the lock: a holder on this host whose pid is gone is taken over, one on
     another host must be removed by hand (`train --break-lock`, or delete `RUN/LOCK`) once you are sure that run
-    is dead. The lock is re-entrant within a process, so `cmd_train` and `train()` may both take it.
+    is dead. `train()` takes it once; a second holder, in this process or another, is refused.
     """
-
-    _held: dict[str, tuple[int, int]] = {}  # realpath -> (fd, depth), per process
 
     def __init__(self, run_dir: str | os.PathLike):
         self.path = Path(os.path.realpath(os.fspath(run_dir))) / LOCK_NAME
+        self.fd: int | None = None
 
     def acquire(self) -> "RunLock":
-        key = str(self.path)
-        if key in RunLock._held:
-            fd, depth = RunLock._held[key]
-            RunLock._held[key] = (fd, depth + 1)
-            return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -145,7 +125,7 @@ class RunLock:
         except BaseException:
             os.close(fd)
             raise
-        RunLock._held[key] = (fd, 1)
+        self.fd = fd
         return self
 
     def _lock_fd(self, fd: int) -> None:
@@ -161,7 +141,7 @@ class RunLock:
     def _check_pid_file(self) -> None:
         holder = _read_holder(self.path)
         pid, host = holder.get("pid"), holder.get("host")
-        if not isinstance(pid, int) or pid == os.getpid():
+        if not isinstance(pid, int):
             return
         if host == socket.gethostname() and not _pid_alive(pid):
             print(f"note: taking over the stale lock of {_holder_description(holder)}, which is no longer "
@@ -176,14 +156,9 @@ class RunLock:
                 f"{self.path} or pass --break-lock")
 
     def release(self) -> None:
-        key = str(self.path)
-        if key not in RunLock._held:
+        fd, self.fd = self.fd, None
+        if fd is None:
             return
-        fd, depth = RunLock._held[key]
-        if depth > 1:
-            RunLock._held[key] = (fd, depth - 1)
-            return
-        del RunLock._held[key]
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)  # keep the file (unlinking it would let two processes lock two inodes)
         os.close(fd)  # releases the flock

@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 from dsv3_jax import sharding  # noqa: E402
 from dsv3_jax.config import ConfigError, get_preset  # noqa: E402
 from dsv3_jax.train.config import Config, MeshConfig, TrainConfig  # noqa: E402
-from dsv3_jax.train.step import init_train_state, jit_train_step  # noqa: E402
+from dsv3_jax.train.step import abstract_train_state, init_train_state, jit_train_step  # noqa: E402
 
 # One dense and one MoE layer (the routed experts on the expert axis), no MTP block: less to compile.
 MODEL = get_preset("tiny").replace(num_attention_heads=4, num_hidden_layers=2, num_nextn_predict_layers=0,
@@ -33,8 +33,9 @@ KEYS = ("loss", "grad_norm", "balance_loss")
 
 
 def run(plan, windows):
-    graphdef, state = init_train_state(MODEL, TRAIN, plan)
-    step = jit_train_step(graphdef, MODEL, TRAIN, plan)
+    shardings = None if plan is None else plan.shardings(abstract_train_state(MODEL, TRAIN)[1])
+    graphdef, state = init_train_state(MODEL, TRAIN, plan, shardings)
+    step = jit_train_step(graphdef, MODEL, TRAIN, plan, shardings)
     out, first_moments = [], None
     for window in windows:
         state, metrics = step(state, window if plan is None else plan.put_batch(window))

@@ -22,8 +22,7 @@ from dsv3_jax import sharding  # noqa: E402
 from dsv3_jax.checkpoint import RunCheckpointer  # noqa: E402
 from dsv3_jax.config import ConfigError, get_preset  # noqa: E402
 from dsv3_jax.train.config import Config, MeshConfig, TrainConfig  # noqa: E402
-from dsv3_jax.train.step import (abstract_train_state, init_train_state, jit_eval_step, jit_train_step,  # noqa: E402
-                                 state_shardings)
+from dsv3_jax.train.step import abstract_train_state, init_train_state, jit_eval_step, jit_train_step  # noqa: E402
 
 # tiny with 4 heads (so tensor=4 divides), float32, one dense + one MoE layer and no MTP block: compile time
 # grows by ~5 s per MoE block on this CPU (MTP under sharding is covered by tests/test_multihost.py).
@@ -66,23 +65,24 @@ def main(out_path: str, tmp: str) -> None:
 
     # ---- one-device reference ------------------------------------------------------------------
     one = sharding.plan_for(1, 1, 1, devices=jax.devices()[:1])
-    graphdef, state0 = init_train_state(MODEL, TRAIN, one)
+    _, abstract = abstract_train_state(MODEL, TRAIN)
+    one_sh = one.shardings(abstract)
+    graphdef, state0 = init_train_state(MODEL, TRAIN, one, one_sh)
     init_host = host(state0)
-    ref_step = jit_train_step(graphdef, MODEL, TRAIN, one)
+    ref_step = jit_train_step(graphdef, MODEL, TRAIN, one, one_sh)
     ref_state, ref_hist = steps(ref_step, one, state0, WINDOWS[:2])
     ref_final = host(ref_state)
-    ref_eval = host(jit_eval_step(graphdef, MODEL, TRAIN, one)(ref_final.params, ref_final.biases,
-                                                              one.put_batch(WINDOWS[2])))
+    ref_eval = host(jit_eval_step(graphdef, MODEL, TRAIN, one, one_sh)(ref_final.params, ref_final.biases,
+                                                                      one.put_batch(WINDOWS[2])))
     lap("reference_1dev")
 
     # ---- every mesh: same start, two steps ------------------------------------------------------
     report["meshes"] = {}
     step_fns, plans = {}, {}
-    _, abstract = abstract_train_state(MODEL, TRAIN)
     for name, (d, e, t, fsdp) in MESHES.items():
         plan = sharding.plan_for(d, e, t, fsdp)
         sharding.check_model_fits(plan, MODEL, TRAIN.batch_size)
-        shardings = state_shardings(plan, abstract)
+        shardings = plan.shardings(abstract)
         start = jax.device_put(init_host, shardings)
         # compile once, explicitly, so the HLO can be inspected without a second compilation
         compiled = jit_train_step(graphdef, MODEL, TRAIN, plan, shardings).lower(start, plan.put_batch(WINDOWS[0]))
@@ -114,7 +114,7 @@ def main(out_path: str, tmp: str) -> None:
 
     # ---- sharded init (jit with out_shardings) equals the one-device init -----------------------
     plan = plans["2x2x2_fsdp"]
-    _, sharded0 = init_train_state(MODEL, TRAIN, plan)
+    _, sharded0 = init_train_state(MODEL, TRAIN, plan, step_fns["2x2x2_fsdp"][1])
     report["sharded_init_diff"] = max_diff(host(sharded0), init_host)
     report["sharded_init_specs_match"] = all(
         a.sharding.is_equivalent_to(s, a.ndim) for a, s in zip(jax.tree.leaves(sharded0),

@@ -68,7 +68,7 @@ def _hand_written_memory(config, target):
     from dsv3_jax import sharding
     from dsv3_jax.aot import target_devices
     from dsv3_jax.config import resolve_for_backend
-    from dsv3_jax.train.step import abstract_train_state, jit_train_step, state_shardings
+    from dsv3_jax.train.step import abstract_train_state, jit_train_step
 
     model = resolve_for_backend(config.model, target.platform)
     plan = sharding.plan_for(config.mesh.data, config.mesh.expert, config.mesh.tensor,
@@ -76,7 +76,7 @@ def _hand_written_memory(config, target):
     graphdef, abstract = abstract_train_state(model, config.train, plan)
     window = jax.ShapeDtypeStruct((config.train.batch_size, config.train.seq_len + 1 + model.mtp_depth), jnp.int32,
                                   sharding=plan.batch_sharding())
-    return jit_train_step(graphdef, model, config.train, plan, state_shardings(plan, abstract)).lower(
+    return jit_train_step(graphdef, model, config.train, plan, plan.shardings(abstract)).lower(
         abstract, window).compile().memory_analysis()
 
 

@@ -16,6 +16,7 @@ import pytest
 
 from dsv3_jax import rundir
 from dsv3_jax.checkpoint import NoRestorableCheckpoint, RunCheckpointer, layout_mismatch
+from dsv3_jax.train.config import read_run_config
 from dsv3_jax.train.interrupt import StopSignals, TrainingInterrupted
 from dsv3_jax.train.metrics import discarded_path, truncate_after
 
@@ -47,10 +48,11 @@ def test_lock_excludes_another_process_and_is_released_when_it_dies(tmp_path):
         assert json.loads((tmp_path / "LOCK").read_text())["pid"] == os.getpid()
 
 
-def test_lock_is_reentrant_within_a_process_and_released_by_the_outermost(tmp_path):
+def test_lock_is_taken_once_even_within_a_process_and_release_clears_it(tmp_path):
     with rundir.locked(tmp_path):
-        with rundir.locked(tmp_path):
-            pass
+        with pytest.raises(rundir.RunDirLocked, match=f"pid {os.getpid()}"):
+            with rundir.locked(tmp_path):
+                pass
         assert json.loads((tmp_path / "LOCK").read_text())["pid"] == os.getpid()  # still held
     assert (tmp_path / "LOCK").read_text() == ""  # released: the holder record is cleared, the file stays
     with rundir.locked(tmp_path, enabled=False) as lock:
@@ -174,10 +176,10 @@ def test_corpus_change_describes_what_changed():
 def test_run_config_errors_name_the_file(tmp_path):
     (tmp_path / "config.json").write_text('{"train": {"steps": 3,}}')
     with pytest.raises(rundir.RunDirError, match=r"config.json: invalid JSON: .* at line 1 column 23"):
-        rundir.read_run_config(tmp_path)
+        read_run_config(tmp_path)
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(rundir.RunDirError, match=r"config.json: must hold a JSON object .*got list"):
-        rundir.read_run_config(tmp_path)
+        read_run_config(tmp_path)
     (tmp_path / "config.json").write_text('{"train": {"steps": "many"}}')
     with pytest.raises(rundir.RunDirError, match=r"train.steps: must be an integer.*config.json"):
-        rundir.read_run_config(tmp_path)
+        read_run_config(tmp_path)

@@ -25,7 +25,7 @@ from dsv3_jax.config import ConfigError, get_preset
 from dsv3_jax.model import init_model
 from dsv3_jax.moe import RouterBias
 from dsv3_jax.train.config import Config, TrainConfig, apply_overrides
-from dsv3_jax.train.step import abstract_train_state, state_shardings
+from dsv3_jax.train.step import abstract_train_state
 from dsv3_jax.train.trainer import config_differences
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,7 +119,7 @@ def test_optimizer_state_follows_its_parameter():
     model_cfg, train_cfg = get_preset("tiny"), TrainConfig()
     plan = sharding.MeshPlan(AbstractMesh((2, 2, 2), sharding.MESH_AXES), sharding.rules_for(fsdp=False))
     _, abstract = abstract_train_state(model_cfg, train_cfg)
-    shardings = state_shardings(plan, abstract)
+    shardings = plan.shardings(abstract)
     params = dict(zip([sharding.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(abstract.params)[0]],
                       jax.tree.leaves(shardings.params)))
     checked = 0

@@ -308,3 +308,15 @@ def _json_string(text: str) -> str:
     except json.JSONDecodeError:
         return text
     return value if isinstance(value, str) else text
+
+
+def read_run_config(run_dir: str | os.PathLike) -> Config:
+    """RUN/config.json as a validated `Config`; a RunDirError naming the file and field if the file is not
+    valid JSON or not a valid configuration (e.g. edited by hand)."""
+    from dsv3_jax.rundir import RunDirError
+
+    path = os.path.join(run_dir, "config.json")
+    try:
+        return Config.load(path)
+    except ConfigError as err:  # bad JSON names the file already; a bad field gets it here
+        raise RunDirError(str(err) if str(path) in str(err) else f"{path}: {err}") from None

@@ -48,12 +48,6 @@ def _graphdef(model_cfg: ModelConfig, train_cfg: TrainConfig) -> nnx.GraphDef:
     return nnx.split(nnx.eval_shape(lambda: init_model(model_cfg, seed=train_cfg.seed)), nnx.Param, RouterBias)[0]
 
 
-def state_shardings(plan: MeshPlan, abstract_state: TrainState) -> TrainState:
-    """NamedShardings of every TrainState leaf: params by the rule table, optimizer state like its param,
-    router biases and counters replicated."""
-    return plan.shardings(abstract_state)
-
-
 def abstract_train_state(model_cfg: ModelConfig, train_cfg: TrainConfig,
                          plan: MeshPlan | None = None) -> tuple[nnx.GraphDef, TrainState]:
     """(graphdef, TrainState of ShapeDtypeStructs) without allocating; each carries its sharding under `plan`
@@ -64,28 +58,31 @@ def abstract_train_state(model_cfg: ModelConfig, train_cfg: TrainConfig,
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
     abstract = TrainState(step=scalar, params=params, biases=biases, opt_state=opt_state, nonfinite_streak=scalar,
                           skipped_total=scalar)
-    return graphdef, abstract if plan is None else with_shardings(abstract, plan)
+    return graphdef, abstract if plan is None else with_shardings(abstract, plan.shardings(abstract))
 
 
-def with_shardings(abstract_state: TrainState, plan: MeshPlan) -> TrainState:
-    """The abstract state with each ShapeDtypeStruct carrying its NamedSharding under `plan`."""
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
-                        state_shardings(plan, abstract_state))
+def with_shardings(abstract_state: TrainState, shardings: TrainState) -> TrainState:
+    """The abstract state with each ShapeDtypeStruct carrying its NamedSharding (`MeshPlan.shardings`)."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
+
+
+def _require(shardings: TrainState | None, plan: MeshPlan | None) -> None:
+    if plan is not None and shardings is None:
+        raise TypeError("a mesh plan needs the state's shardings (train.setup.build_training builds both)")
 
 
 def init_train_state(model_cfg: ModelConfig, train_cfg: TrainConfig, plan: MeshPlan | None = None,
                      shardings: TrainState | None = None,
                      graphdef: nnx.GraphDef | None = None) -> tuple[nnx.GraphDef, TrainState]:
-    """Fresh model (seeded by train_cfg.seed) and optimizer state; created directly sharded under `plan`, so
-    no device ever holds more than its shards. Callers that already hold the graphdef and shardings (from
-    `abstract_train_state`) pass them, so the model is not traced again."""
+    """Fresh model (seeded by train_cfg.seed) and optimizer state; created directly in `shardings` under
+    `plan`, so no device ever holds more than its shards. A caller that holds the graphdef passes it, so the
+    model is not traced again."""
+    _require(shardings, plan)
     init = _init_fn(model_cfg, train_cfg)
     if plan is None:
         params, biases, opt_state = jax.jit(init)()  # one compiled program instead of hundreds of eager ops
         zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731  (distinct buffers: the step donates its input)
     else:
-        if shardings is None:
-            shardings = state_shardings(plan, abstract_train_state(model_cfg, train_cfg)[1])
         params, biases, opt_state = jax.jit(init, out_shardings=(shardings.params, shardings.biases,
                                                                  shardings.opt_state))()
         # make_array_from_callback: works when the mesh spans processes, and gives distinct (donatable) buffers
@@ -214,11 +211,10 @@ def jit_train_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig, train_cfg: Tr
                    plan: MeshPlan | None = None, shardings: TrainState | None = None) -> Callable:
     """The train step jitted with donation; under `plan`, with explicit state and batch shardings in and out
     (metrics replicated), called with the plan active so activation constraints apply."""
+    _require(shardings, plan)
     step = make_train_step(graphdef, model_cfg, train_cfg)
     if plan is None:
         return jax.jit(step, donate_argnums=0)
-    if shardings is None:
-        shardings = state_shardings(plan, abstract_train_state(model_cfg, train_cfg)[1])
     jitted = jax.jit(step, in_shardings=(shardings, plan.batch_sharding()),
                      out_shardings=(shardings, plan.replicated()), donate_argnums=0)
     return MeshFunction(jitted, plan)
@@ -227,11 +223,10 @@ def jit_train_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig, train_cfg: Tr
 def jit_eval_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig, train_cfg: TrainConfig,
                   plan: MeshPlan | None = None, shardings: TrainState | None = None) -> Callable:
     """The eval step jitted; under `plan`, params/biases/batch sharded in and the results replicated."""
+    _require(shardings, plan)
     evaluate = make_eval_step(graphdef, model_cfg, train_cfg)
     if plan is None:
         return jax.jit(evaluate)
-    if shardings is None:
-        shardings = state_shardings(plan, abstract_train_state(model_cfg, train_cfg)[1])
     jitted = jax.jit(evaluate, in_shardings=(shardings.params, shardings.biases, plan.batch_sharding()),
                      out_shardings=plan.replicated())
     return MeshFunction(jitted, plan)

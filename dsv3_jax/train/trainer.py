@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -12,15 +13,15 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from dsv3_jax import rundir, sharding
+from dsv3_jax import distributed, rundir, sharding
 from dsv3_jax.checkpoint import RunCheckpointer
 from dsv3_jax.train.balance import max_violation
 from dsv3_jax.train.config import Config, layout_name, saved_scan_layers
 from dsv3_jax.train.interrupt import StopSignals, TrainingInterrupted
 from dsv3_jax.train.metrics import MetricsWriter, plot_run
 from dsv3_jax.train.profiling import StepProfiler, Throughput
-from dsv3_jax.train.step import (abstract_train_state, init_train_state, jit_eval_step, jit_train_step,
-                                 state_shardings, with_shardings)
+from dsv3_jax.train.setup import TrainingSetup, build_training
+from dsv3_jax.train.step import TrainState
 
 # Config sections and fields that may change when a run resumes: a checkpoint restores onto any mesh, and
 # rematerialisation, gradient accumulation, chunked attention and the grouped-GEMM kernel change how a step is
@@ -85,7 +86,9 @@ def evaluate(eval_fn, params, biases, batches, max_batches: int = 0, put=jnp.asa
 def train(config: Config, run_dir: str | os.PathLike, data: Any, *, show_progress: bool = True,
           is_writer: bool | None = None, stop_after: int | None = None, devices: list | None = None,
           profile: tuple[int, int] | None = None) -> RunResult:
-    """Train (or resume) a run in `run_dir` on `data` (a prepared dataset from `dsv3_jax.data`).
+    """Train (or resume) a run in `run_dir` on `data`: a prepared dataset from `dsv3_jax.data`, or a function
+    `data(setup)` that prepares it, called once the run directory is locked and its newest checkpoint's
+    settings were found to match (a refused resume costs no data preparation).
 
     The mesh comes from `config.mesh` over `devices` (default: every device of every process). Each process
     feeds its rows of every global batch; only the writer (process 0) holds the run directory's lock and writes
@@ -102,28 +105,46 @@ def train(config: Config, run_dir: str | os.PathLike, data: Any, *, show_progres
     scratch), and checkpoints skipped on the way to an older one are moved to `checkpoints_broken/`.
     SIGINT/SIGTERM stop after the current step with a checkpoint (`TrainingInterrupted`).
     """
-    config.validate()
-    plan = sharding.plan_from_config(config, devices, every_param=False)  # impossible meshes fail here
+    setup = build_training(config, devices)  # impossible meshes and parameters fail here, before any work
     run_dir = os.path.abspath(os.fspath(run_dir))
-    is_writer = jax.process_index() == 0 if is_writer is None else is_writer
-    with rundir.locked(run_dir, enabled=is_writer), StopSignals() as stop:
-        return _train_locked(config, plan, run_dir, data, stop, show_progress=show_progress, is_writer=is_writer,
-                             stop_after=stop_after, profile=profile)
+    is_writer = distributed.is_primary() if is_writer is None else is_writer
+    with contextlib.ExitStack() as lock, StopSignals() as stop:
+        existing_run = os.path.isdir(run_dir)
+        if is_writer and existing_run:  # an existing run is locked before anything reads it
+            lock.enter_context(rundir.locked(run_dir))
+        checkpointer = RunCheckpointer(run_dir, keep=config.train.keep_checkpoints)
+        try:
+            check_checkpoint_config(checkpointer, config)  # reads no tensor
+            if callable(data):
+                data = data(setup)
+            if is_writer and not existing_run:  # a new run directory is created and locked once its data is ready
+                lock.enter_context(rundir.locked(run_dir))
+            restored = checkpointer.restore_latest(setup.abstract, lambda saved: config_problem(saved, config))
+            if restored is not None:
+                _check_same_data(run_dir, data)
+        except BaseException:
+            checkpointer.close()
+            raise
+        # ---- every check passed: from here on the run directory changes --------------------------------------
+        step0, state, data_state = _resume(setup, checkpointer, restored, run_dir, is_writer)
+        if is_writer:
+            rundir.atomic_write(os.path.join(run_dir, "config.json"), config.to_json())
+            rundir.save_run_data(run_dir, data)
+        return _loop(setup, checkpointer, run_dir, data, stop, step0, state, data_state, show_progress=show_progress,
+                     is_writer=is_writer, stop_after=stop_after, profile=profile)
 
 
-def check_checkpoint_config(checkpointer: RunCheckpointer, config: Config) -> None:
-    """Raise ConfigMismatch if the newest checkpoint with readable metadata was saved with another configuration
-    than `config` (the mesh aside); reads no tensor, so it is cheap enough to run before data preparation."""
-    newest = checkpointer.read_config()
-    if newest is not None:
-        layout = layout_problem(newest[1], config)
-        if layout is not None:
-            raise ConfigMismatch(f"{checkpointer.run_dir}: checkpoint {newest[0]} {layout}")
-        diffs = config_differences(newest[1], config.to_dict())
-        if diffs:
-            raise ConfigMismatch(f"{checkpointer.run_dir}: checkpoint {newest[0]} was saved with another "
-                                 "configuration (" + "; ".join(diffs[:5]) + "). If config.json was edited by hand, "
-                                 "restore it; otherwise use a new --run-dir or resume with the saved settings")
+def config_problem(saved: dict, config: Config) -> str | None:
+    """Why a checkpoint saved with config dict `saved` cannot be resumed as `config` (None if it can): another
+    parameter layout, or other settings than those `RESUME_IGNORED` lets change. The one resume rule."""
+    layout = layout_problem(saved, config)
+    if layout is not None:
+        return layout
+    diffs = config_differences(saved, config.to_dict())
+    if diffs:
+        return ("was saved with another configuration (" + "; ".join(diffs[:5]) + "). If config.json was edited "
+                "by hand, restore it; otherwise use a new --run-dir, or omit --preset/--set/--corpus to resume it")
+    return None
 
 
 def layout_problem(saved: dict, config: Config) -> str | None:
@@ -137,18 +158,13 @@ def layout_problem(saved: dict, config: Config) -> str | None:
             f"resume with --set model.scan_layers={str(saved_scan).lower()} (or start a new --run-dir)")
 
 
-def _restore_or_refuse(checkpointer: RunCheckpointer, abstract: Any, config: Config):
-    """The checkpoint to resume from (None for a fresh run); raises before anything is changed when the
-    checkpoints were saved with another configuration or none of them restores."""
-    check_checkpoint_config(checkpointer, config)
-
-    def config_problem(saved: dict) -> str | None:
-        layout = layout_problem(saved, config)
-        if layout is not None:
-            return layout
-        diffs = config_differences(saved, config.to_dict())
-        return f"saved with another configuration ({'; '.join(diffs[:3])})" if diffs else None
-    return checkpointer.restore_latest(abstract, config_problem)
+def check_checkpoint_config(checkpointer: RunCheckpointer, config: Config) -> None:
+    """ConfigMismatch if the newest checkpoint with readable metadata cannot be resumed as `config`; reads no
+    tensor, so it runs before data preparation."""
+    newest = checkpointer.read_config()
+    problem = None if newest is None else config_problem(newest[1], config)
+    if problem is not None:
+        raise ConfigMismatch(f"{checkpointer.run_dir}: checkpoint {newest[0]} {problem}")
 
 
 def _check_same_data(run_dir: str, data: Any) -> None:
@@ -163,49 +179,35 @@ def _check_same_data(run_dir: str, data: Any) -> None:
                                  f"the run's own {rundir.TOKENIZER_NAME}")
 
 
-def _train_locked(config: Config, plan: Any, run_dir: str, data: Any, stop: StopSignals, *, show_progress: bool,
-                  is_writer: bool, stop_after: int | None, profile: tuple[int, int] | None) -> RunResult:
-    mc, tc = config.model, config.train
+def _resume(setup: TrainingSetup, checkpointer: RunCheckpointer, restored: Any, run_dir: str,
+            is_writer: bool) -> tuple[int, TrainState, dict | None]:
+    """(first step, state, data-iterator state) from the restored checkpoint, or a fresh state at step 0;
+    checkpoints skipped on the way to the restored one are set aside."""
     if is_writer:
-        print(sharding.describe(plan), file=sys.stderr)
-    graphdef, abstract = abstract_train_state(mc, tc)
-    plan.check_divisible(abstract.params)  # every parameter, before anything compiles
-    abstract = with_shardings(abstract, plan)
-    shardings = state_shardings(plan, abstract)
-    checkpointer = RunCheckpointer(run_dir, keep=tc.keep_checkpoints)
-    try:
-        restored = _restore_or_refuse(checkpointer, abstract, config)  # into this mesh's layout
-        if restored is not None:
-            _check_same_data(run_dir, data)
-    except BaseException:
-        checkpointer.close()
-        raise
-    # ---- every check passed: from here on the run directory changes --------------------------------------------
-    data_state = None
-    if restored is not None:
-        step0, state, data_state = restored.step, restored.state, restored.data_state
-        if restored.skipped:
-            moved = checkpointer.set_aside([step for step, _ in restored.skipped], mover=is_writer)
-            for (step, reason), path in zip(restored.skipped, moved):
-                print(f"checkpoint {step} does not restore ({reason}); moved to {path}, its steps will be redone",
-                      file=sys.stderr)
-        print(f"resuming {run_dir} from step {step0}", file=sys.stderr)
-    else:
-        step0 = 0
-        state = init_train_state(mc, tc, plan, shardings, graphdef)[1]
-    if is_writer:
-        rundir.atomic_write(os.path.join(run_dir, "config.json"), config.to_json())
-        rundir.save_run_data(run_dir, data)
+        print(sharding.describe(setup.plan), file=sys.stderr)
+    if restored is None:
+        return 0, setup.init_state(), None
+    if restored.skipped:
+        moved = checkpointer.set_aside([step for step, _ in restored.skipped], mover=is_writer)
+        for (step, reason), path in zip(restored.skipped, moved):
+            print(f"checkpoint {step} does not restore ({reason}); moved to {path}, its steps will be redone",
+                  file=sys.stderr)
+    print(f"resuming {run_dir} from step {restored.step}", file=sys.stderr)
+    return restored.step, restored.state, restored.data_state
 
+
+def _loop(setup: TrainingSetup, checkpointer: RunCheckpointer, run_dir: str, data: Any, stop: StopSignals,
+          step0: int, state: TrainState, data_state: dict | None, *, show_progress: bool, is_writer: bool,
+          stop_after: int | None, profile: tuple[int, int] | None) -> RunResult:
+    config, plan = setup.config, setup.plan
+    tc = config.train
     # This process's rows of every global batch (hosts holding the same rows read the same slice).
     slice_index, slice_count = plan.process_batch_slice(tc.batch_size)
     train_iter = data.train_iterator(tc.batch_size, seed=tc.seed, process_index=slice_index,
                                      process_count=slice_count)
     if data_state is not None:
         train_iter.set_state(data_state)
-    put = lambda local: plan.put_batch(local, tc.batch_size)  # noqa: E731
-    step_fn = jit_train_step(graphdef, mc, tc, plan, shardings)
-    eval_fn = jit_eval_step(graphdef, mc, tc, plan, shardings)
+    put, step_fn, eval_fn = setup.put_batch, setup.train_step, setup.eval_step
     writer = MetricsWriter(run_dir, enabled=is_writer, resume_step=step0)
 
     tokens_per_step = tc.batch_size * tc.seq_len
