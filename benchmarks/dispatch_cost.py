@@ -60,7 +60,8 @@ def run_case(args, devices, platform: str, case: tuple) -> dict:
     from flax import nnx
 
     from dsv3_jax import sharding
-    from dsv3_jax.config import get_preset, resolve_for_backend
+    from dsv3_jax.backend_policy import resolve_for_backend
+    from dsv3_jax.config import get_preset
     from dsv3_jax.hlo_cost import analyse
     from dsv3_jax.moe import MoE
     from dsv3_jax.partitioning import use_plan

@@ -31,7 +31,8 @@ from typing import Any, Iterator
 
 import jax
 
-from dsv3_jax.config import ConfigError, resolve_for_backend
+from dsv3_jax.backend_policy import resolve_for_backend
+from dsv3_jax.config import ConfigError
 from dsv3_jax.gpu_specs import GPU_SPECS, target_config_textproto
 from dsv3_jax.hlo_cost import analyse as analyse_hlo
 

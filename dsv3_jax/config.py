@@ -1,4 +1,6 @@
-"""Model configuration: a frozen dataclass with validation, named presets and HF config.json conversion.
+"""Model configuration: a frozen dataclass with validation, and the named presets. The HF config.json
+translation is `dsv3_jax.hf_config`, what `auto` settings become per backend `dsv3_jax.backend_policy`, the
+generic type checks `dsv3_jax.config_fields`.
 
 Field names follow the HF `config.json` of DeepSeek-V3 so that `from_hf`/`to_hf` are a near-identity and
 nobody has to keep two vocabularies in their head. See docs/semantics.md §1 for the meaning of each field.
@@ -7,12 +9,10 @@ nobody has to keep two vocabularies in their head. See docs/semantics.md §1 for
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
-import types
-import typing
 from typing import Any, Mapping
+
+from dsv3_jax.config_fields import ConfigError, check_field_types
 
 DTYPES = ("float32", "bfloat16", "float16")
 # "auto" resolves per backend (resolve_moe_dispatch): ragged everywhere today (capacity under an FP8 recipe).
@@ -32,91 +32,6 @@ NON_HF_FIELDS = COMPUTE_FIELDS + ABLATION_FIELDS
 FP8_RECIPES = ("none", "deepseek", "per_tensor")
 # Rematerialisation policies of a decoder layer's backward pass (dsv3_jax/stack.py says what each one keeps).
 REMAT_POLICIES = ("none", "full", "minimal")
-
-
-class ConfigError(ValueError):
-    """A configuration value is impossible; the message starts with the offending field's name."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
-
-    def within(self, section: str) -> "ConfigError":
-        """The same error, with the field named from an enclosing section (`section.field`)."""
-        return type(self)(f"{section}.{self.field}", self.message)
-
-
-# ---- generic type checks (every config dataclass runs them before its own rules) ----------------------
-def check_field_types(obj: Any, prefix: str = "") -> None:
-    """ConfigError unless every field of the dataclass `obj` holds a value of its annotated type.
-
-    int means int (not bool), float means a finite int or float, `X | None` also takes None, and a nested
-    dataclass is checked field by field; `prefix` ("train.", "model.", ...) makes the names dotted.
-    """
-    hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
-        _check_value(getattr(obj, f.name), hints[f.name], prefix + f.name)
-
-
-def _check_value(value: Any, hint: Any, name: str) -> None:
-    if is_optional(hint):
-        if value is not None:
-            _check_value(value, base_type(hint), name)
-    elif dataclasses.is_dataclass(hint):
-        if not isinstance(value, hint):
-            raise ConfigError(name, f"must be an object of {hint.__name__} fields, got {value!r:.80}")
-        check_field_types(value, name + ".")
-    elif hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(name, f"must be true or false, got {value!r}")
-    elif hint is int:
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ConfigError(name, f"must be an integer, got {value!r}")
-    elif hint is float:
-        if not _is_number(value):
-            raise ConfigError(name, f"must be a number, got {value!r}")
-        if not _is_finite(value):
-            raise ConfigError(name, f"must be a finite number, got {value!r}")
-    elif hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(name, f"must be a string, got {value!r}")
-    else:  # a new kind of field must teach this checker its type rather than pass unchecked
-        raise TypeError(f"{name}: check_field_types does not know the type {hint!r}")
-
-
-def is_optional(hint: Any) -> bool:
-    """Whether a field typed `hint` takes None (`X | None`)."""
-    return typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
-
-
-def base_type(hint: Any) -> Any:
-    """`X` of `X | None`, else `hint` itself (a union of several non-None types stays a union)."""
-    if not is_optional(hint):
-        return hint
-    rest = tuple(arg for arg in typing.get_args(hint) if arg is not type(None))
-    return rest[0] if len(rest) == 1 else typing.Union[rest]
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_finite(value: int | float) -> bool:
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an int beyond float range: no float field can hold it
-        return False
-
-
-def coerce_float(value: Any, hint: Any) -> Any:
-    """An int given to a float field becomes a float (JSON writes 1.0 as 1); anything else is unchanged."""
-    if base_type(hint) is float and _is_number(value) and isinstance(value, int):
-        try:
-            return float(value)
-        except OverflowError:  # left as is: check_field_types names the field
-            return value
-    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,64 +193,19 @@ class ModelConfig:
             raise ConfigError("moe_dispatch", "ragged dispatch runs jax.lax.ragged_dot, which has no FP8 "
                               f"emulation; with fp8={self.fp8!r} use capacity, blocked or dense")
 
-    # ---- HF config.json ----------------------------------------------------------------------------
+    # ---- HF config.json (the translation lives in dsv3_jax.hf_config) -----------------------------
     @classmethod
     def from_hf(cls, source: str | os.PathLike | Mapping[str, Any], **overrides: Any) -> "ModelConfig":
-        """Build from an HF DeepSeek-V3 `config.json` (a path, a directory holding one, or a dict).
+        """Build from an HF DeepSeek-V3 `config.json` (a path, a directory holding one, or a dict)."""
+        from dsv3_jax.hf_config import from_hf
 
-        Every problem is a ConfigError naming the field, and the file when there is one.
-        """
-        if isinstance(source, Mapping):
-            return cls._from_hf_dict(dict(source), overrides)
-        path = os.fspath(source)
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no config.json at {path}")
-        hf = read_json_object(path, "the model's fields")
-        try:
-            return cls._from_hf_dict(hf, overrides)
-        except ConfigError as err:
-            raise ConfigError(err.field, f"{err.message} (in {path})") from None
-
-    @classmethod
-    def _from_hf_dict(cls, hf: dict[str, Any], overrides: Mapping[str, Any]) -> "ModelConfig":
-        # HF's own `dtype` key is a storage dtype, not our compute setting: read architecture fields only.
-        hints = typing.get_type_hints(cls)
-        fields = set(hints) - set(NON_HF_FIELDS) - {"rope_scaling"}
-        kwargs = {k: coerce_float(hf[k], hints[k]) for k in fields if k in hf}
-        if "num_nextn_predict_layers" not in hf and "num_mtp_layers" in hf:
-            kwargs["num_nextn_predict_layers"] = hf["num_mtp_layers"]
-        if "num_key_value_heads" in hf and hf["num_key_value_heads"] != hf.get("num_attention_heads"):
-            raise ConfigError("num_key_value_heads", "MLA needs num_key_value_heads == num_attention_heads")
-        if hf.get("tie_word_embeddings"):
-            raise ConfigError("tie_word_embeddings", "DeepSeek-V3 does not tie embeddings and head")
-        if hf.get("rope_interleave", True) is not True:
-            raise ConfigError("rope_interleave", "only interleaved RoPE (the DeepSeek weights' layout) is supported")
-        if hf.get("scoring_func", "sigmoid") != "sigmoid":
-            raise ConfigError("scoring_func", f"only sigmoid routing (V3) is supported, got {hf['scoring_func']!r}")
-        kwargs["rope_scaling"] = _yarn_from_hf(hf)
-        if "rope_theta" not in hf and isinstance(hf.get("rope_parameters"), Mapping):
-            theta = hf["rope_parameters"].get("rope_theta", cls.rope_theta)
-            kwargs["rope_theta"] = coerce_float(theta, hints["rope_theta"])
-        kwargs.update(overrides)
-        return cls(**kwargs).validate()
+        return from_hf(source, **overrides)
 
     def to_hf(self) -> dict[str, Any]:
-        """The HF `config.json` dict for this architecture (legacy `rope_scaling` key, which HF 5.x reads)."""
-        if self.attention != "mla":
-            raise ConfigError("attention", f"{self.attention!r} is an ablation; HF's DeepseekV3 has MLA only")
-        skip = {*NON_HF_FIELDS, "rope_scaling"}
-        hf: dict[str, Any] = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
-        hf.update(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3",
-                  num_key_value_heads=self.num_attention_heads, hidden_act="silu", scoring_func="sigmoid",
-                  topk_method="noaux_tc", tie_word_embeddings=False, attention_bias=False,
-                  rope_interleave=True, torch_dtype=self.param_dtype)
-        if self.rope_scaling is not None:
-            hf["rope_scaling"] = {"type": "yarn", "rope_type": "yarn", **dataclasses.asdict(self.rope_scaling)}
-        else:
-            hf["rope_scaling"] = None
-        return hf
+        """The HF `config.json` dict for this architecture."""
+        from dsv3_jax.hf_config import to_hf
+
+        return to_hf(self)
 
 
 # Every size becomes an array dimension or an int32 index (token ids, positions, expert ids): a larger one cannot
@@ -364,73 +234,6 @@ def _check_yarn(y: YarnConfig) -> None:
                           f"{y.beta_fast} and {y.beta_slow}")
     if y.attention_factor is not None and not y.attention_factor > 0:  # it multiplies cos/sin
         raise ConfigError("rope_scaling.attention_factor", f"must be positive or None, got {y.attention_factor}")
-
-
-def read_json_object(path: str, what: str) -> dict[str, Any]:
-    """The JSON object in file `path`; otherwise a ConfigError naming the file (and where its JSON breaks)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as err:
-        raise ConfigError(path, f"invalid JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
-    except UnicodeDecodeError as err:
-        raise ConfigError(path, f"not UTF-8 text: {err.reason} at byte {err.start}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(path, f"must hold a JSON object ({what}), got {type(data).__name__} {data!r:.80}")
-    return data
-
-
-def _yarn_from_hf(hf: Mapping[str, Any]) -> YarnConfig | None:
-    """HF 4.x writes `rope_scaling`; HF 5.x writes `rope_parameters` (which also holds rope_theta)."""
-    key = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
-    rope = hf.get(key)
-    if not rope:
-        return None
-    if not isinstance(rope, Mapping):
-        raise ConfigError(key, f"must be an object or null, got {rope!r}")
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind == "default":
-        return None
-    if kind != "yarn":
-        raise ConfigError(key, f"only YaRN rope scaling is supported, got {kind!r}")
-    defaults = YarnConfig()
-
-    def number(name: str, default: float) -> float:  # an explicit null counts as absent, as in HF
-        return _hf_float(default if rope.get(name) is None else rope[name], f"{key}.{name}")
-
-    original = rope.get("original_max_position_embeddings")
-    original = _hf_int(defaults.original_max_position_embeddings if original is None else original,
-                       f"{key}.original_max_position_embeddings")
-    if rope.get("factor") is not None:
-        factor = number("factor", defaults.factor)
-    else:  # HF derives it from the context extension itself
-        factor = _hf_float(hf.get("max_position_embeddings", original * defaults.factor),
-                           "max_position_embeddings") / original
-    # A *missing* mscale / mscale_all_dim means 0 to HF (no m^2 on the softmax scale, and cos/sin scaled by
-    # 0.1 ln(factor) + 1), not V3's 1.0, so absent keys must not take YarnConfig's defaults.
-    return YarnConfig(factor=factor, original_max_position_embeddings=original,
-                      beta_fast=number("beta_fast", defaults.beta_fast),
-                      beta_slow=number("beta_slow", defaults.beta_slow),
-                      mscale=number("mscale", 0.0), mscale_all_dim=number("mscale_all_dim", 0.0),
-                      attention_factor=None if rope.get("attention_factor") is None
-                      else number("attention_factor", 1.0))
-
-
-def _hf_float(value: Any, field: str) -> float:
-    if not _is_number(value):
-        raise ConfigError(field, f"must be a number, got {value!r}")
-    if not _is_finite(value):
-        raise ConfigError(field, f"must be a finite number, got {value!r}")
-    return float(value)
-
-
-def _hf_int(value: Any, field: str) -> int:
-    """A positive int; HF writers sometimes emit 4096.0, which is taken as 4096."""
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(field, f"must be an integer >= 1, got {value!r}")
-    return value
 
 
 PRESETS: dict[str, ModelConfig] = {
@@ -480,45 +283,6 @@ PRESETS: dict[str, ModelConfig] = {
         rope_scaling=YarnConfig(factor=16.0, original_max_position_embeddings=16), max_position_embeddings=256,
         num_nextn_predict_layers=1),
 }
-
-
-def resolve_moe_dispatch(dispatch: str, backend: str | None = None, fp8: str = "none") -> str:
-    """The concrete dispatch for `dispatch` on `backend` (default: JAX's default backend).
-
-    `ragged` everywhere, decided by measurement: with its default `blocks` grouped GEMM it is the fastest
-    dropless dispatch on CPU at 8 to 256 experts (benchmarks/README.md, "Dropless dispatch on CPU after the
-    custom-VJP block scan"), and on GPU/TPU (compiled costs, "MoE dispatch per backend"); CPU meshes exchange
-    rows with the padded emulation of ragged_all_to_all, which XLA:CPU cannot run. Under an FP8 recipe `auto` is
-    `capacity` everywhere: the block GEMMs take no dot_general to emulate FP8 with (validate() rejects an
-    explicit ragged + fp8).
-    """
-    del backend  # the same answer on every backend today; the argument lets a future measurement differ
-    if dispatch != "auto":
-        return dispatch
-    return "capacity" if fp8 != "none" else "ragged"
-
-
-def resolve_grouped_gemm(grouped_gemm: str, backend: str | None = None) -> str:
-    """The concrete grouped GEMM of `ragged` dispatch on `backend` (default: JAX's default backend).
-
-    `blocks` on every backend, decided from the compiled programs of a 64-expert top-8 training step
-    (forward and backward; benchmarks/README.md, "MoE dispatch per backend"): XLA 0.10.2 compiles
-    `ragged_dot` on GPU (and CPU) into one dense matmul over every group with a masked, expanded input (63x the
-    useful FLOPs on an H100); on TPU its forward is a true grouped-matmul kernel (1.00x) but its weight
-    gradient a dense masked convolution over every group (21.8x for the whole step on v5p). `blocks` compiles
-    to ~1.25x on both. The backend stays an argument so that a future XLA can change one answer.
-    """
-    if grouped_gemm != "auto":
-        return grouped_gemm
-    del backend  # same answer everywhere today (see above)
-    return "blocks"
-
-
-def resolve_for_backend(cfg: ModelConfig, backend: str) -> ModelConfig:
-    """`cfg` with its per-backend choices (`moe_dispatch`, `grouped_gemm` = auto) decided for `backend`, as a
-    run on that backend would decide them: for compiling on one host for another (dsv3_jax/aot.py)."""
-    return cfg.replace(moe_dispatch=resolve_moe_dispatch(cfg.moe_dispatch, backend, cfg.fp8),
-                       grouped_gemm=resolve_grouped_gemm(cfg.grouped_gemm, backend))
 
 
 def get_preset(name: str) -> ModelConfig:

@@ -165,7 +165,7 @@ def hf_tokenizer(hf_dir: str | os.PathLike) -> HFTokenizer | None:
 
 def hf_stop_ids(path: str | os.PathLike) -> tuple[int, ...]:
     """eos_token_id from generation_config.json, else config.json (an int or a list)."""
-    from dsv3_jax.config import read_json_object
+    from dsv3_jax.config_fields import read_json_object
 
     for name in ("generation_config.json", "config.json"):
         file = Path(path) / name

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from dsv3_jax.config import ModelConfig, resolve_grouped_gemm, resolve_moe_dispatch
+from dsv3_jax.backend_policy import resolve_grouped_gemm, resolve_moe_dispatch
+from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import MLP, DotGeneral, normal_init, quantised_if
 from dsv3_jax.moe_ragged import (_blocked_grouped_swiglu, block_layout, ragged_experts, ragged_experts_ep,
                                  sort_by_expert)

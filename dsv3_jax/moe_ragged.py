@@ -69,7 +69,7 @@ def _grouped_swiglu(rows_RD: jax.Array, gate_EDF: jax.Array, up_EDF: jax.Array, 
                     group_sizes_E: jax.Array, grouped_gemm: str = "ragged_dot") -> jax.Array:
     """SwiGLU of expert-grouped rows; rows past sum(group_sizes) come out as zeros.
 
-    `grouped_gemm` says how the grouped matmuls run (config.resolve_grouped_gemm): `ragged_dot` is XLA's
+    `grouped_gemm` says how the grouped matmuls run (backend_policy.resolve_grouped_gemm): `ragged_dot` is XLA's
     grouped GEMM (see the module docstring for what it compiles to), `blocks` is `_blocked_grouped_swiglu`."""
     if grouped_gemm == "blocks":
         return _blocked_grouped_swiglu(rows_RD, gate_EDF, up_EDF, down_EFD, group_sizes_E)

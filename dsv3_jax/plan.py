@@ -79,7 +79,8 @@ import jax.numpy as jnp
 from jax.sharding import AbstractMesh
 
 from dsv3_jax.accounting import layer_templates
-from dsv3_jax.config import ConfigError, ModelConfig, resolve_moe_dispatch
+from dsv3_jax.backend_policy import resolve_moe_dispatch
+from dsv3_jax.config import ConfigError, ModelConfig
 from dsv3_jax.kv_cache import latent_cache_bytes_per_token
 from dsv3_jax.moe import expert_capacity, uses_ragged_exchange
 from dsv3_jax.moe_ragged import exchange_capacity

@@ -212,7 +212,7 @@ def read_data_record(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     path = Path(run_dir) / DATA_RECORD_NAME
     if not path.is_file():
         return None
-    from dsv3_jax.config import ConfigError, read_json_object
+    from dsv3_jax.config_fields import ConfigError, read_json_object
 
     try:
         return read_json_object(str(path), "the run's data record")

@@ -67,7 +67,7 @@ def _hand_written_memory(config, target):
 
     from dsv3_jax import sharding
     from dsv3_jax.aot import target_devices
-    from dsv3_jax.config import resolve_for_backend
+    from dsv3_jax.backend_policy import resolve_for_backend
     from dsv3_jax.train.step import abstract_train_state, jit_train_step
 
     model = resolve_for_backend(config.model, target.platform)

@@ -115,7 +115,7 @@ def test_mtp_alias():
 
 
 def test_auto_dispatch_is_ragged_on_accelerators_and_capacity_on_cpu():
-    from dsv3_jax.config import resolve_moe_dispatch
+    from dsv3_jax.backend_policy import resolve_moe_dispatch
 
     assert resolve_moe_dispatch("auto", "gpu") == resolve_moe_dispatch("auto", "tpu") == "ragged"
     assert resolve_moe_dispatch("auto", "cpu") == "ragged"  # measured fastest dropless on CPU too

@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from dsv3_jax.config import PRESETS, ConfigError, ModelConfig, YarnConfig, check_field_types, get_preset
+from dsv3_jax.config import PRESETS, ConfigError, ModelConfig, YarnConfig, get_preset
+from dsv3_jax.config_fields import check_field_types
 from dsv3_jax.train.config import Config, MeshConfig, TrainConfig, apply_overrides
 from dsv3_jax.train.presets import TRAIN_PRESETS
 

@@ -116,7 +116,7 @@ def test_grouped_gemm_per_backend_is_pinned():
     """blocks everywhere: compiled for training, ragged_dot is a dense matmul over every expert on GPU (63x the
     useful FLOPs on an H100) and has a dense masked weight gradient on TPU (21.8x on v5p), against ~1.25x for
     blocks on both (benchmarks/README.md, "MoE dispatch per backend")."""
-    from dsv3_jax.config import resolve_grouped_gemm, resolve_moe_dispatch
+    from dsv3_jax.backend_policy import resolve_grouped_gemm, resolve_moe_dispatch
 
     assert resolve_grouped_gemm("auto", "tpu") == resolve_grouped_gemm("auto", "gpu") == "blocks"
     assert resolve_grouped_gemm("auto", "cpu") == "blocks"

@@ -5,11 +5,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import typing
 from typing import Any, Mapping
 
-from dsv3_jax.config import (ConfigError, ModelConfig, base_type, check_field_types, coerce_float, get_preset,
-                             is_optional, read_json_object)
+from dsv3_jax.config import ModelConfig, get_preset
+from dsv3_jax.config_fields import (ConfigError, apply_overrides, build_dataclass, check_field_types,
+                                    read_json_object)
+
+__all__ = ["BALANCE_MODES", "BALANCE_SCOPES", "Config", "DataConfig", "MeshConfig", "TrainConfig", "apply_overrides",
+           "layout_name", "read_run_config", "saved_scan_layers"]
 
 BALANCE_MODES = ("aux_free", "aux_loss", "none")
 BALANCE_SCOPES = ("sequence", "batch")
@@ -194,7 +197,7 @@ class Config:
         """
         if isinstance(d, Mapping) and isinstance(d.get("model"), Mapping):
             d = {**d, "model": {**d["model"], "scan_layers": saved_scan_layers(d)}}
-        return _build(cls, d, "").validate()
+        return build_dataclass(cls, d, "").validate()
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Config":
@@ -217,97 +220,6 @@ def layout_name(scan_layers: bool) -> str:
     """How a layout is named in messages."""
     return ("scanned layers (model.scan_layers=true: dense_layers/ and moe_layers/ stacks)" if scan_layers
             else "unrolled layers (model.scan_layers=false: layers/0/, layers/1/, ...)")
-
-
-def _build(cls: type, values: Any, path: str) -> Any:
-    """Rebuild a (nested) frozen dataclass from `dataclasses.asdict` output; `path` is its dotted name."""
-    if not isinstance(values, Mapping):
-        raise ConfigError(path.rstrip(".") or "config", f"must be an object of {cls.__name__} fields, "
-                          f"got {values!r:.80}")
-    hints = typing.get_type_hints(cls)
-    unknown = [key for key in values if key not in hints]
-    if unknown:
-        raise ConfigError(f"{path}{unknown[0]}", f"unknown field {unknown[0]!r} in {cls.__name__}; "
-                          f"known: {sorted(hints)}")
-    return cls(**{name: _field_value(values[name], hints[name], f"{path}{name}") for name in values})
-
-
-def _field_value(value: Any, hint: Any, name: str) -> Any:
-    """`value` for a field typed `hint`: a dict for a dataclass field is built into one, ints become floats
-    for float fields; all else is left to `check_field_types`, which names what is wrong."""
-    target = _dataclass_in(hint)
-    if target is not None and value is not None:
-        return _build(target, value, name + ".")
-    return coerce_float(value, hint)
-
-
-def _dataclass_in(hint: Any) -> type | None:
-    """The dataclass a field typed `hint` (`Section` or `Section | None`) holds, if any."""
-    target = base_type(hint)
-    return target if dataclasses.is_dataclass(target) else None
-
-
-def apply_overrides(config: Config, overrides: list[str]) -> Config:
-    """Apply `section.field=value` strings, then validate.
-
-    A value is read as JSON when the field wants a number, bool or section (so `Infinity` and `NaN` parse, and
-    are then rejected as not finite); text that is not JSON stays a string, which validation names as the wrong
-    type. A string field takes the text as is (`data.corpus=files:*.txt`), or a JSON string literal decoded.
-    """
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(item, "an override must look like section.field=value, e.g. train.steps=2000")
-        key, raw = item.split("=", 1)
-        key = key.strip()
-        config = _replace_path(config, key.split("."), raw, key)
-    return config.validate()
-
-
-def _replace_path(obj: Any, parts: list[str], raw: str, key: str) -> Any:
-    hints = typing.get_type_hints(type(obj))
-    head = parts[0]
-    if head not in hints:
-        raise ConfigError(key, f"unknown field {head!r} in {type(obj).__name__}; known: {sorted(hints)}")
-    if len(parts) == 1:
-        return dataclasses.replace(obj, **{head: _parse_override(raw, hints[head], key)})
-    child = getattr(obj, head)
-    target = _dataclass_in(hints[head])
-    if child is None and target is not None:  # e.g. model.rope_scaling.factor=4 when rope_scaling is None
-        child = target()
-    if not dataclasses.is_dataclass(child):
-        raise ConfigError(key, f"{head!r} has no sub-fields")
-    return dataclasses.replace(obj, **{head: _replace_path(child, parts[1:], raw, key)})
-
-
-def _parse_override(raw: str, hint: Any, key: str) -> Any:
-    """The value of `--set key=raw` for a field typed `hint`."""
-    text = raw.strip()
-    section = _dataclass_in(hint)
-    if section is not None:
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as err:
-            none = " or null" if is_optional(hint) else ""
-            raise ConfigError(key, f"not valid JSON: {err.msg} at column {err.colno} of {text!r}; give a JSON "
-                              f"object of {section.__name__} fields{none}") from None
-        return _field_value(value, hint, key)
-    if base_type(hint) is str:
-        if text == "null" and is_optional(hint):
-            return None
-        return _json_string(text) if text.startswith('"') else raw
-    try:
-        return coerce_float(json.loads(text), hint)
-    except json.JSONDecodeError:
-        return raw  # validation says "must be a number, got '1e-3,'" (or integer / true or false)
-
-
-def _json_string(text: str) -> str:
-    """A quoted value decoded as a JSON string (escapes and all); quoted text that is not one stays as is."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        return text
-    return value if isinstance(value, str) else text
 
 
 def read_run_config(run_dir: str | os.PathLike) -> Config:
