@@ -42,6 +42,7 @@ from benchmarks._step import compile_step, step_flops, trainer_step  # noqa: E40
 from dsv3_jax.config import get_preset  # noqa: E402
 from dsv3_jax.train.config import Config, DataConfig, apply_overrides  # noqa: E402
 from dsv3_jax.train.presets import train_preset  # noqa: E402
+from dsv3_jax.hf_config import to_hf  # noqa: E402
 
 
 def build_config(args) -> Config:
@@ -142,7 +143,7 @@ def main() -> None:
     config = build_config(args)
     if args.write_hf_config:
         with open(args.write_hf_config, "w") as f:
-            json.dump(config.model.to_hf(), f, indent=2)
+            json.dump(to_hf(config.model), f, indent=2)
         return
     out = {"config": {"preset": args.preset, "batch": config.train.batch_size, "seq": config.train.seq_len,
                       "grad_accum": config.train.grad_accum, "moe_dispatch": config.model.moe_dispatch,

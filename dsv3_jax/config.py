@@ -9,8 +9,7 @@ nobody has to keep two vocabularies in their head. See docs/semantics.md §1 for
 from __future__ import annotations
 
 import dataclasses
-import os
-from typing import Any, Mapping
+from typing import Any
 
 from dsv3_jax.config_fields import ConfigError, check_field_types
 
@@ -192,20 +191,6 @@ class ModelConfig:
         if self.fp8 != "none" and self.moe_dispatch == "ragged":
             raise ConfigError("moe_dispatch", "ragged dispatch runs jax.lax.ragged_dot, which has no FP8 "
                               f"emulation; with fp8={self.fp8!r} use capacity, blocked or dense")
-
-    # ---- HF config.json (the translation lives in dsv3_jax.hf_config) -----------------------------
-    @classmethod
-    def from_hf(cls, source: str | os.PathLike | Mapping[str, Any], **overrides: Any) -> "ModelConfig":
-        """Build from an HF DeepSeek-V3 `config.json` (a path, a directory holding one, or a dict)."""
-        from dsv3_jax.hf_config import from_hf
-
-        return from_hf(source, **overrides)
-
-    def to_hf(self) -> dict[str, Any]:
-        """The HF `config.json` dict for this architecture."""
-        from dsv3_jax.hf_config import to_hf
-
-        return to_hf(self)
 
 
 # Every size becomes an array dimension or an int32 index (token ids, positions, expert ids): a larger one cannot

@@ -38,6 +38,7 @@ from dsv3_jax.layout import LayerSlot, by_variable, layer_slots, leaves
 from dsv3_jax.safetensors_io import (DEFAULT_BLOCK, FP8_DTYPES, FP8_MAX, INDEX_FILE, ST_DTYPES, ST_NAMES,
                                      CheckpointError, SafetensorsDir, dequantize_blockwise, quantize_blockwise,
                                      scale_shape, write_safetensors)
+from dsv3_jax import hf_config
 
 __all__ = ["CheckpointError", "from_hf", "to_hf", "dequantize_blockwise", "quantize_blockwise", "hf_name",
            "FP8_MAX", "DEFAULT_BLOCK"]
@@ -159,7 +160,7 @@ def from_hf(path: str | os.PathLike, dtype: Any = jnp.float32, *, compute_dtype:
     directory = Path(path)
     hf = _load_config(directory)
     dtypes = {"param_dtype": jnp.dtype(dtype).name, "dtype": jnp.dtype(compute_dtype or dtype).name}
-    cfg = ModelConfig.from_hf(hf, **{**dtypes, **config_overrides})
+    cfg = hf_config.from_hf(hf, **{**dtypes, **config_overrides})
     block = _block_size(hf)
     ckpt = SafetensorsDir(directory)
     try:
@@ -368,7 +369,7 @@ def to_hf(model: DeepSeekV3, path: str | os.PathLike, dtype: str = "bfloat16", f
         for file in stale:
             file.unlink()
 
-    hf = cfg.to_hf()
+    hf = hf_config.to_hf(cfg)
     hf["torch_dtype"] = out_dtype.name
     if fp8:
         hf["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",

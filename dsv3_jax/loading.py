@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 from dsv3_jax.generate import GenerationError, inference_config
+from dsv3_jax.hf_config import from_hf
 
 
 class TextCodec(Protocol):
@@ -151,10 +152,8 @@ def restore_for_reading(run_dir: str | os.PathLike, config: Any, abstract_state:
 
 def hf_config(hf_dir: str | os.PathLike, dtype: str = "float32") -> Any:
     """The inference ModelConfig of an HF checkpoint directory, from its config.json alone."""
-    from dsv3_jax.config import ModelConfig
-
     path = check_hf_dir(hf_dir)
-    return ModelConfig.from_hf(path, dtype=dtype, param_dtype=dtype, capacity_factor=None)
+    return from_hf(path, dtype=dtype, param_dtype=dtype, capacity_factor=None)
 
 
 def hf_tokenizer(hf_dir: str | os.PathLike) -> HFTokenizer | None:

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from dsv3_jax.config import PRESETS, ConfigError, ModelConfig, YarnConfig, get_preset
+from dsv3_jax.hf_config import from_hf, to_hf
 
 TINY = PRESETS["tiny"]
 
@@ -77,41 +78,41 @@ def test_v3_preset_dims():
 def test_hf_round_trip(tmp_path):
     for cfg in (TINY, get_preset("deepseek-v3-671b"), TINY.replace(q_lora_rank=None, rope_scaling=None)):
         path = tmp_path / "config.json"
-        path.write_text(json.dumps(cfg.to_hf()))
-        back = ModelConfig.from_hf(tmp_path, dtype=cfg.dtype)
+        path.write_text(json.dumps(to_hf(cfg)))
+        back = from_hf(tmp_path, dtype=cfg.dtype)
         assert back == cfg
 
 
 def test_from_hf_reads_hf5_rope_parameters_and_missing_mscale():
-    hf = TINY.to_hf()
+    hf = to_hf(TINY)
     del hf["rope_scaling"], hf["rope_theta"]
     hf["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 5000.0, "factor": 8.0,
                              "original_max_position_embeddings": 32, "beta_fast": 16, "beta_slow": 2}
-    cfg = ModelConfig.from_hf(hf)
+    cfg = from_hf(hf)
     assert cfg.rope_theta == 5000.0
     # HF treats absent mscales as 0 (no softmax m^2, cos/sin scaled by 0.1 ln f + 1): keep that meaning.
     assert cfg.rope_scaling == YarnConfig(factor=8.0, original_max_position_embeddings=32, beta_fast=16.0,
                                           beta_slow=2.0, mscale=0.0, mscale_all_dim=0.0)
     hf["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
-    assert ModelConfig.from_hf(hf).rope_scaling is None
+    assert from_hf(hf).rope_scaling is None
 
 
 def test_from_hf_rejects_unsupported(tmp_path):
     with pytest.raises(ConfigError, match="scoring_func"):
-        ModelConfig.from_hf({**TINY.to_hf(), "scoring_func": "softmax"})
+        from_hf({**to_hf(TINY), "scoring_func": "softmax"})
     with pytest.raises(ConfigError, match="rope_interleave"):
-        ModelConfig.from_hf({**TINY.to_hf(), "rope_interleave": False})
+        from_hf({**to_hf(TINY), "rope_interleave": False})
     with pytest.raises(ConfigError, match="topk_group"):
-        ModelConfig.from_hf({**TINY.to_hf(), "topk_group": 9})
+        from_hf({**to_hf(TINY), "topk_group": 9})
     with pytest.raises(FileNotFoundError, match="config.json"):
-        ModelConfig.from_hf(tmp_path)
+        from_hf(tmp_path)
 
 
 def test_mtp_alias():
-    hf = TINY.to_hf()
+    hf = to_hf(TINY)
     del hf["num_nextn_predict_layers"]
     hf["num_mtp_layers"] = 2
-    assert ModelConfig.from_hf(hf).mtp_depth == 2
+    assert from_hf(hf).mtp_depth == 2
 
 
 def test_auto_dispatch_is_ragged_on_accelerators_and_capacity_on_cpu():

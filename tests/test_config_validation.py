@@ -10,6 +10,7 @@ from dsv3_jax.config import PRESETS, ConfigError, ModelConfig, YarnConfig, get_p
 from dsv3_jax.config_fields import check_field_types
 from dsv3_jax.train.config import Config, MeshConfig, TrainConfig, apply_overrides
 from dsv3_jax.train.presets import TRAIN_PRESETS
+from dsv3_jax.hf_config import from_hf, to_hf
 
 TINY = PRESETS["tiny"]
 
@@ -173,13 +174,13 @@ def _write(tmp_path, text):
 def test_from_hf_rejects_a_file_that_is_not_a_json_object(tmp_path):
     path = _write(tmp_path, "[1,2,3]")
     with pytest.raises(ConfigError, match=f"^{re.escape(path)}: must hold a JSON object .* got list"):
-        ModelConfig.from_hf(tmp_path)
+        from_hf(tmp_path)
     path = _write(tmp_path, '{"hidden_size": 32,}')
     with pytest.raises(ConfigError, match=f"^{re.escape(path)}: invalid JSON: .* at line 1 column 20"):
-        ModelConfig.from_hf(tmp_path)
+        from_hf(tmp_path)
     (tmp_path / "config.json").write_bytes(b"\xff\xfe{}")
     with pytest.raises(ConfigError, match=f"^{re.escape(path)}: not UTF-8 text"):
-        ModelConfig.from_hf(path)
+        from_hf(path)
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -194,16 +195,16 @@ def test_from_hf_rejects_a_file_that_is_not_a_json_object(tmp_path):
     (dict(rope_scaling={"type": "yarn", "beta_fast": float("-inf")}), "rope_scaling.beta_fast: must be a finite"),
 ])
 def test_from_hf_names_the_field_and_the_file(tmp_path, changes, message):
-    path = _write(tmp_path, json.dumps({**TINY.to_hf(), **changes}))
+    path = _write(tmp_path, json.dumps({**to_hf(TINY), **changes}))
     with pytest.raises(ConfigError, match=f"^{re.escape(message)}.*\\(in {re.escape(path)}\\)"):
-        ModelConfig.from_hf(tmp_path)
+        from_hf(tmp_path)
     with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):  # a dict source has no file to name
-        ModelConfig.from_hf({**TINY.to_hf(), **changes})
+        from_hf({**to_hf(TINY), **changes})
 
 
 def test_from_hf_takes_int_valued_floats(tmp_path):
-    hf = {**TINY.to_hf(), "rope_theta": 10000, "rms_norm_eps": 0}
+    hf = {**to_hf(TINY), "rope_theta": 10000, "rms_norm_eps": 0}
     with pytest.raises(ConfigError, match="^rms_norm_eps: must be a positive number"):
-        ModelConfig.from_hf(hf)
-    cfg = ModelConfig.from_hf({**hf, "rms_norm_eps": 1e-6})
+        from_hf(hf)
+    cfg = from_hf({**hf, "rms_norm_eps": 1e-6})
     assert cfg.rope_theta == 10000.0 and isinstance(cfg.rope_theta, float)

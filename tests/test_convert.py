@@ -20,6 +20,7 @@ from dsv3_jax.convert import (EXPERTS, FP8, CheckpointError, dequantize_blockwis
                               quantize_blockwise, to_hf)
 from dsv3_jax import layout
 from dsv3_jax.moe import RouterBias
+from dsv3_jax import hf_config
 from tolerances import F32_EPS, assert_close_f32
 
 TINY = get_preset("tiny")
@@ -400,7 +401,7 @@ def test_empty_and_missing_directories(tmp_path):
         from_hf(tmp_path)
     with pytest.raises(CheckpointError, match="does not exist"):
         from_hf(tmp_path / "nowhere")
-    (tmp_path / "config.json").write_text(json.dumps(TINY.to_hf()))
+    (tmp_path / "config.json").write_text(json.dumps(hf_config.to_hf(TINY)))
     with pytest.raises(CheckpointError, match=r"no \*.safetensors files"):
         from_hf(tmp_path)
 
@@ -410,10 +411,10 @@ def test_bad_config_fails_before_tensors_are_read(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="config.json: invalid JSON"):
         from_hf(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({**TINY.to_hf(), "topk_group": 9}))
+    (tmp_path / "config.json").write_text(json.dumps({**hf_config.to_hf(TINY), "topk_group": 9}))
     with pytest.raises(ConfigError, match="topk_group"):
         from_hf(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps(TINY.to_hf()))
+    (tmp_path / "config.json").write_text(json.dumps(hf_config.to_hf(TINY)))
     with pytest.raises(CheckpointError, match="model.safetensors: not a readable safetensors file"):
         from_hf(tmp_path)
 

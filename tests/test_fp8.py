@@ -20,6 +20,7 @@ from dsv3_jax.model import init_model
 from dsv3_jax.sharding import MeshPlan, check_model_fits, path_str, rules_for
 from dsv3_jax.train.config import Config, TrainConfig, apply_overrides
 from dsv3_jax.train.step import init_train_state, make_train_step
+from dsv3_jax.hf_config import to_hf
 from tolerances import F32_EPS, assert_close_f32
 
 REPO = Path(__file__).resolve().parent.parent
@@ -310,7 +311,7 @@ def test_fp8_config_validation():
     assert err.value.field == "moe_dispatch"
     cfg = apply_overrides(Config(model=TINY), ["model.fp8=deepseek", "model.fp8_power_of_2_scales=true"])
     assert cfg.model.fp8 == "deepseek" and fp8.recipe_for(cfg.model).power_of_2
-    assert "fp8" not in cfg.model.to_hf() and "fp8_accumulation_interval" not in cfg.model.to_hf()
+    assert "fp8" not in to_hf(cfg.model) and "fp8_accumulation_interval" not in to_hf(cfg.model)
 
 
 def _abstract_plan(data=1, expert=1, tensor=1, fsdp=False):
