@@ -112,13 +112,15 @@ def train(config: Config, run_dir: str | os.PathLike, data: Any, *, show_progres
         existing_run = os.path.isdir(run_dir)
         if is_writer and existing_run:  # an existing run is locked before anything reads it
             lock.enter_context(rundir.locked(run_dir))
+        if rundir.has_checkpoints(run_dir):  # the newest checkpoint's settings, before any data work
+            with contextlib.closing(RunCheckpointer(run_dir, writable=False)) as reader:
+                check_checkpoint_config(reader, config)  # reads no tensor
+        if callable(data):
+            data = data(setup)
+        if is_writer and not existing_run:  # a new run directory is created and locked once its data is ready
+            lock.enter_context(rundir.locked(run_dir))
         checkpointer = RunCheckpointer(run_dir, keep=config.train.keep_checkpoints)
         try:
-            check_checkpoint_config(checkpointer, config)  # reads no tensor
-            if callable(data):
-                data = data(setup)
-            if is_writer and not existing_run:  # a new run directory is created and locked once its data is ready
-                lock.enter_context(rundir.locked(run_dir))
             restored = checkpointer.restore_latest(setup.abstract, lambda saved: config_problem(saved, config))
             if restored is not None:
                 _check_same_data(run_dir, data)
