@@ -11,13 +11,13 @@ import jax
 import jax.numpy as jnp
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.train.config import Config, MeshConfig, TrainConfig
-from dsv3_jax.train.setup import build_training
+from dsv3_jax.train.config import Config, TrainConfig
+from dsv3_jax.train.setup import build_on_one_device, build_training
 
 
 def one_device_setup(model_cfg: ModelConfig, train_cfg: TrainConfig) -> Any:
-    """The trainer's setup (`train.setup.build_training`) of these configs on this host's first device."""
-    return build_training(Config(model=model_cfg, train=train_cfg, mesh=MeshConfig(data=1)), jax.devices()[:1])
+    """The trainer's setup of these configs on this host's first device."""
+    return build_on_one_device(Config(model=model_cfg, train=train_cfg))
 
 
 def compile_step(model_cfg: ModelConfig, train_cfg: TrainConfig) -> tuple[Any, dict[str, float], Any]:

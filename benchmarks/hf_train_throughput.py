@@ -24,7 +24,7 @@ import time
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="an HF config.json (our ModelConfig.to_hf())")
+    parser.add_argument("--config", required=True, help="an HF config.json (our hf_config.to_hf(cfg))")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=20)

@@ -1,5 +1,5 @@
 """Per-backend policy: what the `auto` settings become on a backend (one function per choice, each decided
-by measurement; benchmarks/README.md). Layers, `plan`, `compile` and generation all ask here.
+by measurement; benchmarks/README.md). The MoE layer, `plan` and `compile` ask here.
 """
 
 from __future__ import annotations

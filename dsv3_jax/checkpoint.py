@@ -158,7 +158,7 @@ class RunCheckpointer:
         there are some and none restores.
 
         `abstract_state` is a tree of jax.ShapeDtypeStruct; when they carry shardings (see
-        `train.step.abstract_train_state(..., plan)`) every array is read straight into that layout, so a
+        `TrainingSetup.abstract` of `train.setup`) every array is read straight into that layout, so a
         checkpoint written on one mesh (or number of hosts) restores onto any other. `config_problem(config)`
         may return a reason why a step's saved config is unacceptable (that step is then skipped).
         """

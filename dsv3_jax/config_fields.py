@@ -111,7 +111,6 @@ def read_json_object(path: str, what: str) -> dict[str, Any]:
     return data
 
 
-
 # ---- building and overriding (nested) dataclasses -----------------------------------------------------------
 def build_dataclass(cls: type, values: Any, path: str) -> Any:
     """Rebuild a (nested) frozen dataclass from `dataclasses.asdict` output; `path` is its dotted name."""

@@ -32,6 +32,7 @@ def from_hf(source: str | os.PathLike | Mapping[str, Any], **overrides: Any) -> 
     except ConfigError as err:
         raise ConfigError(err.field, f"{err.message} (in {path})") from None
 
+
 def _from_hf_dict(hf: dict[str, Any], overrides: Mapping[str, Any]) -> ModelConfig:
     # HF's own `dtype` key is a storage dtype, not our compute setting: read architecture fields only.
     hints = typing.get_type_hints(ModelConfig)
@@ -53,6 +54,7 @@ def _from_hf_dict(hf: dict[str, Any], overrides: Mapping[str, Any]) -> ModelConf
         kwargs["rope_theta"] = coerce_float(theta, hints["rope_theta"])
     kwargs.update(overrides)
     return ModelConfig(**kwargs).validate()
+
 
 def to_hf(cfg: ModelConfig) -> dict[str, Any]:
     """The HF `config.json` dict for this architecture (legacy `rope_scaling` key, which HF 5.x reads)."""

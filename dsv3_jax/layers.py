@@ -82,17 +82,21 @@ class Embed(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)); used for dense layers and shared experts."""
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)); used for dense layers and shared experts.
+
+    `hidden_axis` is the logical axis of the hidden width: `mlp` for a dense layer's (intermediate_size),
+    `expert_mlp` for the shared experts' (multiples of moe_intermediate_size)."""
 
     def __init__(self, dim: int, hidden: int, cfg: ModelConfig, rngs: nnx.Rngs,
-                 dot_general: DotGeneral = jax.lax.dot_general):
-        self.gate_proj = Linear(dim, hidden, cfg, rngs, ("embed", "mlp"), dot_general)
-        self.up_proj = Linear(dim, hidden, cfg, rngs, ("embed", "mlp"), dot_general)
-        self.down_proj = Linear(hidden, dim, cfg, rngs, ("mlp", "embed"), dot_general)
+                 dot_general: DotGeneral = jax.lax.dot_general, hidden_axis: str = "mlp"):
+        self.gate_proj = Linear(dim, hidden, cfg, rngs, ("embed", hidden_axis), dot_general)
+        self.up_proj = Linear(dim, hidden, cfg, rngs, ("embed", hidden_axis), dot_general)
+        self.down_proj = Linear(hidden, dim, cfg, rngs, (hidden_axis, "embed"), dot_general)
+        self.hidden_axis = hidden_axis
 
     def __call__(self, x: jax.Array) -> jax.Array:
         # x is [B, T, D] (dense layers) or [N, D] (shared experts); tokens stay split like the batch and the
         # hidden dim like the weights (tensor), instead of GSPMD picking one and re-sharding the other.
         hidden = jax.nn.silu(tag(self.gate_proj(x), MLP_GATE)) * tag(self.up_proj(x), MLP_UP)
-        hidden = constrain(hidden, "batch", *(["length"] * (x.ndim - 2)), "mlp")
+        hidden = constrain(hidden, "batch", *(["length"] * (x.ndim - 2)), self.hidden_axis)
         return self.down_proj(hidden)

@@ -109,20 +109,17 @@ def run_config(run_dir: str | os.PathLike) -> Any:
 
 def load_run(run_dir: str | os.PathLike, with_tokenizer: bool = True) -> LoadedModel:
     """The latest restorable checkpoint of a training run, as a dropless inference model."""
-    import jax
     from flax import nnx
 
     from dsv3_jax.model import init_model
     from dsv3_jax.moe import RouterBias
-    from dsv3_jax.train.config import MeshConfig
-    from dsv3_jax.train.setup import build_training
+    from dsv3_jax.train.setup import build_on_one_device
 
     config = run_config(run_dir)
     path = Path(run_dir)
     tokenizer = run_tokenizer(path, config) if with_tokenizer else None
     # Restore onto this process's first device whatever mesh the run trained on.
-    setup = build_training(dataclasses.replace(config, mesh=MeshConfig(data=1)), jax.devices()[:1])
-    restored = restore_for_reading(path, config, setup.abstract)
+    restored = restore_for_reading(path, config, build_on_one_device(config).abstract)
     if restored is None:
         raise GenerationError(f"no restorable checkpoint in {path / 'checkpoints'}")
     step, state = restored.step, restored.state

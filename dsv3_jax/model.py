@@ -76,7 +76,8 @@ class DeepSeekV3(nnx.Module):
             self.layers = nnx.List([DecoderLayer(cfg, rngs, use_moe=cfg.is_moe_layer(i), dot_general=dot_general)
                                     for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, cfg, rngs, ("embed", "vocab"))  # high precision even under FP8
+        # high precision even under FP8
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, cfg, rngs, ("embed", "vocab"))
         self.mtp = nnx.List([MTPModule(cfg, rngs, dot_general) for _ in range(cfg.mtp_depth)])
 
     def stacks(self) -> list[tuple[DecoderLayer, range]]:

@@ -294,7 +294,7 @@ class MoE(nnx.Module):
         self.gate = Router(cfg, rngs)
         self.experts = RoutedExperts(cfg, rngs, dot_general)
         self.shared_experts = (MLP(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size, cfg, rngs,
-                                   dot_general) if cfg.n_shared_experts else None)
+                                   dot_general, hidden_axis="expert_mlp") if cfg.n_shared_experts else None)
 
     def __call__(self, x_BTD: jax.Array) -> tuple[jax.Array, MoEAux]:
         batch, seq_len, dim = x_BTD.shape

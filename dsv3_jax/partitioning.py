@@ -35,9 +35,9 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "embed": (),  # hidden dim of weights; ("data", "expert") with mesh.fsdp
     "vocab": ("tensor",),
     "heads": ("tensor",),  # attention heads (q/k/v/o projections are split by whole heads)
-    "mlp": ("tensor",),  # dense and shared-expert SwiGLU hidden dim
+    "mlp": ("tensor",),  # dense-layer SwiGLU hidden dim
     "experts": ("expert",),  # routed experts
-    "expert_mlp": ("tensor",),  # routed-expert SwiGLU hidden dim
+    "expert_mlp": ("tensor",),  # routed and shared experts' SwiGLU hidden dim
     "q_lora": (),  # MLA latents are small; splitting them would add an all-reduce per projection
     "kv_lora": (),
     "router": (),  # router output (one logit per expert): tiny, used in fp32 by every token
@@ -129,6 +129,11 @@ class MeshPlan:
     def axis_size(self, logical: str) -> int:
         return math.prod(self.mesh.shape[a] for a in self.rules[logical])
 
+    def split_of(self, entry: str | tuple[str, ...] | None) -> tuple[tuple[str, ...], int]:
+        """(mesh axes, how many shards) of one PartitionSpec entry; ((), 1) for an unsplit dimension."""
+        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        return axes, math.prod(self.mesh.shape[a] for a in axes)
+
     def batch_sharding(self) -> NamedSharding:
         """[B, window] token batches: sequences split over data and expert, replicated over tensor."""
         return self.named(self.spec(BATCH_AXES))
@@ -148,11 +153,8 @@ class MeshPlan:
     def check_divisible(self, tree: Any, what: str = "parameter") -> None:
         """ConfigError naming the array, dimension and mesh axes when a sharded dimension does not divide."""
         for path, variable in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_variable)[0]:
-            for dim, axes in enumerate(self.sharding_of(variable).spec):
-                if axes is None:
-                    continue
-                axes = (axes,) if isinstance(axes, str) else tuple(axes)
-                size = math.prod(self.mesh.shape[a] for a in axes)
+            for dim, entry in enumerate(self.sharding_of(variable).spec):
+                axes, size = self.split_of(entry)
                 if variable.shape[dim] % size:
                     raise ConfigError(f"mesh.{axes[0]}", f"{'*'.join(axes)} = {size} does not divide dimension "
                                       f"{dim} (size {variable.shape[dim]}) of {what} {path_str(path)}")
@@ -290,11 +292,8 @@ def constrain(x: jax.Array, *logical_axes: str | None) -> jax.Array:
         raise ValueError(f"constrain: {len(logical_axes)} logical axes for an array of rank {x.ndim}")
     spec = list(plan.spec(logical_axes)) + [None] * x.ndim
     for dim in range(x.ndim):
-        axes = spec[dim]
-        if axes is not None:
-            size = math.prod(plan.mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
-            if x.shape[dim] % size:
-                spec[dim] = None
+        if x.shape[dim] % plan.split_of(spec[dim])[1]:
+            spec[dim] = None
     return jax.lax.with_sharding_constraint(x, plan.named(P(*spec[:x.ndim])))
 
 

@@ -67,7 +67,6 @@ not a replay of XLA's buffer assignment: fusion, other backends and sharded prog
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 from fractions import Fraction
@@ -164,34 +163,6 @@ def local_shape(shape: tuple[int, ...], spec: tuple[str | tuple[str, ...] | None
         return 1 if axes is None else mesh[axes] if isinstance(axes, str) else math.prod(mesh[a] for a in axes)
 
     return tuple(-(-dim // ways(axes)) for dim, axes in zip(shape, spec))
-
-
-@dataclasses.dataclass(frozen=True)
-class AbstractLeaf:
-    path: tuple
-    shape: tuple[int, ...]
-    dtype: str
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * jnp.dtype(self.dtype).itemsize
-
-
-@functools.lru_cache(maxsize=16)
-def abstract_state(model_cfg: ModelConfig) -> tuple[tuple[AbstractLeaf, ...], tuple[AbstractLeaf, ...]]:
-    """(trainable params, router biases) of `DeepSeekV3(model_cfg)` as shapes, one leaf per variable.
-
-    Built from `dsv3_jax.accounting.layer_templates` (one traced layer of each kind, one MTP module), whose
-    leaves are repeated under every index of their kind; tests/test_plan.py checks the result against a full
-    trace. The answer has one leaf per parameter, so it grows with the depth: `estimate_memory` works on the
-    templates instead and does not build it.
-    """
-    params, biases = layer_templates(model_cfg)
-
-    def expand(templates) -> tuple[AbstractLeaf, ...]:
-        return tuple(AbstractLeaf(path, t.shape, t.dtype) for t in templates for path in t.paths())
-
-    return expand(params), expand(biases)
 
 
 def kv_cache_bytes_per_token(model_cfg: ModelConfig) -> int:

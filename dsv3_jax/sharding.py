@@ -12,7 +12,6 @@ every layer, for the same compiled program.
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Any, Sequence
 
@@ -71,7 +70,7 @@ def check_model_fits(plan: MeshPlan, model_cfg: ModelConfig, batch_size: int | N
     plan.check_divisible(biases, "router bias")
 
 
-# The model field that sets each logical axis's size, for errors (the shared experts' `mlp` is theirs).
+# The model field that sets each logical axis's size, for errors.
 AXIS_FIELDS = {"embed": "model.hidden_size", "q_lora": "model.q_lora_rank", "kv_lora": "model.kv_lora_rank",
                "heads": "model.num_attention_heads", "mlp": "model.intermediate_size",
                "expert_mlp": "model.moe_intermediate_size"}
@@ -91,17 +90,12 @@ def check_mesh_tiling(cfg: ModelConfig, plan: MeshPlan) -> None:
             continue
         spec = list(plan.spec(leaf.axes)) + [None] * len(leaf.shape)
         for dim in (len(leaf.shape) - 2, len(leaf.shape) - 1):
-            if spec[dim] is None:
-                continue
-            axes = (spec[dim],) if isinstance(spec[dim], str) else tuple(spec[dim])
-            shards, size = math.prod(plan.mesh.shape[a] for a in axes), leaf.shape[dim]
-            if size % shards == 0 and (size // shards) % tile:
-                name = path_str(leaf.path)
-                field = ("model.moe_intermediate_size" if "shared_experts" in name and leaf.axes[dim] == "mlp"
-                         else AXIS_FIELDS[leaf.axes[dim]])
+            (axes, shards), size = plan.split_of(spec[dim]), leaf.shape[dim]
+            if shards > 1 and size % shards == 0 and (size // shards) % tile:
                 which = "contraction (K)" if dim == len(leaf.shape) - 2 else "output (N)"
-                raise ConfigError(field, f"model.fp8={cfg.fp8} quantises in {tile}-wide tiles, but mesh "
-                                  f"{'*'.join(axes)}={shards} splits the {which} dim of {name} ({size}) into "
+                raise ConfigError(AXIS_FIELDS[leaf.axes[dim]], f"model.fp8={cfg.fp8} quantises in {tile}-wide "
+                                  f"tiles, but mesh {'*'.join(axes)}={shards} splits the {which} dim of "
+                                  f"{path_str(leaf.path)} ({size}) into "
                                   f"{size // shards}-wide shards, so tiles would straddle devices; make "
                                   f"{size}/{shards} a multiple of {tile}, use a smaller mesh axis, or fp8=none")
 

@@ -165,7 +165,7 @@ def test_load_names_the_file(tmp_path):
     assert Config.load(path) == Config(model=TINY)
 
 
-# ---- ModelConfig.from_hf ------------------------------------------------------------------------------------
+# ---- hf_config.from_hf --------------------------------------------------------------------------------------
 def _write(tmp_path, text):
     (tmp_path / "config.json").write_text(text)
     return str(tmp_path / "config.json")

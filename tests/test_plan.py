@@ -26,8 +26,8 @@ from dsv3_jax.config import ConfigError, get_preset
 from dsv3_jax.model import init_model
 from dsv3_jax.moe import RouterBias
 from dsv3_jax.partitioning import logical_axes
-from dsv3_jax.plan import (abstract_state, estimate_memory, format_plan, kv_cache_bytes_per_token, local_shape,
-                           mesh_plan, validate_mesh)
+from dsv3_jax.accounting import layer_templates
+from dsv3_jax.plan import estimate_memory, format_plan, kv_cache_bytes_per_token, local_shape, mesh_plan, validate_mesh
 from dsv3_jax.train.optim import make_optimizer
 from dsv3_jax.train.config import TrainConfig
 from dsv3_jax.train.presets import train_preset
@@ -36,14 +36,19 @@ from dsv3_jax.train.step import init_train_state, make_train_step
 V3 = get_preset("deepseek-v3-671b")
 
 
+def full_trace(cfg):
+    """(params, router biases) of the whole model in the unrolled layout, as flat [(path, Variable)] lists."""
+    states = jax.eval_shape(lambda: nnx.split(init_model(cfg.replace(scan_layers=False)), nnx.Param, RouterBias)[1:])
+    return tuple(list(nnx.to_flat_state(state)) for state in states)
+
+
 def param_shards(cfg, mesh, fsdp=False):
     """Every parameter of the whole (unrolled) model with its global shape, dtype, PartitionSpec (padded to its
     rank) and per-device shape, from the partitioner training uses on an abstract mesh of these sizes."""
     mesh = validate_mesh(cfg, mesh, fsdp=fsdp)
-    params = jax.eval_shape(lambda: nnx.split(init_model(cfg.replace(scan_layers=False)), nnx.Param, ...)[1])
     partitioner = mesh_plan(mesh, fsdp)
     shards = []
-    for path, var in nnx.to_flat_state(params):
+    for path, var in full_trace(cfg)[0]:
         spec = tuple(partitioner.sharding_of(var).spec)
         spec += (None,) * (len(var.shape) - len(spec))
         shards.append(SimpleNamespace(path="/".join(map(str, path)), shape=tuple(var.shape), spec=spec,
@@ -66,23 +71,19 @@ def test_single_device_state_bytes_are_exact(name):
 
 
 def test_layer_templating_matches_a_full_trace():
-    """abstract_state traces one layer per kind and repeats it; it must equal tracing the whole model."""
+    """layer_templates traces one layer per kind; repeated under every index of its kind (`paths`), the
+    templates must equal tracing the whole model, logical axes included."""
     for cfg in (get_preset("small"), get_preset("tiny").replace(first_k_dense_replace=0),
                 get_preset("tiny").replace(first_k_dense_replace=3),
                 get_preset("tiny").replace(num_nextn_predict_layers=0),
                 get_preset("tiny").replace(num_nextn_predict_layers=3, num_hidden_layers=5, first_k_dense_replace=2)):
         # templates name the unrolled layout's per-layer paths (the scanned stacks hold the same leaves)
-        full = jax.eval_shape(lambda: nnx.split(init_model(cfg.replace(scan_layers=False)), nnx.Param, RouterBias)[1:])
-        for state, leaves in zip(full, abstract_state(cfg)):
-            expected = sorted((tuple(map(str, p)), tuple(x.shape), jnp.dtype(x.dtype).name)
-                              for p, x in nnx.to_flat_state(state))
-            assert sorted((tuple(map(str, x.path)), x.shape, x.dtype) for x in leaves) == expected
-        # the templates carry the logical axes each variable was created with
-        from dsv3_jax.accounting import layer_templates
-        axes = {tuple(map(str, p)): logical_axes(x) for state in full for p, x in nnx.to_flat_state(state)}
-        for template in layer_templates(cfg)[0] + layer_templates(cfg)[1]:
-            for path in template.paths():
-                assert template.axes == axes[tuple(map(str, path))] is not None, path
+        for leaves, templates in zip(full_trace(cfg), layer_templates(cfg)):
+            expected = sorted((tuple(map(str, p)), tuple(x.shape), jnp.dtype(x.dtype).name, logical_axes(x))
+                              for p, x in leaves)
+            expanded = sorted((tuple(map(str, p)), t.shape, t.dtype, t.axes) for t in templates for p in t.paths())
+            assert expanded == expected
+            assert all(t.axes is not None for t in templates)
 
 
 def test_kv_cache_per_token_671b():
@@ -247,15 +248,15 @@ def test_plan_cli_rejects_bad_meshes(capsys, argv, message):
 ])
 def test_plan_from_templates_equals_per_leaf_sums(changes, mesh, fsdp):
     """estimate_memory weighs one template per kind by its number of copies; the same figures summed leaf by
-    leaf over every parameter (abstract_state, param_shards, optax on the full tree) agree exactly."""
+    leaf over every parameter of a full trace (param_shards, optax on the full tree) agree exactly."""
     cfg = get_preset("tiny").replace(**changes)
     train = TrainConfig(batch_size=8, seq_len=16)
     plan = estimate_memory(cfg, train, mesh, fsdp=fsdp, backend="cpu")
     shards = param_shards(cfg, mesh, fsdp=fsdp)
-    params, biases = abstract_state(cfg)
+    params, biases = full_trace(cfg)
     assert plan.params == sum(s.local_bytes for s in shards)
-    assert plan.router_biases == sum(leaf.nbytes for leaf in biases)
-    structs = {"/".join(map(str, x.path)): jax.ShapeDtypeStruct(x.shape, x.dtype) for x in params}
+    assert plan.router_biases == sum(math.prod(x.shape) * x.dtype.itemsize for _, x in biases)
+    structs = {"/".join(map(str, p)): jax.ShapeDtypeStruct(x.shape, x.dtype) for p, x in params}
     opt = jax.tree.leaves(jax.eval_shape(make_optimizer(train).init, structs))
     moments = sum(math.prod(x.shape) * x.dtype.itemsize for x in opt if x.ndim > 0)
     scalars = sum(x.dtype.itemsize for x in opt if x.ndim == 0)

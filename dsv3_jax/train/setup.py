@@ -16,7 +16,7 @@ from flax import nnx
 
 from dsv3_jax import sharding
 from dsv3_jax.partitioning import MeshPlan
-from dsv3_jax.train.config import Config
+from dsv3_jax.train.config import Config, MeshConfig
 from dsv3_jax.train.step import (TrainState, abstract_train_state, init_train_state, jit_eval_step, jit_train_step,
                                  with_shardings)
 
@@ -68,3 +68,9 @@ def build_training(config: Config, devices: Sequence[Any] | None = None) -> Trai
     plan.check_divisible(abstract.params)
     shardings = plan.shardings(abstract)
     return TrainingSetup(config, plan, graphdef, with_shardings(abstract, shardings), shardings)
+
+
+def build_on_one_device(config: Config) -> TrainingSetup:
+    """The setup of `config` on this process's first device, whatever mesh `config.mesh` names: restoring a run
+    to read it (generation), benchmarks of one device."""
+    return build_training(dataclasses.replace(config, mesh=MeshConfig(data=1)), jax.devices()[:1])

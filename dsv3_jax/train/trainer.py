@@ -128,6 +128,8 @@ def train(config: Config, run_dir: str | os.PathLike, data: Any, *, show_progres
             checkpointer.close()
             raise
         # ---- every check passed: from here on the run directory changes --------------------------------------
+        if is_writer:
+            print(sharding.describe(setup.plan), file=sys.stderr)
         step0, state, data_state = _resume(setup, checkpointer, restored, run_dir, is_writer)
         if is_writer:
             rundir.atomic_write(os.path.join(run_dir, "config.json"), config.to_json())
@@ -185,8 +187,6 @@ def _resume(setup: TrainingSetup, checkpointer: RunCheckpointer, restored: Any, 
             is_writer: bool) -> tuple[int, TrainState, dict | None]:
     """(first step, state, data-iterator state) from the restored checkpoint, or a fresh state at step 0;
     checkpoints skipped on the way to the restored one are set aside."""
-    if is_writer:
-        print(sharding.describe(setup.plan), file=sys.stderr)
     if restored is None:
         return 0, setup.init_state(), None
     if restored.skipped:
