@@ -31,7 +31,7 @@ from typing import Any, Iterator
 
 import jax
 
-from dsv3_jax.backend_policy import resolve_for_backend
+from dsv3_jax.backend_policy import choose
 from dsv3_jax.config import ConfigError
 from dsv3_jax.gpu_specs import GPU_SPECS, target_config_textproto
 from dsv3_jax.hlo_cost import analyse as analyse_hlo
@@ -178,12 +178,14 @@ def compile_train_step(config: Any, target: Target, dump_hlo: str | None = None)
 
     config.validate()
     devices = target_devices(target)
-    # `auto` choices are made for the target, not for this host's backend
-    config = dataclasses.replace(config, model=resolve_for_backend(config.model, target.platform))
     setup = build_training(config, devices)  # impossible meshes fail here
     mc, tc = config.model, config.train
+    impl = choose(mc, target.platform, setup.plan.facts())
     t0 = time.perf_counter()
-    lowered = setup.train_step.lower(setup.abstract, setup.window)
+    # `auto` choices are made for the target, not for this host's backend: the layers ask the policy for the
+    # backend of JAX's default device, and the kernel libraries pick their implementation by it too.
+    with jax.default_device(devices[0]):
+        lowered = setup.train_step.lower(setup.abstract, setup.window)
     mesh = dict(setup.plan.mesh.shape)
     estimate = estimate_memory(mc, tc, mesh, fsdp=config.mesh.fsdp, backend=target.platform)
     base = {"target": target.text, "platform": target.platform, "devices": len(devices),
@@ -191,8 +193,9 @@ def compile_train_step(config: Any, target: Target, dump_hlo: str | None = None)
             "fsdp": config.mesh.fsdp,
             "plan_gib": {"total": round(estimate.total / GIB, 3),
                          "activations_and_gradients": round((estimate.activations + estimate.gradients) / GIB, 3)},
-            "config": {"layers": mc.num_hidden_layers, "moe_dispatch": mc.moe_dispatch,
-                       "grouped_gemm": mc.grouped_gemm, "attention_chunk": mc.attention_chunk,
+            "config": {"layers": mc.num_hidden_layers, "moe_dispatch": impl.moe_dispatch,
+                       "grouped_gemm": impl.grouped_gemm, "attention": impl.attention,
+                       "attention_chunk": impl.attention_chunk, "loss": impl.loss, "exchange": impl.exchange,
                        "capacity_factor": mc.capacity_factor, "remat": mc.remat, "scan_layers": mc.scan_layers,
                        "grad_accum": tc.grad_accum, "batch_size": tc.batch_size, "seq_len": tc.seq_len,
                        "dtype": mc.dtype}}

@@ -14,15 +14,21 @@ from typing import Any
 from dsv3_jax.config_fields import ConfigError, check_field_types
 
 DTYPES = ("float32", "bfloat16", "float16")
-# "auto" resolves per backend (resolve_moe_dispatch): ragged everywhere today (capacity under an FP8 recipe).
+# "auto" and every other per-backend choice is decided by backend_policy.choose: ragged everywhere today
+# (capacity under an FP8 recipe).
 MOE_DISPATCH = ("auto", "dense", "capacity", "blocked", "ragged")
-# How `ragged` dispatch runs its grouped GEMMs (moe_ragged.py): XLA's ragged_dot (a true grouped matmul on TPU,
-# a dense one over every expert on GPU/CPU) or padded blocks of rows (plain matmuls, ~1.25x the useful FLOPs).
-GROUPED_GEMMS = ("auto", "ragged_dot", "blocks")
+# How `ragged` dispatch runs its grouped GEMMs (moe_ragged.py): tokamax's grouped-matmul kernel (`kernel`, auto on
+# GPU/TPU), XLA's ragged_dot (a dense matmul over every expert on GPU/CPU) or padded blocks of rows (`blocks`,
+# plain matmuls, ~1.25x the useful FLOPs; auto on CPU).
+GROUPED_GEMMS = ("auto", "kernel", "ragged_dot", "blocks")
+# Causal attention of training and prefill (dsv3_jax/kernels.py): a fused kernel (`flash`: splash on TPU, tokamax
+# on GPU, their reference paths on CPU), XLA's [B, H, T, S] scores (`xla`), or XLA over query chunks of
+# `attention_chunk` positions (`chunked`). auto: flash on GPU/TPU; on CPU xla, or chunked with attention_chunk.
+ATTENTION_IMPLS = ("auto", "xla", "chunked", "flash")
 # ModelConfig fields that say how we compute, not what the architecture is (absent from HF config.json).
 COMPUTE_FIELDS = ("dtype", "param_dtype", "moe_dispatch", "capacity_factor", "init_std", "fp8",
                   "fp8_power_of_2_scales", "fp8_accumulation_interval", "scan_layers", "remat", "attention_chunk",
-                  "grouped_gemm")
+                  "grouped_gemm", "attention_impl")
 # Ablation switches that change the architecture away from DeepSeek-V3 (no HF equivalent: to_hf refuses them).
 ABLATION_FIELDS = ("attention",)
 ATTENTION_KINDS = ("mla", "mha")  # mha: dsv3_jax/mha.py, the baseline of the MLA experiment
@@ -90,7 +96,8 @@ class ModelConfig:
     # Training attention over query chunks of this many positions (None: all at once). Same result; the
     # [B, H, T, S] fp32 scores then exist one [B, H, chunk, S] slice at a time, forward and backward.
     attention_chunk: int | None = None
-    grouped_gemm: str = "auto"  # ragged dispatch's grouped GEMM: auto | ragged_dot | blocks (GROUPED_GEMMS)
+    grouped_gemm: str = "auto"  # ragged dispatch's grouped GEMM: auto | kernel | ragged_dot | blocks (GROUPED_GEMMS)
+    attention_impl: str = "auto"  # auto | xla | chunked | flash (ATTENTION_IMPLS)
 
     # ---- derived sizes -------------------------------------------------------------------------
     @property
@@ -179,7 +186,7 @@ class ModelConfig:
     def _check_compute(self) -> None:
         for name, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("moe_dispatch", MOE_DISPATCH),
                               ("attention", ATTENTION_KINDS), ("fp8", FP8_RECIPES), ("remat", REMAT_POLICIES),
-                              ("grouped_gemm", GROUPED_GEMMS)):
+                              ("grouped_gemm", GROUPED_GEMMS), ("attention_impl", ATTENTION_IMPLS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(name, f"must be one of {allowed}, got {getattr(self, name)!r}")
         if self.capacity_factor is not None and not self.capacity_factor > 0:
@@ -188,6 +195,9 @@ class ModelConfig:
             _require_int(self, "fp8_accumulation_interval", minimum=1)
         if self.attention_chunk is not None:
             _require_int(self, "attention_chunk", minimum=1)
+        if self.attention_impl == "chunked" and self.attention_chunk is None:
+            raise ConfigError("attention_impl", "chunked attention needs model.attention_chunk (query positions "
+                              "per chunk, e.g. 512)")
         if self.fp8 != "none" and self.moe_dispatch == "ragged":
             raise ConfigError("moe_dispatch", "ragged dispatch runs jax.lax.ragged_dot, which has no FP8 "
                               f"emulation; with fp8={self.fp8!r} use capacity, blocked or dense")
@@ -252,7 +262,7 @@ PRESETS: dict[str, ModelConfig] = {
         num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=96,
         kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=16,
         num_experts_per_tok=4, n_shared_experts=1, n_group=4, topk_group=2, routed_scaling_factor=2.5,
-        # `auto` dispatch: ragged on every backend today (resolve_moe_dispatch), which on one CPU is 8%
+        # `auto` dispatch: ragged on every backend today (backend_policy.choose), which on one CPU is 8%
         # faster per step than `blocked` (benchmarks/README.md).
         rope_scaling=None, max_position_embeddings=4096, num_nextn_predict_layers=1),
     # Seconds-scale model for unit tests: every feature on, every dim tiny. vocab_size 304: >= 257 for the data

@@ -31,6 +31,7 @@ from flax import nnx, struct
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.kv_cache import CACHE_KINDS, KVCache, init_cache
 from dsv3_jax.model import DeepSeekV3
+from dsv3_jax.partitioning import implementation
 from dsv3_jax.sampling import Sampling, probabilities, sample, sample_from_probs, speculative_accept
 
 MIN_PREFILL_BUCKET = 16
@@ -197,10 +198,8 @@ class Generator:
     def __init__(self, model: DeepSeekV3, cache_kind: str = "latent", cache_dtype: str | None = None,
                  decode_dispatch: str | None = "auto"):
         """`decode_dispatch`: the MoE dispatch of decode/verify steps (None: the model's own; prefill always
-        uses the model's). Steps see 1-2 tokens per row, where `blocked` pads every expert to a block and
-        spends most of its work on padding (measured on runs/small, CPU: plain / verify step 10.1 / 21.0 ms
-        with `blocked`, 8.5 / 15.3 ms with `capacity`); "auto" is capacity on CPU, ragged on GPU/TPU (the
-        training-side `auto`, ragged everywhere, is measured on many tokens per call)."""
+        uses the model's; "auto": backend_policy.choose's `decode_dispatch`, capacity on CPU and ragged on
+        GPU/TPU, since steps see 1-2 tokens per row)."""
         if cache_kind not in CACHE_KINDS:
             raise GenerationError(f"cache kind must be one of {CACHE_KINDS}, got {cache_kind!r}")
         if model.cfg.capacity_factor is not None:
@@ -211,7 +210,7 @@ class Generator:
         self.cache_dtype = cache_dtype
         graphdef, self.state = nnx.split(model)
         if decode_dispatch == "auto":
-            decode_dispatch = "capacity" if jax.default_backend() == "cpu" else "ragged"
+            decode_dispatch = implementation(self.cfg).decode_dispatch
         step_graphdef = graphdef if decode_dispatch is None else with_dispatch(graphdef, self.state, decode_dispatch)
         self._prefill = jax.jit(partial(_prefill, graphdef), static_argnames=("sampling",),
                                 donate_argnames=("cache", "mtp_cache"))

@@ -13,6 +13,13 @@ element: padding and dilation holes excluded, every output position's window wal
 ragged_dot as a grouped-matmul kernel call (`ragged-dot-*` custom calls, counted at the rows their static
 shapes allow). Trip counts are read on both (GPU: `known_trip_count`; TPU: the loop condition's
 `counter < constant`).
+
+Our own kernel calls (dsv3_jax/kernels.py: splash / tokamax attention, tokamax grouped matmuls) are opaque
+custom calls. Each runs inside a named scope written by `kernel_scope`, which records its geometry; XLA keeps
+the scope in the call's `op_name`, and the FLOPs are counted from it (`_kernel_flops`): a grouped matmul as
+2 x M x K x N (M the rows its static shape allows), attention as 2 x batch x heads x visible pairs (the causal
+half) x the head dims its matmuls contract, by which pass the call is (forward, dq, dkv or a fused backward,
+which recompute the scores).
 """
 
 from __future__ import annotations
@@ -35,6 +42,14 @@ _ARRAY = re.compile(r"([a-z]+[0-9a-z]*)\[([0-9,]*)\]")
 _CALLEES = re.compile(r"\b(calls|body|to_apply|condition|true_computation|false_computation)=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_KERNEL_SCOPE = re.compile(r"kernelcost_([a-z]+)_([0-9_]+[0-9])")
+_KERNEL_TARGETS = ("tpu_custom_call", "__gpu$xla.gpu.triton", "mosaic_gpu_v2", "mosaic_gpu")
+
+
+def kernel_scope(kind: str, *dims: int) -> str:
+    """The named scope a kernel call runs in, recording what `_kernel_flops` needs: `attention` with (batch,
+    heads, visible query-key pairs per head, q/k head dim, v head dim), `gmm` with (rows, depth, width)."""
+    return f"kernelcost_{kind}_" + "_".join(str(int(d)) for d in dims)
 
 
 @dataclasses.dataclass
@@ -71,6 +86,8 @@ def _parse(hlo_text: str) -> tuple[dict[str, _Computation], str | None]:
         match = _INSTRUCTION.match(line)
         if match:
             current.instructions.append(_Instruction(match.group(2), match.group(3), match.group(4), match.group(5)))
+        elif current.instructions:  # an attribute spanning lines (a kernel's metadata): part of the instruction
+            current.instructions[-1].rest += " " + line.strip()
     return computations, entry
 
 
@@ -147,7 +164,36 @@ def _tpu_ragged_dot_flops(inst: _Instruction, shapes: dict[str, str]) -> float:
     return 0.0
 
 
+def _kernel_flops(inst: _Instruction) -> float | None:
+    """FLOPs of one of our kernel calls (see the module docstring), or None when `inst` is not one."""
+    if inst.opcode != "custom-call" or not any(f'custom_call_target="{t}"' in inst.rest for t in _KERNEL_TARGETS):
+        return None
+    scope = _KERNEL_SCOPE.search(inst.rest)
+    if scope is None:
+        return None
+    kind, dims = scope.group(1), [int(d) for d in scope.group(2).split("_")]
+    if kind == "gmm":
+        rows, depth, width = dims
+        return 2.0 * rows * depth * width
+    batch, heads, pairs, qk, v = dims
+    op_class = re.search(r'__type\\?":\\?"([\w.]+)', inst.rest)  # tokamax names its op class first
+    if op_class is not None:
+        backward = op_class.group(1).endswith("Vjp")
+        outputs = sum(1 for _, d in _ARRAY.findall(inst.shape) if d.count(",") >= 2)  # dq | dk, dv | all three
+        role = ("dq", "dkv", "fused")[min(outputs, 3) - 1] if backward else "forward"
+    else:  # splash: the kernel's name says which pass
+        role = "dkv" if "dkv" in inst.name else "dq" if "_dq" in inst.name else "forward"
+    per_pair = {"forward": qk + v,  # scores, P V
+                "dq": 2 * qk + v,  # scores again, dP = dO V^T, dQ = dS K
+                "dkv": 2 * qk + 2 * v,  # scores again, dV = P^T dO, dP, dK = dS^T Q
+                "fused": 3 * qk + 2 * v}[role]
+    return 2.0 * batch * heads * pairs * per_pair
+
+
 def _matmul_flops(inst: _Instruction, shapes: dict[str, str]) -> float:
+    kernel = _kernel_flops(inst)
+    if kernel is not None:
+        return kernel
     if inst.opcode == "convolution":
         return _convolution_flops(inst, shapes)
     if inst.opcode == "custom-call" and inst.name.startswith("ragged-dot") and "tpu_custom_call" in inst.rest:

@@ -12,11 +12,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.kernels import causal_attention
 from dsv3_jax.kv_cache import ExpandedEntries, LatentEntries, LayerEntries, visible_mask, write_entries
 from dsv3_jax.layers import DotGeneral, Linear, RMSNorm
 from dsv3_jax.remat_names import MLA_ATTENTION_OUT, MLA_KV, MLA_KV_LATENT, MLA_Q, MLA_Q_LATENT, tag
 from dsv3_jax.rope import apply_rope, rope_cos_sin, softmax_scale
-from dsv3_jax.partitioning import constrain
+from dsv3_jax.partitioning import constrain, implementation
 
 HEADS_AXES = ("batch", "length", "heads", None)  # [B, T, H, dim] under a mesh: heads on tensor
 
@@ -84,8 +85,14 @@ class MLA(nnx.Module):
             c_kv_BTC, k_pe_BTR = self.latent(x_BTD, cos, sin)
             k_nope_BTHN, v_BTHV = self.expand_kv(c_kv_BTC)
         with jax.named_scope("mla_attention"):
-            out_BTHV = attend_causal(q_nope_BTHN, q_pe_BTHR, k_nope_BTHN, k_pe_BTR, v_BTHV, softmax_scale(self.cfg),
-                                     self.cfg.attention_chunk)
+            impl = implementation(self.cfg)  # xla | chunked | a fused kernel (backend_policy.choose)
+            if impl.attention in ("splash", "tokamax"):
+                out_BTHV = attend_causal_fused(q_nope_BTHN, q_pe_BTHR, k_nope_BTHN, k_pe_BTR, v_BTHV,
+                                               softmax_scale(self.cfg), impl.attention, impl.attention_kernel,
+                                               impl.interpret)
+            else:
+                out_BTHV = attend_causal(q_nope_BTHN, q_pe_BTHR, k_nope_BTHN, k_pe_BTR, v_BTHV,
+                                         softmax_scale(self.cfg), impl.attention_chunk)
             out_BTHV = constrain(out_BTHV, *HEADS_AXES)
         with jax.named_scope("mla_out_proj"):
             out_BTD = self.o_proj(tag(out_BTHV.reshape(*x_BTD.shape[:2], -1), MLA_ATTENTION_OUT))
@@ -182,6 +189,19 @@ def attend_causal(q_nope_BTHN: jax.Array, q_pe_BTHR: jax.Array, k_nope_BSHN: jax
     _, out_nBCHV = jax.lax.scan(one_chunk, None, (chunked(q_nope_BTHN), chunked(q_pe_BTHR), starts_n))
     out_BTHV = jnp.moveaxis(out_nBCHV, 0, 1).reshape(out_nBCHV.shape[1], n_chunks * chunk, *out_nBCHV.shape[3:])
     return out_BTHV[:, :seq_len]
+
+
+def attend_causal_fused(q_nope_BTHN: jax.Array, q_pe_BTHR: jax.Array, k_nope_BSHN: jax.Array, k_pe_BSR: jax.Array,
+                        v_BSHV: jax.Array, scale: float, kernel: str, implementation: str | None = None,
+                        interpret: bool = False) -> jax.Array:
+    """`attend_causal` through a fused kernel (dsv3_jax/kernels.py): each head's query is [nope, rope] and its
+    key [nope, the shared rope key], 192 dims for V3 against values of 128, as the kernels take them unpadded;
+    `scale` (softmax_scale: 1/sqrt(192) times YaRN's mscale^2) is the kernel's softmax scale."""
+    heads = q_nope_BTHN.shape[2]
+    q_BTHK = jnp.concatenate([q_nope_BTHN, q_pe_BTHR], axis=-1)
+    k_pe_BSHR = jnp.broadcast_to(k_pe_BSR[:, :, None, :], (*k_pe_BSR.shape[:2], heads, k_pe_BSR.shape[-1]))
+    k_BSHK = jnp.concatenate([k_nope_BSHN, k_pe_BSHR.astype(k_nope_BSHN.dtype)], axis=-1)
+    return causal_attention(q_BTHK, k_BSHK, v_BSHV, scale, kernel, implementation, interpret)
 
 
 def attend_latent(q_lat_BTHC: jax.Array, q_pe_BTHR: jax.Array, c_kv_BSC: jax.Array, k_pe_BSR: jax.Array,

@@ -13,13 +13,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from dsv3_jax.backend_policy import resolve_grouped_gemm, resolve_moe_dispatch
+from dsv3_jax.backend_policy import SPILL_BLOCK_ROWS, SPILL_CAPACITY_FACTOR, Implementation
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import MLP, DotGeneral, normal_init, quantised_if
 from dsv3_jax.moe_ragged import (_blocked_grouped_swiglu, block_layout, ragged_experts, ragged_experts_ep,
                                  sort_by_expert)
 from dsv3_jax.remat_names import EXPERT_GATE, EXPERT_UP, tag
-from dsv3_jax.partitioning import active_plan, constrain, param
+from dsv3_jax.partitioning import active_plan, constrain, implementation, param
 
 
 class RouterBias(nnx.Variable):
@@ -118,16 +118,18 @@ class RoutedExperts(nnx.Module):
         return tuple(w[...].astype(dtype) for w in (self.gate_proj, self.up_proj, self.down_proj))
 
     def __call__(self, x_ND: jax.Array, topk_idx_NK: jax.Array, topk_weight_NK: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Weighted sum of each token's chosen experts: (out [N, D], dropped fraction)."""
-        dispatch = resolve_moe_dispatch(self.cfg.moe_dispatch, fp8=self.cfg.fp8)
-        if dispatch in ("capacity", "ragged"):  # the two that may drop under a capacity_factor
-            return getattr(self, dispatch)(x_ND, topk_idx_NK, topk_weight_NK)
-        if dispatch == "blocked" and uses_ragged_exchange(dispatch, self.cfg.fp8) and self._expert_parallel(
-                x_ND.shape[0]):
-            # the same block-padded grouped GEMM, on each shard's own experts after a ragged exchange
-            return self.ragged(x_ND, topk_idx_NK, topk_weight_NK, grouped_gemm="blocks")
-        exact = {"dense": self.dense, "blocked": self.blocked}[dispatch]
-        return exact(x_ND, topk_idx_NK, topk_weight_NK), jnp.float32(0.0)
+        """Weighted sum of each token's chosen experts: (out [N, D], dropped fraction). Which path runs is
+        backend_policy.choose's answer for this backend, mesh and token count."""
+        impl = implementation(self.cfg, x_ND.shape[0])
+        if impl.moe_dispatch == "capacity":
+            return self.capacity(x_ND, topk_idx_NK, topk_weight_NK, spill=impl.capacity_spill)
+        if impl.moe_dispatch == "ragged" or impl.expert_parallel:
+            # `blocked` under expert parallelism: the same block-padded GEMM on each shard's own experts, after
+            # ragged's exchange (whose capacity_factor then applies)
+            return self.ragged(x_ND, topk_idx_NK, topk_weight_NK, impl)
+        if impl.moe_dispatch == "blocked":
+            return self.blocked(x_ND, topk_idx_NK, topk_weight_NK, impl.block_rows), jnp.float32(0.0)
+        return self.dense(x_ND, topk_idx_NK, topk_weight_NK), jnp.float32(0.0)
 
     def dense(self, x_ND: jax.Array, topk_idx_NK: jax.Array, topk_weight_NK: jax.Array) -> jax.Array:
         """Oracle: every expert on every token, combined with a [N, E] weight matrix (zeros for unchosen)."""
@@ -141,12 +143,15 @@ class RoutedExperts(nnx.Module):
         combine_NE = combine_NE.at[jnp.arange(x_ND.shape[0])[:, None], topk_idx_NK].add(topk_weight_NK)
         return jnp.einsum("ned,ne->nd", y_NED.astype(jnp.float32), combine_NE).astype(x_ND.dtype)
 
-    def capacity(self, x_ND: jax.Array, topk_idx_NK: jax.Array, topk_weight_NK: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def capacity(self, x_ND: jax.Array, topk_idx_NK: jax.Array, topk_weight_NK: jax.Array,
+                 spill: bool = False) -> tuple[jax.Array, jax.Array]:
         """Sort assignments by expert into fixed [E, C] buffers, run a batched einsum, gather back.
 
         Capacity C is every token (dropless, DeepSeek-V3's semantics) unless `capacity_factor` is set, in
         which case C = ceil(factor * N * K / E) and the overflow (latest tokens first) is dropped and reported.
-        Under a mesh the buffers are split over `expert` (GSPMD inserts the all-to-all) and F over `tensor`.
+        With `spill` (dropless, one device, many experts: backend_policy.choose) each expert gets
+        SPILL_CAPACITY_FACTOR x its fair share of slots and the assignments past them run through the
+        block-padded grouped GEMM, instead of E x N slots. Under a mesh the buffers are split over `expert` (GSPMD inserts the all-to-all) and F over `tensor`.
 
         Both directions are gathers of whole rows: the buffer reads `x` through a slot -> token table, and each
         token reads its K result rows through a token -> slot table. Only int32 tables are scattered, so no
@@ -155,7 +160,6 @@ class RoutedExperts(nnx.Module):
         cfg = self.cfg
         n_tokens, top_k = topk_idx_NK.shape
         n_experts = cfg.n_routed_experts
-        spill = self._spills()
         cap = (expert_capacity(n_tokens, top_k, n_experts, SPILL_CAPACITY_FACTOR) if spill
                else expert_capacity(n_tokens, top_k, n_experts, cfg.capacity_factor))
         order_A, sorted_expert_A, token_A, counts_E, rank_A = sort_by_expert(topk_idx_NK, n_experts)
@@ -172,7 +176,7 @@ class RoutedExperts(nnx.Module):
             spill_row_A = jnp.where(kept_A, n_tokens * top_k, spill_start_E[sorted_expert_A] + rank_A - cap)
             spill_RD = jnp.zeros((n_tokens * top_k, x_ND.shape[1]), x_ND.dtype).at[spill_row_A].set(
                 x_ND[token_A], mode="drop")
-            y_spill_RD = _blocked_grouped_swiglu(spill_RD, gate_EDF, up_EDF, down_EFD, spill_E, block=SPILL_BLOCK)
+            y_spill_RD = _blocked_grouped_swiglu(spill_RD, gate_EDF, up_EDF, down_EFD, spill_E, block=SPILL_BLOCK_ROWS)
             slot_A = jnp.where(kept_A, slot_A, n_slots + 1 + spill_row_A)
         slot_NK = jnp.zeros((n_tokens * top_k,), jnp.int32).at[order_A].set(slot_A).reshape(n_tokens, top_k)
         x_pad_ND = jnp.concatenate([x_ND, jnp.zeros((1, x_ND.shape[1]), x_ND.dtype)])  # row N: empty slot
@@ -189,7 +193,7 @@ class RoutedExperts(nnx.Module):
         return constrain(out_ND.astype(x_ND.dtype), "batch", "act_embed"), dropped
 
     def blocked(self, x_ND: jax.Array, topk_idx_NK: jax.Array, topk_weight_NK: jax.Array,
-                block: int = 128) -> jax.Array:
+                block: int) -> jax.Array:
         """Dropless grouped matmul with static shapes: each expert's sorted assignments are padded to whole
         blocks of `block` rows, and every block is multiplied by its own expert's weights.
 
@@ -220,63 +224,30 @@ class RoutedExperts(nnx.Module):
         out_ND = jnp.zeros(x_ND.shape, jnp.float32).at[token_A].add(y_RD[row_A].astype(jnp.float32) * weight_A[:, None])
         return out_ND.astype(x_ND.dtype)
 
-    def _spills(self) -> bool:
-        """Whether dropless `capacity` fills SPILL_CAPACITY_FACTOR x the fair share of slots per expert and runs
-        the rest through the block-padded grouped GEMM (one device, no FP8 recipe, more than 4K experts),
-        instead of giving every expert all N tokens' worth of slots (E x N rows)."""
-        plan = active_plan()
-        cfg = self.cfg
-        # Few experts per choice (E <= 4K, e.g. the small preset, or 1-2 tokens while decoding): E x N slots
-        # are cheap and need no block scan.
-        return (cfg.capacity_factor is None and cfg.fp8 == "none" and cfg.n_routed_experts > 4 * cfg.num_experts_per_tok
-                and (plan is None or plan.mesh.devices.size == 1))
-
-    @staticmethod
-    def _expert_parallel(n_tokens: int) -> bool:
-        """Whether an active mesh plan splits tokens over the expert axis in a way `ragged_experts_ep` can use."""
-        plan = active_plan()
-        if plan is None or plan.mesh.devices.size == 1:
-            return False
-        token_axes = tuple(plan.rules["batch"])
-        return plan.rules["experts"][0] in token_axes and n_tokens % plan.axis_size("batch") == 0
-
     def ragged(self, x_ND: jax.Array, topk_idx_NK: jax.Array, topk_weight_NK: jax.Array,
-               grouped_gemm: str | None = None) -> tuple[jax.Array, jax.Array]:
-        """Dropless grouped GEMMs (moe_ragged.py: padded row blocks, or `jax.lax.ragged_dot` when
-        `grouped_gemm` / model.grouped_gemm says so); expert-parallel under a mesh.
+               impl: Implementation) -> tuple[jax.Array, jax.Array]:
+        """Dropless grouped GEMMs (moe_ragged.py: tokamax's grouped-matmul kernel, padded row blocks, or
+        `jax.lax.ragged_dot`, as `impl.grouped_gemm` says); expert-parallel where `impl.exchange` is.
 
-        Under an active mesh plan the tokens stay split over the batch axes and each device runs only its own
-        experts (`ragged_experts_ep`: all-to-all there and back, expert width split over `tensor`). There
+        Expert-parallel, the tokens stay split over the batch axes and each device runs only its own experts
+        (`ragged_experts_ep`: all-to-all there and back, expert width split over `tensor`). There
         `capacity_factor` bounds the rows each token shard sends each expert shard (dropless buffers are
         sized for the worst case); the dropped fraction is returned. A token count the batch axes do not
-        divide (e.g. one sequence while generating) runs unsplit instead.
+        divide (e.g. one sequence while generating) runs unsplit instead (choose() says so).
         """
         weights = self._weights()
-        grouped_gemm = grouped_gemm or resolve_grouped_gemm(self.cfg.grouped_gemm)
-        plan = active_plan()
-        if self._expert_parallel(x_ND.shape[0]):
-            token_axes = tuple(plan.rules["batch"])
+        if impl.expert_parallel:
+            plan = active_plan()
             tensor_axes = plan.rules["expert_mlp"]
             tensor_axis = tensor_axes[0] if tensor_axes and plan.mesh.shape[tensor_axes[0]] > 1 else None
             out_ND, _, dropped = ragged_experts_ep(
                 x_ND, topk_idx_NK, topk_weight_NK, *weights, mesh=plan.mesh, expert_axis=plan.rules["experts"][0],
-                token_axes=token_axes, tensor_axis=tensor_axis, capacity_factor=self.cfg.capacity_factor,
-                grouped_gemm=grouped_gemm)
+                token_axes=tuple(plan.rules["batch"]), tensor_axis=tensor_axis,
+                capacity_factor=self.cfg.capacity_factor, transport=impl.exchange, grouped_gemm=impl.grouped_gemm,
+                gemm_kernel=impl.gemm_kernel)
             return out_ND, dropped.astype(jnp.float32) / topk_idx_NK.size
-        return ragged_experts(x_ND, topk_idx_NK, topk_weight_NK, *weights, grouped_gemm), jnp.float32(0.0)
-
-
-def uses_ragged_exchange(dispatch: str, fp8: str) -> bool:
-    """Whether `dispatch`, on an expert-parallel mesh, moves tokens with `ragged`'s exchange (moe_ragged.py).
-    `blocked` does, unless an FP8 recipe needs its dot_general (then GSPMD shards it as written)."""
-    return dispatch == "ragged" or (dispatch == "blocked" and fp8 == "none")
-
-
-# Dropless `capacity` on one device: slots for this multiple of each expert's fair share N*K/E, and the
-# assignments past them (few once routing is balanced) in blocks of SPILL_BLOCK rows. Together the work stays
-# near N*K rows at any expert count, where slots for every token would be E*N.
-SPILL_CAPACITY_FACTOR = 1.25
-SPILL_BLOCK = 32
+        out_ND = ragged_experts(x_ND, topk_idx_NK, topk_weight_NK, *weights, impl.grouped_gemm, impl.gemm_kernel)
+        return out_ND, jnp.float32(0.0)
 
 
 def expert_capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: float | None) -> int:

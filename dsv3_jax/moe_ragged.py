@@ -13,7 +13,8 @@ Transports (`transport=` of `ragged_experts_ep`):
 - "padded": the same ragged semantics emulated with one fixed-size `jax.lax.all_to_all` of per-destination
   buffers padded to the dropless worst case (`_padded_ragged_all_to_all`). It runs on every backend and moves
   P*C rows per shard in each direction, C = n*min(K, L).
-- "auto" (default): "padded" on CPU meshes, "ragged" elsewhere.
+- "auto" (default): backend_policy.exchange_transport for the mesh's platform ("padded" on CPU, "ragged"
+  elsewhere); the layers pass backend_policy.choose's answer.
 Both transports share all the offset arithmetic, so the CPU tests of "padded" also check what "ragged" is
 given; only the `ragged_all_to_all` primitive itself is untested on CPU.
 
@@ -22,11 +23,13 @@ min(K, L) rows to any one shard: each source sends <= C = n*min(K, L) rows to a 
 receives at most M = P*C rows. Routing that repeats an expert within a token breaks this bound: the padded
 transport would then silently drop rows (duplicate experts are never produced by route()).
 
-Grouped GEMMs (`grouped_gemm`, model.grouped_gemm): XLA lowers `ragged_dot` to a masked dense matmul over
-every group on GPU and CPU (63x the useful FLOPs for a 64-expert top-8 layer compiled for an H100), and on
-TPU to a grouped-matmul kernel whose weight gradient is a dense masked convolution (21.8x for forward and
-backward on v5p). `blocks` multiplies padded blocks of rows by their group's weights instead
-(`_blocked_grouped_swiglu`, ~1.25x on both), and is what `auto` picks.
+Grouped GEMMs (`grouped_gemm`, model.grouped_gemm): `kernel` is tokamax's grouped-matmul kernel
+(kernels.grouped_matmul: Mosaic megablox on TPU, Triton on GPU; forward and backward are kernel calls at 1.00x
+the useful FLOPs), what `auto` picks on GPU/TPU. XLA lowers `ragged_dot` to a masked dense matmul over every
+group on GPU and CPU (63x the useful FLOPs for a 64-expert top-8 layer compiled for an H100), and on TPU to a
+grouped-matmul kernel whose weight gradient is a dense masked convolution (21.8x for forward and backward on
+v5p). `blocks` multiplies padded blocks of rows by their group's weights (`_blocked_grouped_swiglu`, ~1.25x),
+the measured fastest on CPU and what `auto` picks there.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
+from dsv3_jax.backend_policy import GROUP_BLOCK_ROWS, exchange_transport, normalise_backend
+from dsv3_jax.kernels import grouped_matmul
 from dsv3_jax.remat_names import EXPERT_GATE, EXPERT_UP, tag
 
 
@@ -61,21 +66,25 @@ def sort_by_expert(topk_idx_NK: jax.Array, n_experts: int) -> tuple[jax.Array, .
     return order_A, sorted_expert_A, order_A // topk_idx_NK.shape[1], counts_E, rank_A
 
 
-GROUP_BLOCK = 128  # rows per block of the `blocks` grouped GEMM (a multiple of GPU/TPU matmul tiles)
 BLOCKS_PER_STEP = 8  # blocks whose weights are gathered at once (bounds the gathered-weight temporary)
 
 
 def _grouped_swiglu(rows_RD: jax.Array, gate_EDF: jax.Array, up_EDF: jax.Array, down_EFD: jax.Array,
-                    group_sizes_E: jax.Array, grouped_gemm: str = "ragged_dot") -> jax.Array:
+                    group_sizes_E: jax.Array, grouped_gemm: str = "ragged_dot",
+                    gemm_kernel: str | None = None) -> jax.Array:
     """SwiGLU of expert-grouped rows; rows past sum(group_sizes) come out as zeros.
 
-    `grouped_gemm` says how the grouped matmuls run (backend_policy.resolve_grouped_gemm): `ragged_dot` is XLA's
-    grouped GEMM (see the module docstring for what it compiles to), `blocks` is `_blocked_grouped_swiglu`."""
+    `grouped_gemm` says how the grouped matmuls run (backend_policy.choose): `kernel` is tokamax's grouped
+    matmul with implementation `gemm_kernel`, `ragged_dot` XLA's grouped GEMM (see the module docstring for what
+    it compiles to), `blocks` is `_blocked_grouped_swiglu`."""
     if grouped_gemm == "blocks":
         return _blocked_grouped_swiglu(rows_RD, gate_EDF, up_EDF, down_EFD, group_sizes_E)
-    h_RF = (jax.nn.silu(tag(jax.lax.ragged_dot(rows_RD, gate_EDF, group_sizes_E), EXPERT_GATE))
-            * tag(jax.lax.ragged_dot(rows_RD, up_EDF, group_sizes_E), EXPERT_UP))
-    return jax.lax.ragged_dot(h_RF, down_EFD, group_sizes_E)
+    if grouped_gemm == "kernel":
+        matmul = lambda x, w: grouped_matmul(x, w, group_sizes_E, gemm_kernel or "xla")  # noqa: E731
+    else:
+        matmul = lambda x, w: jax.lax.ragged_dot(x, w, group_sizes_E)  # noqa: E731
+    h_RF = (jax.nn.silu(tag(matmul(rows_RD, gate_EDF), EXPERT_GATE)) * tag(matmul(rows_RD, up_EDF), EXPERT_UP))
+    return matmul(h_RF.astype(down_EFD.dtype), down_EFD)
 
 
 def block_layout(group_sizes_E: jax.Array, n_rows: int, block: int,
@@ -95,7 +104,7 @@ def block_layout(group_sizes_E: jax.Array, n_rows: int, block: int,
 
 
 def _blocked_grouped_swiglu(rows_RD: jax.Array, gate_EDF: jax.Array, up_EDF: jax.Array, down_EFD: jax.Array,
-                            group_sizes_E: jax.Array, block: int = GROUP_BLOCK,
+                            group_sizes_E: jax.Array, block: int = GROUP_BLOCK_ROWS,
                             blocks_per_step: int = BLOCKS_PER_STEP) -> jax.Array:
     """Grouped SwiGLU from plain matmuls: each group's rows are padded to whole blocks of `block` rows, and a
     `lax.scan` multiplies `blocks_per_step` blocks per step by their own group's weights.
@@ -233,11 +242,12 @@ def _combine(y_AD: jax.Array, order_A: jax.Array, topk_weight_NK: jax.Array) -> 
 
 
 def ragged_experts(x_ND: jax.Array, topk_idx_NK: jax.Array, topk_weight_NK: jax.Array, gate_EDF: jax.Array,
-                   up_EDF: jax.Array, down_EFD: jax.Array, grouped_gemm: str = "ragged_dot") -> jax.Array:
+                   up_EDF: jax.Array, down_EFD: jax.Array, grouped_gemm: str = "ragged_dot",
+                   gemm_kernel: str | None = None) -> jax.Array:
     """Dropless routed experts on one device: sort by expert, grouped matmuls, unsort, weighted sum -> [N, D]."""
     x_ND = x_ND.astype(gate_EDF.dtype)
     order_A, _, token_A, counts_E, _ = sort_by_expert(topk_idx_NK, gate_EDF.shape[0])
-    y_AD = _grouped_swiglu(x_ND[token_A], gate_EDF, up_EDF, down_EFD, counts_E, grouped_gemm)
+    y_AD = _grouped_swiglu(x_ND[token_A], gate_EDF, up_EDF, down_EFD, counts_E, grouped_gemm, gemm_kernel)
     return _combine(y_AD, order_A, topk_weight_NK)
 
 
@@ -284,7 +294,8 @@ def _clip_segments(counts_PL: jax.Array, capacity: int) -> jax.Array:
 
 def _ep_shard(x_nD, idx_nK, weight_nK, gate_LDF, up_LDF, down_LFD, *, n_experts: int, expert_axis: str,
               token_axes: tuple[str, ...], tensor_axis: str | None, transport: str,
-              capacity_factor: float | None, grouped_gemm: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+              capacity_factor: float | None, grouped_gemm: str,
+              gemm_kernel: str | None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One shard's dispatch -> local experts -> return -> combine; also the psum'd global counts [E] and the
     global number of assignments the exchange capacity dropped.
 
@@ -333,7 +344,7 @@ def _ep_shard(x_nD, idx_nK, weight_nK, gate_LDF, up_LDF, down_LFD, *, n_experts:
     start_PL = _exclusive_cumsum(group_sizes_L)[None, :] + _exclusive_cumsum(recv_counts_PL, axis=0)
     grouped_M = jnp.where(valid_M, start_PL[src_M, local_M] + rank_M, n_rows)
     rows_MD = jnp.zeros_like(x_MD).at[grouped_M].set(x_MD, mode="drop")
-    y_grouped_MD = _grouped_swiglu(rows_MD, gate_LDF, up_LDF, down_LFD, group_sizes_L, grouped_gemm)
+    y_grouped_MD = _grouped_swiglu(rows_MD, gate_LDF, up_LDF, down_LFD, group_sizes_L, grouped_gemm, gemm_kernel)
     if tensor_axis is not None:
         y_grouped_MD = jax.lax.psum(y_grouped_MD, tensor_axis)
     y_MD = y_grouped_MD.at[grouped_M].get(mode="fill", fill_value=0)
@@ -348,7 +359,8 @@ def ragged_experts_ep(x_ND: jax.Array, topk_idx_NK: jax.Array, topk_weight_NK: j
                       up_EDF: jax.Array, down_EFD: jax.Array, *, mesh: Mesh, expert_axis: str = "expert",
                       token_axes: Sequence[str] = ("data", "expert"), tensor_axis: str | None = None,
                       capacity_factor: float | None = None, transport: str = "auto",
-                      grouped_gemm: str = "ragged_dot") -> tuple[jax.Array, jax.Array, jax.Array]:
+                      grouped_gemm: str = "ragged_dot",
+                      gemm_kernel: str | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Expert-parallel `ragged_experts`: (out [N, D] sharded like the tokens, global expert counts [E] int32,
     global count of dropped assignments int32).
 
@@ -365,7 +377,7 @@ def ragged_experts_ep(x_ND: jax.Array, topk_idx_NK: jax.Array, topk_weight_NK: j
     """
     token_axes = tuple(token_axes)
     if transport == "auto":
-        transport = "padded" if mesh.devices.flat[0].platform == "cpu" else "ragged"
+        transport = exchange_transport(normalise_backend(mesh.devices.flat[0].platform))
     if transport not in ("ragged", "padded"):
         raise ValueError(f"transport must be 'auto', 'ragged' or 'padded', got {transport!r}")
     if tensor_axis is not None and (tensor_axis in token_axes or tensor_axis == expert_axis):
@@ -394,7 +406,7 @@ def ragged_experts_ep(x_ND: jax.Array, topk_idx_NK: jax.Array, topk_weight_NK: j
     body = jax.shard_map(
         lambda *args: _ep_shard(*args, n_experts=n_experts, expert_axis=expert_axis, token_axes=token_axes,
                                 tensor_axis=tensor_axis, transport=transport, capacity_factor=capacity_factor,
-                                grouped_gemm=grouped_gemm),
+                                grouped_gemm=grouped_gemm, gemm_kernel=gemm_kernel),
         mesh=mesh, in_specs=(tokens, tokens, tokens, in_width, in_width, out_width),
         out_specs=(tokens, P(), P()))
     return body(x_ND, topk_idx_NK, topk_weight_NK, gate_EDF, up_EDF, down_EFD)

@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from dsv3_jax.backend_policy import Implementation, MeshFacts, choose, current_backend
 from dsv3_jax.config import ConfigError, ModelConfig
 
 MESH_AXES = ("data", "expert", "tensor")
@@ -133,6 +134,13 @@ class MeshPlan:
         """(mesh axes, how many shards) of one PartitionSpec entry; ((), 1) for an unsplit dimension."""
         axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
         return axes, math.prod(self.mesh.shape[a] for a in axes)
+
+    def facts(self) -> MeshFacts:
+        """What backend_policy.choose needs to know about this mesh."""
+        expert_axes = self.rules["experts"]
+        return MeshFacts(devices=math.prod(self.mesh.shape.values()), expert=self.axis_size("experts"),
+                         tensor=self.axis_size("expert_mlp"), token_shards=self.axis_size("batch"),
+                         experts_split_tokens=bool(expert_axes) and expert_axes[0] in self.rules["batch"])
 
     def batch_sharding(self) -> NamedSharding:
         """[B, window] token batches: sequences split over data and expert, replicated over tensor."""
@@ -278,6 +286,13 @@ def use_plan(plan: MeshPlan | None) -> Iterator[None]:
 def active_plan() -> MeshPlan | None:
     """The plan `use_plan` made active, or None (single device / no mesh)."""
     return _ACTIVE.get()
+
+
+def implementation(cfg: ModelConfig, n_tokens: int | None = None) -> Implementation:
+    """backend_policy.choose for the code being traced: the backend of JAX's default device and the active
+    plan's mesh (one device without one). What every layer asks before picking a path."""
+    plan = _ACTIVE.get()
+    return choose(cfg, current_backend(), plan.facts() if plan is not None else None, n_tokens)
 
 
 def constrain(x: jax.Array, *logical_axes: str | None) -> jax.Array:

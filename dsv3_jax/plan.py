@@ -78,16 +78,16 @@ import jax.numpy as jnp
 from jax.sharding import AbstractMesh
 
 from dsv3_jax.accounting import layer_templates
-from dsv3_jax.backend_policy import resolve_moe_dispatch
+from dsv3_jax.backend_policy import (SPILL_BLOCK_ROWS, SPILL_CAPACITY_FACTOR, Implementation, choose,
+                                     current_backend)
 from dsv3_jax.config import ConfigError, ModelConfig
 from dsv3_jax.kv_cache import latent_cache_bytes_per_token
-from dsv3_jax.moe import expert_capacity, uses_ragged_exchange
+from dsv3_jax.moe import expert_capacity
 from dsv3_jax.moe_ragged import exchange_capacity
 from dsv3_jax.partitioning import (MESH_AXES, MeshPlan, check_divisibility, path_str, resolve_mesh_shape,
                                    rules_for)
 
 GIB = 1024 ** 3
-BLOCK_ROWS = 128  # RoutedExperts.blocked's default block
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,10 +178,10 @@ def estimate_memory(model_cfg: ModelConfig, train_cfg, mesh_shape: Mapping[str, 
                     fsdp: bool = False, backend: str | None = None) -> MemoryPlan:
     """Per-device bytes of one train step (`dsv3_jax.train.step`) of `model_cfg` / `train_cfg` on the mesh.
 
-    `backend` ("cpu", "gpu", "tpu"; default: this machine's) only decides what `moe_dispatch="auto"` becomes.
+    `backend` ("cpu", "gpu", "tpu"; default: this machine's) decides the `auto` choices (backend_policy.choose:
+    MoE dispatch, grouped GEMM, attention kernel, loss), as a run there would.
     """
-    model_cfg = model_cfg.replace(moe_dispatch=resolve_moe_dispatch(model_cfg.moe_dispatch, backend,
-                                                                         model_cfg.fp8))
+    backend = backend or current_backend()
     from dsv3_jax.train.optim import make_optimizer  # local: keeps `import dsv3_jax.plan` light
 
     model_cfg.validate()
@@ -217,33 +217,49 @@ def estimate_memory(model_cfg: ModelConfig, train_cfg, mesh_shape: Mapping[str, 
     micro_batch = local_batch // train_cfg.grad_accum  # activations exist for one microbatch at a time
     positions = train_cfg.seq_len + model_cfg.mtp_depth
     breakdown = activation_breakdown(model_cfg, micro_batch, positions, mesh,
-                                     sum(math.prod(shape) * t.copies for shape, t in local))
+                                     sum(math.prod(shape) * t.copies for shape, t in local), backend, fsdp)
     # under accumulation the running sum and the microbatch's own gradients coexist
     gradient_bytes = param_bytes * (2 if train_cfg.grad_accum > 1 else 1)
     return MemoryPlan(
         mesh=dict(mesh), fsdp=fsdp, n_devices=math.prod(mesh.values()), local_batch=local_batch,
-        positions=positions, moe_dispatch=model_cfg.moe_dispatch, params=param_bytes, optimizer=optimizer_bytes,
+        positions=positions, moe_dispatch=choose(model_cfg, backend, partitioner.facts()).moe_dispatch, params=param_bytes, optimizer=optimizer_bytes,
         router_biases=bias_bytes, gradients=gradient_bytes, activations=sum(breakdown.values()),
         batch_inputs=local_batch * (train_cfg.seq_len + 1 + model_cfg.mtp_depth) * 4, counters=3 * 4,
         kv_cache_bytes_per_token=kv_cache_bytes_per_token(model_cfg),
         activation_breakdown=breakdown)
 
 
-def _expert_rows(cfg: ModelConfig, tokens: int, mesh: Mapping[str, int]) -> int:
+def _capacity_rows(cfg: ModelConfig, impl: Implementation, group: int, e_local: int) -> int:
+    """Rows of `capacity` dispatch's expert buffers: E_l x C slots, plus the block-padded spill rows when
+    dropless capacity spills (backend_policy.choose, moe.RoutedExperts.capacity)."""
+    k = cfg.num_experts_per_tok
+    if impl.capacity_spill:
+        slots = e_local * expert_capacity(group, k, cfg.n_routed_experts, SPILL_CAPACITY_FACTOR)
+        return slots + group * k + e_local * (SPILL_BLOCK_ROWS - 1)
+    return e_local * expert_capacity(group, k, cfg.n_routed_experts, cfg.capacity_factor)
+
+
+def _blocked_rows(impl: Implementation, assignments: int, e_local: int) -> int:
+    """Rows of `blocked` dispatch: each expert's assignments padded to whole blocks of impl.block_rows."""
+    block = impl.block_rows
+    return -(-(assignments + e_local * (block - 1)) // block) * block
+
+
+def _expert_rows(cfg: ModelConfig, impl: Implementation, tokens: int, mesh: Mapping[str, int]) -> int:
     """Rows of the routed-expert gate/up GEMM outputs on one device (what `minimal` remat keeps of them)."""
     k = cfg.num_experts_per_tok
     e_local = cfg.n_routed_experts // mesh["expert"]
     group = tokens * mesh["expert"]
-    if cfg.moe_dispatch == "dense":
+    if impl.moe_dispatch == "dense":
         return group * e_local
-    if cfg.moe_dispatch == "capacity":
-        return e_local * expert_capacity(group, k, cfg.n_routed_experts, cfg.capacity_factor)
-    if cfg.moe_dispatch == "ragged":
+    if impl.moe_dispatch == "capacity":
+        return _capacity_rows(cfg, impl, group, e_local)
+    if impl.moe_dispatch == "ragged":
         return mesh["expert"] * exchange_capacity(tokens, k, e_local, mesh["expert"], cfg.capacity_factor)
-    return -(-(group * k + e_local * (BLOCK_ROWS - 1)) // BLOCK_ROWS) * BLOCK_ROWS
+    return _blocked_rows(impl, group * k, e_local)
 
 
-def _dispatch_bytes(cfg: ModelConfig, tokens: int, mesh: Mapping[str, int]) -> int:
+def _dispatch_bytes(cfg: ModelConfig, impl: Implementation, tokens: int, mesh: Mapping[str, int]) -> int:
     """Routed-expert buffers of one MoE block on one device (see the module docstring)."""
     a = jnp.dtype(cfg.dtype).itemsize
     d, k = cfg.hidden_size, cfg.num_experts_per_tok
@@ -251,33 +267,36 @@ def _dispatch_bytes(cfg: ModelConfig, tokens: int, mesh: Mapping[str, int]) -> i
     f_local = cfg.moe_intermediate_size // mesh["tensor"]
     group = tokens * mesh["expert"]
     assignments = tokens * k
-    if cfg.moe_dispatch == "dense":
+    if impl.moe_dispatch == "dense":
         return group * e_local * (3 * f_local * a + d * (a + 4))
-    if cfg.moe_dispatch == "capacity":
-        rows = e_local * expert_capacity(group, k, cfg.n_routed_experts, cfg.capacity_factor)
+    if impl.moe_dispatch == "capacity":
+        rows = _capacity_rows(cfg, impl, group, e_local)
         return rows * (2 * d + 3 * f_local) * a + 2 * assignments * d * a + tokens * d * 4
-    if cfg.moe_dispatch == "ragged" or (mesh["expert"] > 1 and uses_ragged_exchange(cfg.moe_dispatch, cfg.fp8)):
+    if impl.moe_dispatch == "ragged" or impl.expert_parallel:
         # moe_ragged's receive buffer: `expert` sources x exchange_capacity rows each (dropless: min(K, E_l)
         # rows per token; with a capacity_factor the bounded fair share); received, regrouped, output and
         # returned rows [M, D], gate/up/product [M, F_l]; sent and returned assignment rows [A, D]; fp32
         # combine [N, D].
         rows = mesh["expert"] * exchange_capacity(tokens, k, e_local, mesh["expert"], cfg.capacity_factor)
         return rows * (4 * d + 3 * f_local) * a + 2 * assignments * d * a + tokens * d * 4
-    n_blocks = -(-(group * k + e_local * (BLOCK_ROWS - 1)) // BLOCK_ROWS)
-    rows = n_blocks * BLOCK_ROWS
+    rows = _blocked_rows(impl, group * k, e_local)
+    n_blocks = rows // impl.block_rows
     return (rows * (2 * d + 3 * f_local) * a + 3 * n_blocks * d * f_local * a
             + 2 * assignments * d * a + tokens * d * 4)
 
 
 def activation_breakdown(model_cfg: ModelConfig, local_batch: int, positions: int,
-                         mesh_shape: Mapping[str, int] | None = None, local_param_elements: int = 0) -> dict[str, int]:
+                         mesh_shape: Mapping[str, int] | None = None, local_param_elements: int = 0,
+                         backend: str | None = None, fsdp: bool = False) -> dict[str, int]:
     """Bytes kept for the backward pass (by component) plus the largest backward transient, per device.
 
     `local_param_elements` (per-device parameter count) sizes the compute-dtype weight copies kept when
-    `dtype` differs from `param_dtype`.
+    `dtype` differs from `param_dtype`. `backend` (default: this machine's) and the mesh decide the
+    implementations (backend_policy.choose), as the layers do.
     """
     cfg = model_cfg
     mesh = normalize_mesh(mesh_shape)
+    impl = choose(cfg, backend or current_backend(), mesh_plan(mesh, fsdp).facts())
     a = jnp.dtype(cfg.dtype).itemsize
     d, t = cfg.hidden_size, mesh["tensor"]
     heads = cfg.num_attention_heads // t
@@ -299,8 +318,12 @@ def activation_breakdown(model_cfg: ModelConfig, local_batch: int, positions: in
         per_token = (2 * d + 2 * q_lora + heads * cfg.qk_head_dim + cfg.kv_cache_dim + cfg.kv_lora_rank
                      + cfg.qk_rope_head_dim + heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)
                      + heads * cfg.v_head_dim)
-        chunk = cfg.attention_chunk
-        if chunk is None or chunk >= n:  # fp32 scores and the kept probabilities, [B, H, T, S] each
+        chunk = impl.attention_chunk
+        if impl.attention in ("splash", "tokamax"):  # kernels.causal_attention: no scores leave the kernel
+            # kept: the concatenated [N, H, qk] queries and keys the kernel reads, its fp32 log-sum-exp [B, H, n]
+            add["attention"] = tokens * (per_token + 2 * heads * cfg.qk_head_dim) * a + local_batch * heads * n * 4
+            own_transient = tokens * heads * (2 * cfg.qk_head_dim + cfg.v_head_dim) * a  # dq, dk, dv
+        elif chunk is None or chunk >= n:  # fp32 scores and the kept probabilities, [B, H, T, S] each
             scores = local_batch * heads * n * n
             add["attention"] = tokens * per_token * a + scores * (4 + a)
             own_transient = 2 * scores * 4
@@ -310,7 +333,7 @@ def activation_breakdown(model_cfg: ModelConfig, local_batch: int, positions: in
         shared_width = cfg.n_shared_experts * cfg.moe_intermediate_size // t
         if moe:
             add["moe_router"] = 2 * d * tokens * a + 2 * tokens * cfg.n_routed_experts * 4
-            dispatch = _dispatch_bytes(cfg, tokens, mesh)
+            dispatch = _dispatch_bytes(cfg, impl, tokens, mesh)
             add["moe_dispatch"] = dispatch
             own_transient = max(own_transient, dispatch)
             if cfg.n_shared_experts:
@@ -329,7 +352,8 @@ def activation_breakdown(model_cfg: ModelConfig, local_batch: int, positions: in
                                                   + heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)
                                                   + heads * cfg.v_head_dim)
                 if moe:
-                    kept["moe_dispatch"] = 2 * _expert_rows(cfg, tokens, mesh) * (cfg.moe_intermediate_size // t) * a
+                    kept["moe_dispatch"] = (2 * _expert_rows(cfg, impl, tokens, mesh)
+                                            * (cfg.moe_intermediate_size // t) * a)
                     if cfg.n_shared_experts:
                         kept["shared_experts"] = 2 * tokens * shared_width * a
                 else:

@@ -67,17 +67,17 @@ def _hand_written_memory(config, target):
 
     from dsv3_jax import sharding
     from dsv3_jax.aot import target_devices
-    from dsv3_jax.backend_policy import resolve_for_backend
     from dsv3_jax.train.step import abstract_train_state, jit_train_step
 
-    model = resolve_for_backend(config.model, target.platform)
-    plan = sharding.plan_for(config.mesh.data, config.mesh.expert, config.mesh.tensor,
-                             devices=target_devices(target))
+    model = config.model
+    devices = target_devices(target)
+    plan = sharding.plan_for(config.mesh.data, config.mesh.expert, config.mesh.tensor, devices=devices)
     graphdef, abstract = abstract_train_state(model, config.train, plan)
     window = jax.ShapeDtypeStruct((config.train.batch_size, config.train.seq_len + 1 + model.mtp_depth), jnp.int32,
                                   sharding=plan.batch_sharding())
-    return jit_train_step(graphdef, model, config.train, plan, plan.shardings(abstract)).lower(
-        abstract, window).compile().memory_analysis()
+    with jax.default_device(devices[0]):  # the target's backend decides the `auto` choices
+        lowered = jit_train_step(graphdef, model, config.train, plan, plan.shardings(abstract)).lower(abstract, window)
+    return lowered.compile().memory_analysis()
 
 
 @NEEDS_CUDA

@@ -112,18 +112,6 @@ def test_blocks_with_many_groups_small_blocks_and_empty_rows():
         assert not np.any(np.asarray(got)[18:])
 
 
-def test_grouped_gemm_per_backend_is_pinned():
-    """blocks everywhere: compiled for training, ragged_dot is a dense matmul over every expert on GPU (63x the
-    useful FLOPs on an H100) and has a dense masked weight gradient on TPU (21.8x on v5p), against ~1.25x for
-    blocks on both (benchmarks/README.md, "MoE dispatch per backend")."""
-    from dsv3_jax.backend_policy import resolve_grouped_gemm, resolve_moe_dispatch
-
-    assert resolve_grouped_gemm("auto", "tpu") == resolve_grouped_gemm("auto", "gpu") == "blocks"
-    assert resolve_grouped_gemm("auto", "cpu") == "blocks"
-    assert resolve_grouped_gemm("ragged_dot", "gpu") == "ragged_dot"
-    assert resolve_moe_dispatch("auto", "gpu") == resolve_moe_dispatch("auto", "tpu") == "ragged"
-
-
 def test_ep_on_one_device_mesh():
     """The expert-parallel path degenerates correctly to a 1-device mesh (runs in this process)."""
     mesh = jax.make_mesh((1, 1, 1), ("data", "expert", "tensor"), axis_types=(AxisType.Auto,) * 3)

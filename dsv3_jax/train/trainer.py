@@ -26,7 +26,8 @@ from dsv3_jax.train.step import TrainState
 # Config sections and fields that may change when a run resumes: a checkpoint restores onto any mesh, and
 # rematerialisation, gradient accumulation, chunked attention and the grouped-GEMM kernel change how a step is
 # computed, not what it computes.
-RESUME_IGNORED = ("mesh", "model.remat", "train.grad_accum", "model.attention_chunk", "model.grouped_gemm",
+RESUME_IGNORED = ("mesh", "model.remat", "train.grad_accum", "model.attention_chunk", "model.attention_impl",
+                  "model.grouped_gemm",
                   "data.workers")
 
 
