@@ -1,19 +1,21 @@
-"""What MLA's attention core costs in memory on an accelerator target, with and without a fused kernel.
+"""What one MLA layer of DeepSeek-V3 costs in memory on an accelerator target, per attention implementation.
 
-MLA's heads attend with 192-wide queries/keys (128 nope + 64 rope) and 128-wide values. This compiles the
-training attention core (scores, softmax, weighted values; forward and backward w.r.t. q, k, v) of one
-DeepSeek-V3 layer (128 heads) for a GPU or TPU target on this host and reports the temporaries per device:
+Compiles one `dsv3_jax.mla.MLA` layer at the 671B preset's dims (128 heads, q/k 192, v 128, projections
+included), forward + backward in bf16, for a GPU or TPU target on this host (deviceless, as `compile` does),
+through the public module with each `model.attention_impl`:
 
-* `xla`: our `mla.attend_causal` unchunked: fp32 [B, H, T, S] scores and probabilities exist whole;
-* `xla chunk C`: `model.attention_chunk=C`: one checkpointed [B, H, C, S] slice at a time;
-* `jax.nn.dot_product_attention` with `implementation="cudnn"` (GPU) / default, at the real 192/128 head
-  dims and with V zero-padded to 192 (the portable route to a fused kernel): whether it compiles at all.
+* `auto`: what backend_policy.choose picks on the target (the fused kernel: splash on TPU, tokamax on GPU);
+* `xla`: `mla.attend_causal` unchunked: fp32 [B, H, T, S] scores and probabilities exist whole;
+* `chunked 512`: `model.attention_chunk=512`, one checkpointed [B, H, 512, S] slice at a time.
 
+For each it reports the temporaries per device, whether the program holds a kernel custom call, and the
+matmul FLOPs `hlo_cost` counts (kernels counted from their recorded geometry) over the layer's useful ones.
+
+    .venv-tpu/bin/python benchmarks/attention_memory.py --target v5p:2x2x1
     .venv-gpu/bin/python benchmarks/attention_memory.py --target h100:1
-    .venv-tpu/bin/python benchmarks/attention_memory.py --target v5p:1x1x1 --seq 4096
 
-Prints one JSON object: {"target", "seq", "heads", "batch", "rows": [{"case", "temporaries_gib"} or
-{"case", "error"}]}.
+Prints one JSON object: {"target", "seq", "heads", "batch", "rows": [{"case", "attention", "temporaries_gib",
+"kernel_calls", "flops_over_useful"} or {"case", "error"}]}.
 """
 
 from __future__ import annotations
@@ -28,52 +30,67 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dsv3_jax.aot import parse_target, target_devices  # noqa: E402
 
 
+
+def useful_flops(cfg, batch: int, seq: int) -> float:
+    """The layer's forward + backward matmul FLOPs: 3 x (projections + causal attention's two products)."""
+    h = cfg.num_attention_heads
+    d, ql, kl = cfg.hidden_size, cfg.q_lora_rank, cfg.kv_lora_rank
+    proj = d * ql + ql * h * cfg.qk_head_dim + d * cfg.kv_cache_dim + kl * h * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+    proj += h * cfg.v_head_dim * d
+    attention = h * (seq + 1) / 2 * (cfg.qk_head_dim + cfg.v_head_dim)  # per token, causal
+    return 3 * 2.0 * batch * seq * (proj + attention)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--target", required=True)
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=128)
     args = p.parse_args(argv)
     target = parse_target(args.target)
     devices = target_devices(target)[:1]
 
     import jax
     import jax.numpy as jnp
+    from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from dsv3_jax.mla import attend_causal
+    from dsv3_jax.backend_policy import choose
+    from dsv3_jax.config import get_preset
+    from dsv3_jax.hlo_cost import analyse
+    from dsv3_jax.mla import MLA
 
     mesh = jax.sharding.Mesh(devices, ("x",))
-    b, t, h, n, r, v = args.batch, args.seq, args.heads, 128, 64, 128
-
-    def spec(*shape):
-        return jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=NamedSharding(mesh, P()))
-
-    def temporaries(fn, *shapes) -> float:
-        compiled = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32)), argnums=tuple(range(len(shapes)))
-                                    )).lower(*shapes).compile()
-        return round(compiled.memory_analysis().temp_size_in_bytes / 2 ** 30, 3)
-
-    mla_args = (spec(b, t, h, n), spec(b, t, h, r), spec(b, t, h, n), spec(b, t, r), spec(b, t, h, v))
+    replicated = NamedSharding(mesh, P())
+    base = get_preset("deepseek-v3-671b").replace(dtype="bfloat16", param_dtype="bfloat16")
+    b, t = args.batch, args.seq
     rows = []
-    for chunk in (None, 1024, 512, 256):
-        name = "xla" if chunk is None else f"xla chunk {chunk}"
+    for case, overrides in (("auto", {}), ("xla", dict(attention_impl="xla")),
+                            ("chunked 512", dict(attention_impl="chunked", attention_chunk=512))):
+        cfg = base.replace(**overrides).validate()
+        graphdef, state = nnx.split(nnx.eval_shape(lambda c=cfg: MLA(c, nnx.Rngs(params=0))))
+        state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), state)
+        x = jax.ShapeDtypeStruct((b, t, cfg.hidden_size), jnp.bfloat16, sharding=replicated)
+
+        def loss(state, x, graphdef=graphdef):
+            positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+            return jnp.sum(nnx.merge(graphdef, state)(x, positions).astype(jnp.float32))
+
         try:
-            rows.append({"case": name, "temporaries_gib": temporaries(
-                lambda *a, c=chunk: attend_causal(*a, scale=0.07, chunk=c), *mla_args)})
+            with jax.default_device(devices[0]):  # the target's backend decides `auto` and the kernels
+                compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(state, x).compile()
         except Exception as err:  # noqa: BLE001 - not compiling is the finding
-            rows.append({"case": name, "error": str(err).splitlines()[0][:300]})
-    implementation = "cudnn" if target.platform == "gpu" else None
-    for name, v_dim in (("dot_product_attention, V 128", v), ("dot_product_attention, V padded to 192", n + r)):
-        try:
-            rows.append({"case": f"{name} ({implementation or 'default'})", "temporaries_gib": temporaries(
-                lambda q, k, val: jax.nn.dot_product_attention(q, k, val, is_causal=True,
-                                                               implementation=implementation),
-                spec(b, t, h, n + r), spec(b, t, h, n + r), spec(b, t, h, v_dim))})
-        except Exception as err:  # noqa: BLE001
-            rows.append({"case": f"{name} ({implementation or 'default'})", "error": str(err).splitlines()[0][:300]})
-    print(json.dumps({"target": args.target, "seq": t, "heads": h, "batch": b, "rows": rows}, indent=1))
+            rows.append({"case": case, "error": str(err).splitlines()[0][:300]})
+            continue
+        hlo = compiled.as_text()
+        cost = analyse(hlo)
+        flops = cost["matmul_flops"]
+        rows.append({"case": case, "attention": choose(cfg, target.platform).attention,
+                     "temporaries_gib": round(compiled.memory_analysis().temp_size_in_bytes / 2 ** 30, 3),
+                     "kernel_calls": cost["kernel_calls"].get("attention", 0),
+                     "flops_over_useful": round(flops / useful_flops(cfg, b, t), 3)})
+    print(json.dumps({"target": args.target, "seq": t, "heads": base.num_attention_heads, "batch": b,
+                      "rows": rows}, indent=1))
     return 0
 
 

@@ -30,9 +30,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dsv3_jax.aot import parse_target, target_devices  # noqa: E402
 
-# (case, moe_dispatch, grouped_gemm, capacity_factor); "auto" rows are resolved for the target.
+# (case, moe_dispatch, grouped_gemm, capacity_factor); "auto" rows are decided for the target (backend_policy).
 CASES = (
     ("auto", "auto", "auto", None),
+    ("ragged + kernel", "ragged", "kernel", None),
+    ("ragged + kernel, exchange 1.25", "ragged", "kernel", 1.25),
     ("capacity (dropless)", "capacity", "auto", None),
     ("capacity 1.25", "capacity", "auto", 1.25),
     ("blocked", "blocked", "auto", None),
@@ -60,7 +62,7 @@ def run_case(args, devices, platform: str, case: tuple) -> dict:
     from flax import nnx
 
     from dsv3_jax import sharding
-    from dsv3_jax.backend_policy import resolve_for_backend
+    from dsv3_jax.backend_policy import choose
     from dsv3_jax.config import get_preset
     from dsv3_jax.hlo_cost import analyse
     from dsv3_jax.moe import MoE
@@ -68,11 +70,10 @@ def run_case(args, devices, platform: str, case: tuple) -> dict:
 
     name, dispatch, grouped_gemm, factor = case
     dim, width, experts, top_k = (7168, 2048, 256, 8) if args.v3 else (1024, 256, 64, 8)
-    cfg = resolve_for_backend(get_preset("small").replace(
+    cfg = (get_preset("small").replace(
         hidden_size=dim, moe_intermediate_size=width, n_routed_experts=experts, num_experts_per_tok=top_k,
         n_group=8, topk_group=4 if args.v3 else 8, n_shared_experts=0, moe_dispatch=dispatch,
-        grouped_gemm=grouped_gemm, capacity_factor=factor, dtype="bfloat16", param_dtype="float32").validate(),
-        platform)
+        grouped_gemm=grouped_gemm, capacity_factor=factor, dtype="bfloat16", param_dtype="float32").validate())
     n_dev = len(devices)
     plan = sharding.plan_for(n_dev // args.expert, args.expert, 1, devices=devices)
     graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: MoE(cfg, nnx.Rngs(params=0))), nnx.Param, ...)
@@ -87,7 +88,8 @@ def run_case(args, devices, platform: str, case: tuple) -> dict:
     abstract_rest = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=plan.replicated()), rest)
     x = jax.ShapeDtypeStruct((n_tokens // 256, 256, dim), jnp.bfloat16, sharding=plan.named(plan.spec(("batch",))))
     t0 = time.perf_counter()
-    with use_plan(plan):
+    impl = choose(cfg, platform, plan.facts(), n_tokens)
+    with use_plan(plan), jax.default_device(devices[0]):  # the target decides `auto` and the kernels
         compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(abstract_params, x, abstract_rest).compile()
     compile_s = time.perf_counter() - t0
     hlo = analyse(compiled.as_text())
@@ -97,7 +99,9 @@ def run_case(args, devices, platform: str, case: tuple) -> dict:
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         flops, source = float(cost["flops"]), "xla cost analysis (loop bodies once)"
     useful = 3 * (2 * n_tokens * top_k * 3 * dim * width + 2 * n_tokens * dim * experts)
-    return {"case": name, "moe_dispatch": cfg.moe_dispatch, "grouped_gemm": cfg.grouped_gemm,
+    kernel_calls = hlo["kernel_calls"].get("gmm", 0)
+    return {"case": name, "moe_dispatch": impl.moe_dispatch, "grouped_gemm": impl.grouped_gemm,
+            "exchange": impl.exchange, "kernel_calls": kernel_calls,
             "capacity_factor": factor, "flops_source": source,
             "flops_over_useful": round(flops * n_dev / useful, 3),
             "temporaries_gib": round(compiled.memory_analysis().temp_size_in_bytes / 2 ** 30, 3),

@@ -238,7 +238,8 @@ def compile_train_step(config: Any, target: Target, dump_hlo: str | None = None)
             "model_flops_per_token": model_flops_per_token(config), "model_flops_per_step": model_flops,
             "flops_over_model": round(flops / model_flops, 3) if flops else None, "tokens_per_step": tokens,
             "xla_flops_loop_bodies_once": float(cost["flops"]) if cost and "flops" in cost else None,
-            "while_loop_trips": hlo_cost["while_loops"], "collectives": hlo_cost["collectives"]}
+            "while_loop_trips": hlo_cost["while_loops"], "collectives": hlo_cost["collectives"],
+            "kernel_calls": hlo_cost["kernel_calls"]}
 
 
 def _peak_rss_gib() -> float:

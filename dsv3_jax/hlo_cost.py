@@ -18,8 +18,8 @@ Our own kernel calls (dsv3_jax/kernels.py: splash / tokamax attention, tokamax g
 custom calls. Each runs inside a named scope written by `kernel_scope`, which records its geometry; XLA keeps
 the scope in the call's `op_name`, and the FLOPs are counted from it (`_kernel_flops`): a grouped matmul as
 2 x M x K x N (M the rows its static shape allows), attention as 2 x batch x heads x visible pairs (the causal
-half) x the head dims its matmuls contract, by which pass the call is (forward, dq, dkv or a fused backward,
-which recompute the scores).
+half) x the head dims its matmuls contract, by which pass the call is (forward, dq, dkv, or both in one call;
+each backward loop recomputes the scores).
 """
 
 from __future__ import annotations
@@ -164,8 +164,8 @@ def _tpu_ragged_dot_flops(inst: _Instruction, shapes: dict[str, str]) -> float:
     return 0.0
 
 
-def _kernel_flops(inst: _Instruction) -> float | None:
-    """FLOPs of one of our kernel calls (see the module docstring), or None when `inst` is not one."""
+def _kernel_flops(inst: _Instruction) -> tuple[str, float] | None:
+    """(kind, FLOPs) of one of our kernel calls (see the module docstring), or None when `inst` is not one."""
     if inst.opcode != "custom-call" or not any(f'custom_call_target="{t}"' in inst.rest for t in _KERNEL_TARGETS):
         return None
     scope = _KERNEL_SCOPE.search(inst.rest)
@@ -174,7 +174,7 @@ def _kernel_flops(inst: _Instruction) -> float | None:
     kind, dims = scope.group(1), [int(d) for d in scope.group(2).split("_")]
     if kind == "gmm":
         rows, depth, width = dims
-        return 2.0 * rows * depth * width
+        return kind, 2.0 * rows * depth * width
     batch, heads, pairs, qk, v = dims
     op_class = re.search(r'__type\\?":\\?"([\w.]+)', inst.rest)  # tokamax names its op class first
     if op_class is not None:
@@ -186,14 +186,15 @@ def _kernel_flops(inst: _Instruction) -> float | None:
     per_pair = {"forward": qk + v,  # scores, P V
                 "dq": 2 * qk + v,  # scores again, dP = dO V^T, dQ = dS K
                 "dkv": 2 * qk + 2 * v,  # scores again, dV = P^T dO, dP, dK = dS^T Q
-                "fused": 3 * qk + 2 * v}[role]
-    return 2.0 * batch * heads * pairs * per_pair
+                # one call with both loops of FlashAttention-2's backward, each recomputing the scores: dkv + dq
+                "fused": 4 * qk + 3 * v}[role]
+    return kind, 2.0 * batch * heads * pairs * per_pair
 
 
 def _matmul_flops(inst: _Instruction, shapes: dict[str, str]) -> float:
     kernel = _kernel_flops(inst)
     if kernel is not None:
-        return kernel
+        return kernel[1]
     if inst.opcode == "convolution":
         return _convolution_flops(inst, shapes)
     if inst.opcode == "custom-call" and inst.name.startswith("ragged-dot") and "tpu_custom_call" in inst.rest:
@@ -253,7 +254,8 @@ def _walk(computations: dict[str, _Computation], entry: str) -> Iterator[tuple[_
 
 def analyse(hlo_text: str) -> dict:
     """{"matmul_flops": per-device FLOPs with loops expanded, "while_loops": [trip counts],
-    "collectives": {op: {"count", "bytes"}} with loop bodies counted as often as they run}."""
+    "collectives": {op: {"count", "bytes"}} and "kernel_calls": {kind: count} (our kernels: attention, gmm),
+    with loop bodies counted as often as they run}."""
     computations, entry = _parse(hlo_text)
     if entry is None:
         raise ValueError("no ENTRY computation in the HLO text")
@@ -263,15 +265,19 @@ def analyse(hlo_text: str) -> dict:
     flops = 0.0
     trips = []
     collectives = {op: {"count": 0, "bytes": 0} for op in COLLECTIVES}
+    kernel_calls: dict[str, int] = {}
     for inst, times, trip in _walk(computations, entry):
         flops += times * _matmul_flops(inst, shapes)
+        kernel = _kernel_flops(inst)
+        if kernel is not None:
+            kernel_calls[kernel[0]] = kernel_calls.get(kernel[0], 0) + int(times)
         if inst.opcode == "while":
             trips.append(trip)
         op = inst.opcode.removesuffix("-start")
         if op in collectives and not inst.opcode.endswith("-done"):
             collectives[op]["count"] += int(times)
             collectives[op]["bytes"] += int(times) * _result_bytes(inst)
-    return {"matmul_flops": flops, "while_loops": trips,
+    return {"matmul_flops": flops, "while_loops": trips, "kernel_calls": kernel_calls,
             "collectives": {op: v for op, v in collectives.items() if v["count"]}}
 
 

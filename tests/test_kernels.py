@@ -189,7 +189,7 @@ def test_hlo_cost_counts_kernel_flops_from_their_scopes():
         f'%pallas_call.12 = (bf16[1024,4,192], bf16[1024,4,192], bf16[1024,4,128]) custom-call(%a), {triton}, '
         f'metadata={{op_name="jit(f)/transpose(jvp())/{scope}/tokamax:{{{tokamax}_vjp.PallasTritonFlashAttentionVjp'
         f'\\"}}"}}')
-    assert analyse(hlo)["matmul_flops"] == per_head * ((qk + v) + (3 * qk + 2 * v))
+    assert analyse(hlo)["matmul_flops"] == per_head * ((qk + v) + (4 * qk + 3 * v))
 
     gmm = kernel_scope("gmm", 2048, 512, 256)
     hlo = _module(*(f'%gmm_megablox.{i} = bf16[2048,256] custom-call(%a), {tpu}, metadata={{op_name="{gmm}/k"}}'
@@ -197,3 +197,17 @@ def test_hlo_cost_counts_kernel_flops_from_their_scopes():
                   f'%other = bf16[2048,256] custom-call(%a), custom_call_target="AssumeGatherIndicesInBound", '
                   f'metadata={{op_name="{gmm}/k"}}')
     assert analyse(hlo)["matmul_flops"] == 3 * 2.0 * 2048 * 512 * 256
+
+
+def test_device_check_dry_run_plumbing():
+    """benchmarks/device_check.py --dry-run: its kernel comparisons and step timing run end to end on CPU."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "device_check.py"), "--dry-run"],
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["dry_run"] and [k["kernel"] for k in report["kernels"]] == ["attention:splash",
+                                                                               "grouped_matmul:xla"]
+    for row in report["kernels"]:  # bf16 inputs: the kernel and XLA agree to bf16 rounding, not bit for bit
+        assert all(v < 0.05 for k, v in row.items() if k.endswith("rel_err")), row
+    assert report["steps"][0]["tokens_per_s"] > 0 and report["steps"][0]["predicted_bytes"] > 0
