@@ -19,6 +19,7 @@ No accelerator number exists yet for this project: the README's results say so u
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -47,8 +48,6 @@ def _max_rel(got, want) -> float:
 
 def check_kernels(dry_run: bool) -> list[dict]:
     """Each kernel the policy picks here against the XLA path: output and input-gradient relative errors."""
-    import dataclasses
-
     import jax
     import jax.numpy as jnp
 
@@ -117,10 +116,10 @@ def check_steps(dry_run: bool, steps: int) -> list[dict]:
     peak = peak_tflops(device.device_kind)
     rows = []
     for preset in (("tiny",) if dry_run else ("small", "moe-1b")):
-        model = get_preset(preset).replace(dtype="bfloat16") if not dry_run else get_preset(preset)
+        model = get_preset(preset) if dry_run else get_preset(preset).replace(dtype="bfloat16")
         train = train_preset("small" if preset == "tiny" else preset)
         if dry_run:
-            train = dataclasses_replace(train, batch_size=2, seq_len=32, grad_accum=1)
+            train = dataclasses.replace(train, batch_size=2, seq_len=32, grad_accum=1)
         config = Config(model=model, train=train, data=DataConfig())
         step = trainer_step(config)
         seconds, _ = step.median_s(steps, warmup=2)
@@ -138,12 +137,6 @@ def check_steps(dry_run: bool, steps: int) -> list[dict]:
                      "peak_over_predicted": (round(stats["peak_bytes_in_use"] / predicted, 3)
                                              if stats.get("peak_bytes_in_use") else None)})
     return rows
-
-
-def dataclasses_replace(obj, **changes):
-    import dataclasses
-
-    return dataclasses.replace(obj, **changes)
 
 
 def main(argv=None) -> int:

@@ -33,8 +33,6 @@ class MeshFacts:
     """What the policy needs to know about a mesh (partitioning.MeshPlan.facts() builds it)."""
 
     devices: int = 1
-    expert: int = 1  # shards of the routed experts
-    tensor: int = 1  # shards of the experts' width
     token_shards: int = 1  # shards of the token (batch) axes
     experts_split_tokens: bool = False  # the experts' mesh axis is one of the token axes
 
@@ -60,9 +58,6 @@ class Implementation:
     @property
     def expert_parallel(self) -> bool:
         return self.exchange in ("ragged", "padded")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def normalise_backend(platform: str) -> str:
@@ -91,7 +86,7 @@ def exchange_transport(backend: str) -> str:
     return "padded" if backend == "cpu" else "ragged"
 
 
-def moe_dispatch_for(cfg: ModelConfig) -> str:
+def _moe_dispatch(cfg: ModelConfig) -> str:
     """The concrete MoE dispatch. `ragged` everywhere, decided by measurement: with its grouped GEMM it is the
     fastest dropless dispatch on CPU at 8 to 256 experts (benchmarks/README.md, "Dropless dispatch on CPU after
     the custom-VJP block scan") and the cheapest compiled program on GPU/TPU ("MoE dispatch per backend"). Under
@@ -116,11 +111,12 @@ def _grouped_gemm(cfg: ModelConfig, backend: str) -> tuple[str, str | None]:
 
 def _attention(cfg: ModelConfig, backend: str) -> tuple[str, str | None]:
     """(attention, tokamax implementation). `auto` is the fused kernel on TPU/GPU (one MLA layer of the 671B
-    preset at 4K tokens, forward + backward: 1.0 GiB of temporaries with splash on v5p, 0.13 GiB with tokamax
-    Triton on H100, against 16.4 / 36.5 GiB for XLA; benchmarks/attention_memory.py) and XLA on CPU (`chunked`
-    when model.attention_chunk is set). On TPU splash, not tokamax's Mosaic TPU kernel, whose backward does not
-    stay fused for MLA's 192/128 head dims (16.9 GiB). On GPU Triton, not Mosaic GPU: both compile to the same
-    temporaries, and Triton also runs on pre-Hopper GPUs; cuDNN refuses head dim 192."""
+    preset at 4K tokens, projections included, forward + backward in bf16: 1.46 GiB of temporaries with splash
+    on v5p and 1.15 GiB with tokamax Triton on H100, against 16.96 / 24.39 GiB for XLA;
+    benchmarks/attention_memory.py) and XLA on CPU (`chunked` when model.attention_chunk is set). On TPU splash,
+    not tokamax's Mosaic TPU kernel, whose backward does not stay fused for MLA's 192/128 head dims (16.9 GiB
+    for the attention core). On GPU Triton, not Mosaic GPU: the two cores compile to the same 0.13 GiB, and
+    Triton also runs on pre-Hopper GPUs; cuDNN refuses head dim 192."""
     choice = cfg.attention_impl
     if choice == "auto":
         choice = ("chunked" if cfg.attention_chunk else "xla") if backend == "cpu" else "flash"
@@ -138,7 +134,7 @@ def choose(cfg: ModelConfig, backend: str, mesh: MeshFacts | None = None, n_toke
     them; one sequence while generating may not); None assumes they do."""
     backend = normalise_backend(backend)
     mesh = mesh or MeshFacts()
-    dispatch = moe_dispatch_for(cfg)
+    dispatch = _moe_dispatch(cfg)
     grouped_gemm, gemm_kernel = _grouped_gemm(cfg, backend)
     # Ragged's exchange (moe_ragged.ragged_experts_ep) moves only routed rows to each expert shard; `blocked`
     # takes it too, except under FP8 (the block GEMMs of the exchange path take no dot_general), where GSPMD

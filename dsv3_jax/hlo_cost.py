@@ -192,9 +192,6 @@ def _kernel_flops(inst: _Instruction) -> tuple[str, float] | None:
 
 
 def _matmul_flops(inst: _Instruction, shapes: dict[str, str]) -> float:
-    kernel = _kernel_flops(inst)
-    if kernel is not None:
-        return kernel[1]
     if inst.opcode == "convolution":
         return _convolution_flops(inst, shapes)
     if inst.opcode == "custom-call" and inst.name.startswith("ragged-dot") and "tpu_custom_call" in inst.rest:
@@ -267,10 +264,10 @@ def analyse(hlo_text: str) -> dict:
     collectives = {op: {"count": 0, "bytes": 0} for op in COLLECTIVES}
     kernel_calls: dict[str, int] = {}
     for inst, times, trip in _walk(computations, entry):
-        flops += times * _matmul_flops(inst, shapes)
         kernel = _kernel_flops(inst)
         if kernel is not None:
             kernel_calls[kernel[0]] = kernel_calls.get(kernel[0], 0) + int(times)
+        flops += times * (kernel[1] if kernel is not None else _matmul_flops(inst, shapes))
         if inst.opcode == "while":
             trips.append(trip)
         op = inst.opcode.removesuffix("-start")

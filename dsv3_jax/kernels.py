@@ -73,7 +73,7 @@ def _tokamax_module():
 
 def _tokamax(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHV: jax.Array, scale: float, implementation: str) -> jax.Array:
     return _tokamax_module().dot_product_attention(q_BTHK, k_BSHK, v_BSHV, scale=scale, is_causal=True,
-                                         implementation=implementation)
+                                                   implementation=implementation)
 
 
 def causal_attention(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHV: jax.Array, scale: float, kernel: str,
@@ -90,8 +90,8 @@ def causal_attention(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHV: jax.Array, sc
         for dim, entry in enumerate(spec):
             if q_BTHK.shape[dim] % plan.split_of(entry)[1]:  # e.g. one sequence while generating: not split
                 spec = P(*(None if d == dim else e for d, e in enumerate(spec)))
-    local_heads = q_BTHK.shape[2] // (plan.split_of(spec[2])[1] if len(spec) > 2 else 1)
     if kernel == "splash":  # built here, outside any trace of shard_map's body (see _splash_kernel)
+        local_heads = q_BTHK.shape[2] // (plan.split_of(spec[2])[1] if len(spec) > 2 else 1)
         splash = _splash_kernel(local_heads, -(-q_BTHK.shape[1] // SPLASH_BLOCK) * SPLASH_BLOCK, interpret)
 
     def local(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHV: jax.Array) -> jax.Array:

@@ -192,7 +192,7 @@ def attend_causal(q_nope_BTHN: jax.Array, q_pe_BTHR: jax.Array, k_nope_BSHN: jax
 
 
 def attend_causal_fused(q_nope_BTHN: jax.Array, q_pe_BTHR: jax.Array, k_nope_BSHN: jax.Array, k_pe_BSR: jax.Array,
-                        v_BSHV: jax.Array, scale: float, kernel: str, implementation: str | None = None,
+                        v_BSHV: jax.Array, scale: float, kernel: str, kernel_implementation: str | None = None,
                         interpret: bool = False) -> jax.Array:
     """`attend_causal` through a fused kernel (dsv3_jax/kernels.py): each head's query is [nope, rope] and its
     key [nope, the shared rope key], 192 dims for V3 against values of 128, as the kernels take them unpadded;
@@ -201,7 +201,7 @@ def attend_causal_fused(q_nope_BTHN: jax.Array, q_pe_BTHR: jax.Array, k_nope_BSH
     q_BTHK = jnp.concatenate([q_nope_BTHN, q_pe_BTHR], axis=-1)
     k_pe_BSHR = jnp.broadcast_to(k_pe_BSR[:, :, None, :], (*k_pe_BSR.shape[:2], heads, k_pe_BSR.shape[-1]))
     k_BSHK = jnp.concatenate([k_nope_BSHN, k_pe_BSHR.astype(k_nope_BSHN.dtype)], axis=-1)
-    return causal_attention(q_BTHK, k_BSHK, v_BSHV, scale, kernel, implementation, interpret)
+    return causal_attention(q_BTHK, k_BSHK, v_BSHV, scale, kernel, kernel_implementation, interpret)
 
 
 def attend_latent(q_lat_BTHC: jax.Array, q_pe_BTHR: jax.Array, c_kv_BSC: jax.Array, k_pe_BSR: jax.Array,

@@ -138,8 +138,7 @@ class MeshPlan:
     def facts(self) -> MeshFacts:
         """What backend_policy.choose needs to know about this mesh."""
         expert_axes = self.rules["experts"]
-        return MeshFacts(devices=math.prod(self.mesh.shape.values()), expert=self.axis_size("experts"),
-                         tensor=self.axis_size("expert_mlp"), token_shards=self.axis_size("batch"),
+        return MeshFacts(devices=math.prod(self.mesh.shape.values()), token_shards=self.axis_size("batch"),
                          experts_split_tokens=bool(expert_axes) and expert_axes[0] in self.rules["batch"])
 
     def batch_sharding(self) -> NamedSharding:

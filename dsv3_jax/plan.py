@@ -26,7 +26,10 @@ N = B n local tokens, H = heads / tensor, it sums what autodiff keeps for the ba
 
 * per MLA block: layer input and its norm [N, D]; q_a and its norm [N, q_lora]; q [N, H (dn + dr)];
   kv_a [N, C + dr], normed c_kv [N, C], rotated k_pe [N, dr]; kv [N, H (dn + dv)]; scores [B, H, n, n] in
-  fp32 and probabilities [B, H, n, n] in a; attention output [N, H dv]; all in a except the scores;
+  fp32 and probabilities [B, H, n, n] in a; attention output [N, H dv]; all in a except the scores. Where
+  backend_policy.choose picks a fused kernel, no scores: the concatenated queries and keys [N, H (dn + dr)]
+  twice and the kernel's fp32 log-sum-exp [B, H, n] instead (a formula from the kernels' residuals, not yet
+  checked against a compiled step the way the XLA case is);
 * per MoE block: post-attention residual and norm [N, D]; router logits and scores [N, E] fp32; the routed
   experts' dispatch buffers for the configured dispatch, for E_l = E / expert local experts, F_l = F / tensor
   and the G = N x expert tokens of the expert-parallel group (A = N K local assignments):

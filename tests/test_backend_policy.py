@@ -7,7 +7,7 @@ from dsv3_jax.config import ConfigError, get_preset
 
 V3 = get_preset("deepseek-v3-671b")
 SMALL = get_preset("small")
-EP = MeshFacts(devices=8, expert=4, tensor=1, token_shards=8, experts_split_tokens=True)
+EP = MeshFacts(devices=8, token_shards=8, experts_split_tokens=True)
 
 
 @pytest.mark.parametrize("backend, expected", [
@@ -33,7 +33,7 @@ def test_expert_parallel_exchange_per_backend(backend, exchange):
     # tokens the token axes cannot divide (one sequence while generating) run unsplit: GSPMD shards them
     assert choose(V3, backend, EP, n_tokens=3).exchange == "gspmd"
     # experts not split over a token axis: nothing for the exchange to use
-    assert choose(V3, backend, MeshFacts(devices=8, expert=1, tensor=8, token_shards=1)).exchange == "gspmd"
+    assert choose(V3, backend, MeshFacts(devices=8, token_shards=1)).exchange == "gspmd"
 
 
 def test_explicit_choices_are_never_overridden():

@@ -88,8 +88,7 @@ def test_causal_attention_in_bfloat16(kernel, implementation, interpret):
 def _model_logits(cfg, tokens):
     model = DeepSeekV3(cfg, nnx.Rngs(params=0))
     logits, aux = jax.jit(lambda m, t: m(t))(model, tokens)
-    return np.asarray(logits), [np.asarray(x) for x in jax.tree.leaves(aux.mtp_logits)] if hasattr(
-        aux, "mtp_logits") else []
+    return np.asarray(logits), [np.asarray(x) for x in aux.mtp_logits]
 
 
 @pytest.mark.parametrize("via", ["splash", "tokamax"])
@@ -105,6 +104,7 @@ def test_model_with_fused_attention_matches_xla(via, monkeypatch):
     want, want_mtp = _model_logits(cfg.replace(attention_impl="xla"), tokens)
     got, got_mtp = _model_logits(cfg.replace(attention_impl="flash"), tokens)
     assert_close_f32(got, want, atol_ulps=64)
+    assert len(got_mtp) == len(want_mtp) == cfg.mtp_depth >= 1  # the MTP modules' attention is compared too
     for g, w in zip(got_mtp, want_mtp):
         assert_close_f32(g, w, atol_ulps=64)
 
