@@ -26,6 +26,9 @@ GROUP_BLOCK_ROWS = 128
 # past them (few once routing is balanced) in blocks of SPILL_BLOCK_ROWS rows.
 SPILL_CAPACITY_FACTOR = 1.25
 SPILL_BLOCK_ROWS = 32
+# Positions per chunk of the chunked LM-head loss: one chunk of V3's 129,280-word fp32 logits is 0.25 GiB per
+# sequence (the whole 4K sequence's: 2 GiB), and 512 rows are whole GEMM tiles on every backend.
+LOSS_CHUNK_POSITIONS = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +54,8 @@ class Implementation:
     attention_kernel: str | None  # tokamax implementation (triton | mosaic | xla); None otherwise
     attention_chunk: int | None  # query chunk of `chunked`
     interpret: bool  # kernels run through their reference / interpret path (CPU)
-    loss: str  # xla (whole fp32 logits): the one LM-head loss today
+    loss: str  # xla (whole fp32 logits) | chunked (head_loss.chunked_cross_entropy)
+    loss_chunk: int | None  # positions per chunk of `chunked`
     block_rows: int
     decode_dispatch: str  # MoE dispatch of generation's 1-2-token decode and verify steps
 
@@ -152,6 +156,7 @@ def choose(cfg: ModelConfig, backend: str, mesh: MeshFacts | None = None, n_toke
     spill = (dispatch == "capacity" and cfg.capacity_factor is None and cfg.fp8 == "none"
              and cfg.n_routed_experts > 4 * cfg.num_experts_per_tok and mesh.devices == 1)
     attention, attention_kernel = _attention(cfg, backend)
+    loss = _loss(cfg, backend)
     # Decode and verify steps see 1-2 tokens per row, where `blocked` pads every expert to a block (measured on
     # runs/small, CPU: plain / verify step 10.1 / 21.0 ms blocked, 8.5 / 15.3 ms capacity).
     decode_dispatch = "capacity" if backend == "cpu" else "ragged"
@@ -160,13 +165,18 @@ def choose(cfg: ModelConfig, backend: str, mesh: MeshFacts | None = None, n_toke
         exchange=exchange, capacity_spill=spill, attention=attention,
         attention_kernel=attention_kernel,
         attention_chunk=cfg.attention_chunk if attention == "chunked" else None,
-        interpret=backend == "cpu", loss=_loss(cfg, backend), block_rows=GROUP_BLOCK_ROWS,
+        interpret=backend == "cpu", loss=loss, loss_chunk=LOSS_CHUNK_POSITIONS if loss == "chunked" else None,
+        block_rows=GROUP_BLOCK_ROWS,
         decode_dispatch=decode_dispatch)
 
 
 def _loss(cfg: ModelConfig, backend: str) -> str:
-    """The LM head's loss: `xla` (whole fp32 logits, model.py) on every backend today. A chunked loss with its
-    own VJP, or tokamax's fused linear_softmax_cross_entropy_loss on TPU, would spare V3's 2 GiB of fp32
-    logits per 4K sequence (plus their gradient); not built yet, so this is the one place to switch it."""
-    del cfg, backend
-    return "xla"
+    """The LM head's training loss. `auto`: `chunked` on GPU/TPU, where V3's logits dominate the head's memory
+    (the main and MTP heads at 129,280 words, forward + backward, bf16: one 4K sequence per device 3.76 / 5.67
+    GiB of temporaries through XLA on H100 / v5p, 2.19 / 2.18 GiB chunked; four sequences 17.5 / 10.1 against
+    3.59 / 3.53 GiB; tokamax's fused Mosaic TPU loss 5.18 GiB either way; benchmarks/loss_memory.py), for one
+    more head GEMM (1.33x the head's FLOPs); `xla` on CPU, whose small vocabularies make the chunked scan pure
+    overhead and whose training curve stays as it was."""
+    if cfg.loss_impl != "auto":
+        return cfg.loss_impl
+    return "xla" if backend == "cpu" else "chunked"

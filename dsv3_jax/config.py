@@ -25,10 +25,13 @@ GROUPED_GEMMS = ("auto", "kernel", "ragged_dot", "blocks")
 # on GPU, their reference paths on CPU), XLA's [B, H, T, S] scores (`xla`), or XLA over query chunks of
 # `attention_chunk` positions (`chunked`). auto: flash on GPU/TPU; on CPU xla, or chunked with attention_chunk.
 ATTENTION_IMPLS = ("auto", "xla", "chunked", "flash")
+# The LM head's cross-entropy in training (dsv3_jax/head_loss.py): whole fp32 logits (`xla`) or `chunked` over
+# positions with its own backward pass, never holding more than one chunk's logits. auto: chunked on GPU/TPU.
+LOSS_IMPLS = ("auto", "xla", "chunked")
 # ModelConfig fields that say how we compute, not what the architecture is (absent from HF config.json).
 COMPUTE_FIELDS = ("dtype", "param_dtype", "moe_dispatch", "capacity_factor", "init_std", "fp8",
                   "fp8_power_of_2_scales", "fp8_accumulation_interval", "scan_layers", "remat", "attention_chunk",
-                  "grouped_gemm", "attention_impl")
+                  "grouped_gemm", "attention_impl", "loss_impl")
 # Ablation switches that change the architecture away from DeepSeek-V3 (no HF equivalent: to_hf refuses them).
 ABLATION_FIELDS = ("attention",)
 ATTENTION_KINDS = ("mla", "mha")  # mha: dsv3_jax/mha.py, the baseline of the MLA experiment
@@ -98,6 +101,7 @@ class ModelConfig:
     attention_chunk: int | None = None
     grouped_gemm: str = "auto"  # ragged dispatch's grouped GEMM: auto | kernel | ragged_dot | blocks (GROUPED_GEMMS)
     attention_impl: str = "auto"  # auto | xla | chunked | flash (ATTENTION_IMPLS)
+    loss_impl: str = "auto"  # auto | xla | chunked (LOSS_IMPLS)
 
     # ---- derived sizes -------------------------------------------------------------------------
     @property
@@ -186,7 +190,8 @@ class ModelConfig:
     def _check_compute(self) -> None:
         for name, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("moe_dispatch", MOE_DISPATCH),
                               ("attention", ATTENTION_KINDS), ("fp8", FP8_RECIPES), ("remat", REMAT_POLICIES),
-                              ("grouped_gemm", GROUPED_GEMMS), ("attention_impl", ATTENTION_IMPLS)):
+                              ("grouped_gemm", GROUPED_GEMMS), ("attention_impl", ATTENTION_IMPLS),
+                              ("loss_impl", LOSS_IMPLS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(name, f"must be one of {allowed}, got {getattr(self, name)!r}")
         if self.capacity_factor is not None and not self.capacity_factor > 0:

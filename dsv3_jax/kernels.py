@@ -59,7 +59,7 @@ def _splash(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHV: jax.Array, scale: floa
     return out_BHTV.transpose(0, 2, 1, 3)[:, :seq_len]
 
 
-def _tokamax_module():
+def tokamax_module():
     """tokamax, imported on first use. It reads absl flags and, finding them unparsed, parses sys.argv, which
     fails on any program's own arguments (pytest's, our CLI's): mark them parsed, with their defaults."""
     from absl import flags
@@ -72,7 +72,7 @@ def _tokamax_module():
 
 
 def _tokamax(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHV: jax.Array, scale: float, implementation: str) -> jax.Array:
-    return _tokamax_module().dot_product_attention(q_BTHK, k_BSHK, v_BSHV, scale=scale, is_causal=True,
+    return tokamax_module().dot_product_attention(q_BTHK, k_BSHK, v_BSHV, scale=scale, is_causal=True,
                                                    implementation=implementation)
 
 
@@ -112,7 +112,7 @@ def grouped_matmul(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Array, 
     """Rows grouped by expert times their group's weights, [M, K] x [G, K, N] -> [M, N], with tokamax's
     grouped-matmul kernel (`implementation`: mosaic | triton | xla). Rows past sum(group_sizes) come out as
     zeros (the kernel leaves them unspecified; masked here so padding rows can never carry garbage)."""
-    tokamax = _tokamax_module()
+    tokamax = tokamax_module()
     rows, depth = x_MK.shape
     with jax.named_scope(kernel_scope("gmm", rows, depth, w_GKN.shape[-1])):
         y_MN = tokamax.ragged_dot(x_MK, w_GKN, group_sizes_G.astype(jnp.int32), implementation=implementation)

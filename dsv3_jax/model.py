@@ -31,6 +31,8 @@ class Aux:
     mtp_moe: tuple[MoEAux, ...]  # one per MTP module that ran (token counts differ by depth, so not stacked)
     layer_outputs: jax.Array | None = None  # residual stream after each main layer [L, B, T, D] (return_hidden)
     final_hidden: jax.Array | None = None  # post-norm hidden state, the lm_head input (return_hidden=True)
+    # with head_inputs=True, in place of mtp_logits: depth k's lm_head input [B, T-k, D] (compute dtype)
+    mtp_head_inputs: tuple[jax.Array, ...] = ()
 
     @property
     def n_moe(self) -> int:
@@ -95,16 +97,23 @@ class DeepSeekV3(nnx.Module):
             main = [layer.mlp.gate for layer in self.layers if layer.use_moe]
         return main + [module.block.mlp.gate for module in self.mtp]
 
-    def __call__(self, input_ids_BT: jax.Array, return_hidden: bool = False) -> tuple[jax.Array, Aux]:
-        """Logits [B, T, V] (float32) for every position, and the Aux side outputs."""
+    def __call__(self, input_ids_BT: jax.Array, return_hidden: bool = False,
+                 head_inputs: bool = False) -> tuple[jax.Array, Aux]:
+        """Logits [B, T, V] (float32) for every position, and the Aux side outputs.
+
+        `head_inputs=True` stops before the lm_head: the post-norm hidden states [B, T, D] in place of the
+        logits, and each MTP depth's head input in `Aux.mtp_head_inputs` (for a loss that applies the head
+        itself, head_loss.chunked_cross_entropy)."""
         batch, seq_len = input_ids_BT.shape
         positions_BT = jnp.broadcast_to(jnp.arange(seq_len), (batch, seq_len))
         h_BTD = constrain(self.embed_tokens(input_ids_BT), *RESIDUAL_AXES)
         h_BTD, moe_aux, layer_outputs = self._main_layers(h_BTD, positions_BT, return_hidden)
         final_BTD = self.norm(h_BTD)
-        logits_BTV = constrain(self.lm_head(final_BTD).astype(jnp.float32), *LOGITS_AXES)
+        head = (lambda x: x) if head_inputs else (
+            lambda x: constrain(self.lm_head(x).astype(jnp.float32), *LOGITS_AXES))
+        main_out = head(final_BTD)
 
-        mtp_logits, mtp_aux = [], []
+        mtp_out, mtp_aux = [], []
         h_prev_BTD = final_BTD
         for depth, module in enumerate(self.mtp, start=1):
             if seq_len <= depth:
@@ -114,10 +123,12 @@ class DeepSeekV3(nnx.Module):
                 h_prev_BTD, head_in_BTD, aux = call_layer(module, self.cfg.remat, h_prev_BTD[:, :n],
                                                           self.embed_tokens(input_ids_BT[:, depth:]),
                                                           positions_BT[:, :n])
-                mtp_logits.append(constrain(self.lm_head(head_in_BTD).astype(jnp.float32), *LOGITS_AXES))
+                mtp_out.append(head(head_in_BTD))
             mtp_aux.append(aux)
-        return logits_BTV, Aux(moe=moe_aux, mtp_logits=tuple(mtp_logits), mtp_moe=tuple(mtp_aux),
-                               layer_outputs=layer_outputs, final_hidden=final_BTD if return_hidden else None)
+        return main_out, Aux(moe=moe_aux, mtp_logits=() if head_inputs else tuple(mtp_out),
+                             mtp_moe=tuple(mtp_aux), layer_outputs=layer_outputs,
+                             final_hidden=final_BTD if return_hidden else None,
+                             mtp_head_inputs=tuple(mtp_out) if head_inputs else ())
 
     def _main_layers(self, h_BTD: jax.Array, positions_BT: jax.Array,
                      keep_hidden: bool) -> tuple[jax.Array, MoEAux | None, jax.Array | None]:

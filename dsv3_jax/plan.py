@@ -45,11 +45,13 @@ N = B n local tokens, H = heads / tensor, it sums what autodiff keeps for the ba
   shared experts: gate/up/product [N, n_shared F_l] and output [N, D];
 * per dense-MLP block: gate/up/product [N, I / tensor] and output [N, D];
 * per MTP module: the two norms, the concatenation [N, 2D], eh_proj output and head norm [N, D];
-* logits: [B, n, V / tensor] fp32 twice (logits and log-softmax) for the main head and every MTP head;
+* logits: [B, n, V / tensor] fp32 twice (logits and log-softmax) for the main head and every MTP head; with
+  the `chunked` loss (GPU/TPU) only the heads' inputs [H, B, n, D] and fp32 log-sum-exps [H, B, n];
 * when `dtype` differs from `param_dtype`: the compute-dtype copy of every local weight (kept for the
   backward matmuls);
 * plus the largest transient of the backward pass: the max of the logits gradient (2 x [B, n, V/tensor]
-  fp32), one block's score/probability gradients (2 x [B, H, n, n] fp32) and one MoE block's dispatch
+  fp32; chunked: the head matrix's fp32 gradient [D, V/tensor] and one chunk's 3 x [B, 512, V/tensor]),
+  one block's score/probability gradients (2 x [B, H, n, n] fp32) and one MoE block's dispatch
   buffers (their gradients).
 
 With `model.remat=full` every layer keeps only its input [N, D] (`remat_layer_inputs`); with `minimal` also
@@ -377,8 +379,14 @@ def activation_breakdown(model_cfg: ModelConfig, local_batch: int, positions: in
         out["mtp"] += local_batch * n * 6 * d * a  # enorm, hnorm, concat (2D), eh_proj, head norm
         block(n, moe=True)
         head_tokens.append(local_batch * n)
-    out["logits"] = sum(2 * tokens * vocab_local * 4 for tokens in head_tokens) + head_tokens[0] * 2 * d * a
-    out["transient"] = max(transient, 2 * max(head_tokens) * vocab_local * 4)
+    if impl.loss == "chunked":  # head_loss: the heads' stacked inputs and fp32 log-sum-exps are kept; the
+        # backward's transient is the head matrix's fp32 gradient and one chunk's logits, softmax and gradient
+        out["logits"] = len(head_tokens) * head_tokens[0] * (d * a + 4)
+        loss_transient = d * vocab_local * 4 + 3 * local_batch * impl.loss_chunk * vocab_local * 4
+    else:
+        out["logits"] = sum(2 * tokens * vocab_local * 4 for tokens in head_tokens) + head_tokens[0] * 2 * d * a
+        loss_transient = 2 * max(head_tokens) * vocab_local * 4
+    out["transient"] = max(transient, loss_transient)
     return out
 
 

@@ -18,10 +18,10 @@ from flax import nnx, struct
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import DeepSeekV3, init_model
 from dsv3_jax.moe import RouterBias
-from dsv3_jax.partitioning import MeshFunction, MeshPlan, constrain
+from dsv3_jax.partitioning import MeshFunction, MeshPlan, constrain, implementation
 from dsv3_jax.train.balance import max_violation, update_bias
 from dsv3_jax.train.config import TrainConfig
-from dsv3_jax.train.losses import objective, split_window
+from dsv3_jax.train.losses import head_score, objective, split_window
 from dsv3_jax.train.optim import lr_schedule, make_optimizer
 
 
@@ -98,8 +98,9 @@ def _forward(graphdef: nnx.GraphDef, params: Any, biases: Any, window_BS: jax.Ar
              train_cfg: TrainConfig):
     model: DeepSeekV3 = nnx.merge(graphdef, params, biases)
     inputs_BT, _ = split_window(window_BS, train_cfg.seq_len, model_cfg.mtp_depth)
-    logits, aux = model(inputs_BT)
-    loss, parts = objective(logits, aux, window_BS, train_cfg, model_cfg.mtp_depth)
+    head_inputs, score = head_score(model.lm_head, implementation(model_cfg))
+    outputs, aux = model(inputs_BT, head_inputs=head_inputs)
+    loss, parts = objective(outputs, aux, window_BS, train_cfg, model_cfg.mtp_depth, score, head_inputs)
     return loss, (parts, aux)
 
 

@@ -24,11 +24,10 @@ from dsv3_jax.train.setup import TrainingSetup, build_training
 from dsv3_jax.train.step import TrainState
 
 # Config sections and fields that may change when a run resumes: a checkpoint restores onto any mesh, and
-# rematerialisation, gradient accumulation, chunked attention and the grouped-GEMM kernel change how a step is
-# computed, not what it computes.
+# rematerialisation, gradient accumulation, the attention and loss implementations and the grouped-GEMM kernel
+# change how a step is computed, not what it computes.
 RESUME_IGNORED = ("mesh", "model.remat", "train.grad_accum", "model.attention_chunk", "model.attention_impl",
-                  "model.grouped_gemm",
-                  "data.workers")
+                  "model.loss_impl", "model.grouped_gemm", "data.workers")
 
 
 class TrainingDiverged(RuntimeError):
