@@ -14,6 +14,7 @@ its geometry (`hlo_cost.kernel_scope`); `hlo_cost` counts the FLOPs of the kerne
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 
 import jax
@@ -35,13 +36,21 @@ def causal_pairs(seq_len: int) -> int:
 def _splash_kernel(heads: int, seq_len: int, interpret: bool):
     """A causal splash-attention kernel for [heads, seq_len, *] operands, cached. Built eagerly on the CPU even
     when first asked for while tracing: its mask tables are concrete arrays (a traced one would leak into the
-    cache), and building them on a deviceless TPU topology device fails."""
+    cache), and building them on a deviceless TPU topology device, or under its mesh, fails."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
     mask = masks.MultiHeadMask([masks.CausalMask((seq_len, seq_len))] * heads)
-    with jax.ensure_compile_time_eval(), jax.default_device(jax.devices("cpu")[0]):
-        return splash.make_splash_mha(mask, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+    def build():
+        with jax.default_device(jax.devices("cpu")[0]):
+            return splash.make_splash_mha(mask, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+    # In a thread of its own: JAX's trace, mesh and default-device contexts are per thread, so the mask tables
+    # are built eagerly on the CPU even while a step is being traced under a mesh (eager ops inside the run's
+    # mesh context would be placed on its devices, which a deviceless multi-host topology cannot run).
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(build).result()
 
 
 def _splash(q_BTHK: jax.Array, k_BSHK: jax.Array, v_BSHV: jax.Array, scale: float, kernel) -> jax.Array:
