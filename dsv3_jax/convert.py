@@ -116,11 +116,11 @@ def _hf_shapes(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     return shape
 
 
-def _expanded(name: str, kind: str, cfg: ModelConfig) -> list[str]:
+def expanded(name: str, kind: str, cfg: ModelConfig) -> list[str]:
     return [name.replace("{j}", str(j)) for j in range(cfg.n_routed_experts)] if kind == EXPERTS else [name]
 
 
-def _load_config(directory: Path) -> dict[str, Any]:
+def load_hf_config(directory: Path) -> dict[str, Any]:
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
     path = directory / "config.json"
@@ -135,7 +135,7 @@ def _load_config(directory: Path) -> dict[str, Any]:
     return hf
 
 
-def _block_size(hf: Mapping[str, Any]) -> tuple[int, int]:
+def block_size(hf: Mapping[str, Any]) -> tuple[int, int]:
     quant = hf.get("quantization_config") or {}
     block = quant.get("weight_block_size") or DEFAULT_BLOCK
     if not isinstance(block, (list, tuple)) or len(block) != 2 or not all(
@@ -145,7 +145,7 @@ def _block_size(hf: Mapping[str, Any]) -> tuple[int, int]:
     return int(block[0]), int(block[1])
 
 
-def _file_mtp_depth(hf: Mapping[str, Any]) -> int:
+def file_mtp_depth(hf: Mapping[str, Any]) -> int:
     return int(hf.get("num_nextn_predict_layers", hf.get("num_mtp_layers", 0)) or 0)
 
 
@@ -158,31 +158,31 @@ def from_hf(path: str | os.PathLike, dtype: Any = jnp.float32, *, compute_dtype:
     checkpoint without its MTP layers (or one that, like transformers' `save_pretrained`, dropped them).
     """
     directory = Path(path)
-    hf = _load_config(directory)
+    hf = load_hf_config(directory)
     dtypes = {"param_dtype": jnp.dtype(dtype).name, "dtype": jnp.dtype(compute_dtype or dtype).name}
     cfg = hf_config.from_hf(hf, **{**dtypes, **config_overrides})
-    block = _block_size(hf)
+    block = block_size(hf)
     ckpt = SafetensorsDir(directory)
     try:
         model = nnx.eval_shape(lambda: DeepSeekV3(cfg, nnx.Rngs(0)))
         slots = layer_slots(model)
-        plan = _plan_import(slots, cfg, ckpt, block)
+        plan = plan_import(slots, cfg, ckpt, block)
         _fill(plan, ckpt, cfg, block)
         _check_mtp_copies(ckpt, cfg)
-        _reject_unconsumed(ckpt, cfg, _file_mtp_depth(hf))
+        reject_unconsumed(ckpt, cfg, file_mtp_depth(hf))
     finally:
         ckpt.close()
     return cfg, model
 
 
-def _plan_import(slots: list[LayerSlot], cfg: ModelConfig, ckpt: SafetensorsDir,
+def plan_import(slots: list[LayerSlot], cfg: ModelConfig, ckpt: SafetensorsDir,
                  block) -> list[tuple[LayerSlot, str, str]]:
     """Check every tensor's presence, shape and scale from the headers before any data is read."""
     plan, missing = [], []
     for slot in slots:
         name, kind = hf_name(slot.leaf, cfg)
         shape = _hf_shapes(kind, slot.shape)
-        for tensor in _expanded(name, kind, cfg):
+        for tensor in expanded(name, kind, cfg):
             if tensor not in ckpt:
                 missing.append(tensor)
                 continue
@@ -234,7 +234,7 @@ def _load_leaf(ckpt: SafetensorsDir, shape: tuple[int, ...], out_dtype: np.dtype
     if out is None:
         out = np.empty(shape, out_dtype)
     if kind == EXPERTS:
-        for j, tensor in enumerate(_expanded(name, kind, cfg)):
+        for j, tensor in enumerate(expanded(name, kind, cfg)):
             out[j] = ckpt.read(tensor, block).T  # cast on assignment
         return out
     array = ckpt.read(name, block)
@@ -271,7 +271,7 @@ def _equal_tensors(ckpt: SafetensorsDir, a: str, b: str, chunk_bytes: int) -> bo
     return True
 
 
-def _reject_unconsumed(ckpt: SafetensorsDir, cfg: ModelConfig, file_mtp_depth: int) -> None:
+def reject_unconsumed(ckpt: SafetensorsDir, cfg: ModelConfig, file_mtp_depth: int) -> None:
     """Every tensor in the files must have been used, except ignorable buffers and deliberately dropped MTP layers."""
     first_dropped = cfg.num_hidden_layers + cfg.mtp_depth
     last_dropped = cfg.num_hidden_layers + file_mtp_depth
@@ -323,7 +323,7 @@ def _export_groups(model: DeepSeekV3, dtype: np.dtype, fp8: bool, block: tuple[i
         name, kind = hf_name(slot.leaf, cfg)
         shape = _hf_shapes(kind, slot.shape)
         layer = () if slot.index is None else (slot.index,)
-        for j, tensor in enumerate(_expanded(name, kind, cfg)):
+        for j, tensor in enumerate(expanded(name, kind, cfg)):
             groups.append(group(tensor, kind, fetch(slot.var, kind, *layer, *((j,) if kind == EXPERTS else ())),
                                 shape))
     for k in range(cfg.mtp_depth):

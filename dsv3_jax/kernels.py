@@ -25,6 +25,7 @@ from dsv3_jax.hlo_cost import kernel_scope
 from dsv3_jax.partitioning import active_plan
 
 SPLASH_BLOCK = 128  # splash's block sizes must be multiples of 128 lanes: sequences are padded to it
+GMM_ROW_TILE = 128  # tokamax's Mosaic TPU grouped matmul needs rows in whole tiles (m % 128 == 0)
 
 
 def causal_pairs(seq_len: int) -> int:
@@ -123,7 +124,11 @@ def grouped_matmul(x_MK: jax.Array, w_GKN: jax.Array, group_sizes_G: jax.Array, 
     zeros (the kernel leaves them unspecified; masked here so padding rows can never carry garbage)."""
     tokamax = tokamax_module()
     rows, depth = x_MK.shape
-    with jax.named_scope(kernel_scope("gmm", rows, depth, w_GKN.shape[-1])):
+    pad = -rows % GMM_ROW_TILE  # Mosaic's kernel takes whole row tiles; padded rows are past every group
+    if pad:
+        x_MK = jnp.pad(x_MK, ((0, pad), (0, 0)))
+    with jax.named_scope(kernel_scope("gmm", rows + pad, depth, w_GKN.shape[-1])):
         y_MN = tokamax.ragged_dot(x_MK, w_GKN, group_sizes_G.astype(jnp.int32), implementation=implementation)
+    y_MN = y_MN[:rows]
     valid_M = jnp.arange(rows) < jnp.sum(group_sizes_G)
     return jnp.where(valid_M[:, None], y_MN, 0).astype(y_MN.dtype)

@@ -147,6 +147,7 @@ class SafetensorsDir:
                 raise CheckpointError(f"tensor {absent[0]!r} is listed in {INDEX_FILE} under "
                                       f"{weight_map[absent[0]]!r} but that file does not contain it")
         self.consumed: set[str] = set()
+        self.bytes_read = 0  # tensor bytes read by read_slice (what a process reads of its own shards)
         self._handles: dict[Path, Any] = {}
 
     def __contains__(self, name: str) -> bool:
@@ -190,6 +191,39 @@ class SafetensorsDir:
         if entry.dtype in _NUMPY_NATIVE:
             return self._handle(entry.file).get_slice(name)[start:stop]
         row_bytes = ST_DTYPES[entry.dtype].itemsize * math.prod(entry.shape[1:])
+        return self._bytes(entry.file, entry.start + start * row_bytes, (stop - start) * row_bytes, entry.dtype,
+                           (stop - start, *entry.shape[1:]))
+
+    def read_slice(self, name: str, index: tuple[slice, ...], block: tuple[int, int] = DEFAULT_BLOCK) -> np.ndarray:
+        """`tensor[index]` (one slice per dimension, steps of 1) reading only the rows of the first dimension it
+        covers, FP8 dequantised (the covering band of 128-row blocks and their scales only); counts the bytes
+        read in `bytes_read`. Marks the tensor (and its scale) consumed."""
+        entry = self.entries[name]
+        self.consumed.add(name)
+        if not entry.shape:
+            self.bytes_read += entry.stop - entry.start
+            return self._raw(name, entry)
+        rows = index[0].indices(entry.shape[0])[:2]
+        rest = tuple(index[1:])
+        if entry.dtype not in FP8_DTYPES:
+            return self._rows(name, entry, *rows)[(slice(None), *rest)]
+        scale_name = name + "_scale_inv"
+        self.consumed.add(scale_name)
+        band = (rows[0] // block[0] * block[0], min(entry.shape[0], -(-rows[1] // block[0]) * block[0]))
+        q = self._rows(name, entry, *band)
+        scale = self._rows(scale_name, self.entries[scale_name], band[0] // block[0], -(-band[1] // block[0]))
+        cols = rest[0] if rest else slice(None)
+        # dequantise only the covered column blocks
+        c0, c1 = cols.indices(entry.shape[1])[:2]
+        cb = (c0 // block[1] * block[1], min(entry.shape[1], -(-c1 // block[1]) * block[1]))
+        w = dequantize_blockwise(q[:, cb[0]:cb[1]], scale[:, cb[0] // block[1]:-(-cb[1] // block[1])], block)
+        return w[rows[0] - band[0]:rows[1] - band[0], c0 - cb[0]:c1 - cb[0]]
+
+    def _rows(self, name: str, entry: _Entry, start: int, stop: int) -> np.ndarray:
+        row_bytes = ST_DTYPES[entry.dtype].itemsize * math.prod(entry.shape[1:])
+        self.bytes_read += (stop - start) * row_bytes
+        if entry.dtype in _NUMPY_NATIVE:
+            return self._handle(entry.file).get_slice(name)[start:stop]
         return self._bytes(entry.file, entry.start + start * row_bytes, (stop - start) * row_bytes, entry.dtype,
                            (stop - start, *entry.shape[1:]))
 

@@ -51,6 +51,10 @@ class TrainConfig:
     keep_checkpoints: int = 3
     log_every: int = 1
     max_consecutive_nonfinite: int = 5
+    # Where the weights came from (`train --init-from HF_DIR` sets both): the checkpoint directory and the
+    # sha256 of its index (hf_init.source_record). None: initialised from `seed`.
+    init_from: str | None = None
+    init_from_sha256: str | None = None
 
     @property
     def microbatch_size(self) -> int:
@@ -65,10 +69,13 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         check_field_types(self, "train.")  # types first: the rules below compare these values
-        for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "checkpoint_every",
+        for name in ("batch_size", "grad_accum", "seq_len", "eval_every", "checkpoint_every",
                      "keep_checkpoints", "log_every", "max_consecutive_nonfinite"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}", f"must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.steps < (0 if self.init_from else 1):  # 0 from published weights: a conversion, nothing trains
+            raise ConfigError("train.steps", f"must be an integer >= {0 if self.init_from else 1} "
+                              f"(0 only with --init-from), got {self.steps!r}")
         if self.batch_size % self.grad_accum:
             raise ConfigError("train.grad_accum", f"{self.grad_accum} microbatches do not split "
                               f"train.batch_size={self.batch_size} evenly")

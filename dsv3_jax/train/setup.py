@@ -18,7 +18,7 @@ from dsv3_jax import sharding
 from dsv3_jax.partitioning import MeshPlan
 from dsv3_jax.train.config import Config, MeshConfig
 from dsv3_jax.train.step import (TrainState, abstract_train_state, init_train_state, jit_eval_step, jit_train_step,
-                                 with_shardings)
+                                 train_state_from, with_shardings)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -41,6 +41,16 @@ class TrainingSetup:
     def init_state(self) -> TrainState:
         """A fresh state (seeded by train.seed), created directly in its shards."""
         return init_train_state(self.config.model, self.config.train, self.plan, self.shardings, self.graphdef)[1]
+
+    def state_from_hf(self, ckpt: Any) -> TrainState:
+        """A step-0 state whose parameters and router biases are a checked HF checkpoint's
+        (`hf_init.check_checkpoint`), each read straight into its shards; the optimizer state is fresh."""
+        from dsv3_jax.hf_init import load_sharded
+
+        model_cfg = self.config.model
+        params = load_sharded(ckpt, model_cfg, self.abstract.params)
+        biases = load_sharded(ckpt, model_cfg, self.abstract.biases)
+        return train_state_from(params, biases, model_cfg, self.config.train, self.plan, self.shardings)
 
     @functools.cached_property
     def train_step(self) -> sharding.MeshFunction:

@@ -94,6 +94,23 @@ def init_train_state(model_cfg: ModelConfig, train_cfg: TrainConfig, plan: MeshP
                                                        skipped_total=zero())
 
 
+def train_state_from(params: Any, biases: Any, model_cfg: ModelConfig, train_cfg: TrainConfig,
+                     plan: MeshPlan | None = None, shardings: TrainState | None = None) -> TrainState:
+    """A step-0 state around given parameters and router biases (published weights, hf_init): the optimizer
+    state fresh, created in its shardings under `plan`."""
+    _require(shardings, plan)
+    init = make_optimizer(train_cfg).init
+    if plan is None:
+        opt_state = jax.jit(init)(params)
+        zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731
+    else:
+        opt_state = jax.jit(init, out_shardings=shardings.opt_state)(params)
+        zero = lambda: jax.make_array_from_callback((), plan.replicated(),  # noqa: E731
+                                                    lambda _: np.zeros((), np.int32))
+    return TrainState(step=zero(), params=params, biases=biases, opt_state=opt_state, nonfinite_streak=zero(),
+                      skipped_total=zero())
+
+
 def _forward(graphdef: nnx.GraphDef, params: Any, biases: Any, window_BS: jax.Array, model_cfg: ModelConfig,
              train_cfg: TrainConfig):
     model: DeepSeekV3 = nnx.merge(graphdef, params, biases)
