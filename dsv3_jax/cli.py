@@ -35,12 +35,53 @@ def _build_config(args: argparse.Namespace):
     from dsv3_jax.train.presets import train_preset
 
     saved = _load_run_config(args.run_dir) if args.run_dir is not None else None
+    init_from = getattr(args, "init_from", None)
+    if init_from is not None:
+        return _init_from_config(args, saved)
     if saved is not None and args.preset is None and args.corpus is None:
         return apply_overrides(saved, args.set or [])
     preset = args.preset or "small"
     config = Config(model=get_preset(preset), train=train_preset(preset),
                     data=DataConfig(corpus=args.corpus or "shakespeare"))
     return apply_overrides(config, args.set or [])
+
+
+def _init_from_config(args: argparse.Namespace, saved):
+    """A run started from published weights: the model from HF_DIR/config.json (compute fields may be set, its
+    shape may not), training/mesh/data from the defaults and --set, the source recorded in train.init_from.
+    An existing run started from the same checkpoint resumes with its saved config."""
+    from dsv3_jax import hf_config, hf_init
+    from dsv3_jax.config import COMPUTE_FIELDS
+    from dsv3_jax.train.config import Config, DataConfig, TrainConfig, apply_overrides
+
+    if args.preset is not None:
+        raise ConfigError("--preset", "--init-from takes the model from HF_DIR/config.json; drop --preset")
+    directory = os.path.abspath(args.init_from)
+    if not os.path.isdir(directory):
+        raise ConfigError("--init-from", f"{args.init_from!r} is not a directory (an HF checkpoint directory "
+                          "holding config.json and *.safetensors)")
+    record = hf_init.source_record(directory)
+    sets = list(args.set or [])
+    for item in sets:
+        key = item.split("=", 1)[0].strip()
+        if key.startswith("model.") and key.split(".")[1] not in COMPUTE_FIELDS:
+            raise ConfigError(key, f"is part of the published model's shape ({directory}/config.json); with "
+                              f"--init-from only how it computes may be set ({', '.join(COMPUTE_FIELDS)})")
+    if saved is not None:  # resuming: the run must be the one this checkpoint started
+        if saved.train.init_from_sha256 != record["index_sha256"]:
+            source = saved.train.init_from or "a random initialisation"
+            raise ConfigError("--init-from", f"{args.run_dir} is a run started from {source}, not from "
+                              f"{directory}; use a new --run-dir")
+        return apply_overrides(saved, sets)
+    model = hf_config.from_hf(directory)
+    tokenizer = os.path.join(directory, "tokenizer.json")
+    config = Config(model=model, train=TrainConfig(init_from=record["path"], init_from_sha256=record["index_sha256"]),
+                    data=DataConfig(corpus=args.corpus or "shakespeare",
+                                    tokenizer=tokenizer if os.path.isfile(tokenizer) else None))
+    config = apply_overrides(config, sets)
+    if (config.train.init_from, config.train.init_from_sha256) != (record["path"], record["index_sha256"]):
+        raise ConfigError("train.init_from", "is recorded by --init-from; do not set it")
+    return config
 
 
 def _maybe_distributed(args: argparse.Namespace) -> None:
@@ -108,7 +149,13 @@ def cmd_train(args: argparse.Namespace) -> int:
                                      progress_bar=not args.no_progress and distributed.is_primary(),
                                      **_tokenizer_source(own_tokenizer, config))
 
-    result = train(config, args.run_dir, prepare, show_progress=not args.no_progress, profile=profile)
+    init_from = None
+    if config.train.init_from is not None and not rundir.has_checkpoints(args.run_dir):
+        from dsv3_jax.hf_init import check_checkpoint  # headers only: a bad checkpoint fails before any work
+
+        init_from = check_checkpoint(config.train.init_from, config.model)
+    result = train(config, args.run_dir, prepare, show_progress=not args.no_progress, profile=profile,
+                   init_from=init_from)
     if result.last_eval is not None:
         print(f"final validation loss {result.last_eval['val_loss']:.4f}, "
               f"MaxVio_global {result.last_eval['maxvio_global']:.3f}")
@@ -270,6 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--corpus", default=None, help="shakespeare (default), lit, stdlib, files:GLOB or tokens:DIR")
     train.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                        help="override any config field, e.g. --set train.steps=2000 --set model.n_routed_experts=32")
+    train.add_argument("--init-from", metavar="HF_DIR", default=None,
+                       help="start from a published HF checkpoint (bf16/fp32 or FP8 safetensors): the model comes "
+                            "from HF_DIR/config.json and each device reads only its own slices; with "
+                            "--set train.steps=0 the run's step-0 checkpoint is written and nothing trains")
     train.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     train.add_argument("--break-lock", action="store_true",
                        help="remove the run directory's lock left by a training process that is dead (e.g. a "

@@ -85,7 +85,7 @@ def evaluate(eval_fn, params, biases, batches, max_batches: int = 0, put=jnp.asa
 
 def train(config: Config, run_dir: str | os.PathLike, data: Any, *, show_progress: bool = True,
           is_writer: bool | None = None, stop_after: int | None = None, devices: list | None = None,
-          profile: tuple[int, int] | None = None) -> RunResult:
+          profile: tuple[int, int] | None = None, init_from: Any = None) -> RunResult:
     """Train (or resume) a run in `run_dir` on `data`: a prepared dataset from `dsv3_jax.data`, or a function
     `data(setup)` that prepares it, called once the run directory is locked and its newest checkpoint's
     settings were found to match (a refused resume costs no data preparation).
@@ -95,6 +95,8 @@ def train(config: Config, run_dir: str | os.PathLike, data: Any, *, show_progres
     metrics, config, tokenizer and plots, and every process takes part in checkpointing. `stop_after` ends the
     loop early after that many steps of this invocation (used by tests and benchmarks). `profile=(start, count)`
     writes a `jax.profiler` trace of steps start+1 .. start+count to RUN/profile (TensorBoard / XProf).
+    `init_from` (a checkpoint checked by `hf_init.check_checkpoint`) gives a new run its published weights, read
+    straight into their shardings; with `train.steps=0` only the step-0 checkpoint is written.
 
     The loop is asynchronous: step n+1 is dispatched before step n's metrics are read, so the host loads data
     and writes logs while the device computes (metrics, and the non-finite guard's streak, are read one step
@@ -130,7 +132,7 @@ def train(config: Config, run_dir: str | os.PathLike, data: Any, *, show_progres
         # ---- every check passed: from here on the run directory changes --------------------------------------
         if is_writer:
             print(sharding.describe(setup.plan), file=sys.stderr)
-        step0, state, data_state = _resume(setup, checkpointer, restored, run_dir, is_writer)
+        step0, state, data_state = _resume(setup, checkpointer, restored, run_dir, is_writer, init_from)
         if is_writer:
             rundir.atomic_write(os.path.join(run_dir, "config.json"), config.to_json())
             rundir.save_run_data(run_dir, data)
@@ -184,10 +186,15 @@ def _check_same_data(run_dir: str, data: Any) -> None:
 
 
 def _resume(setup: TrainingSetup, checkpointer: RunCheckpointer, restored: Any, run_dir: str,
-            is_writer: bool) -> tuple[int, TrainState, dict | None]:
-    """(first step, state, data-iterator state) from the restored checkpoint, or a fresh state at step 0;
-    checkpoints skipped on the way to the restored one are set aside."""
+            is_writer: bool, init_from: Any = None) -> tuple[int, TrainState, dict | None]:
+    """(first step, state, data-iterator state) from the restored checkpoint, or a step-0 state (published
+    weights when `init_from` is given, else fresh); checkpoints skipped on the way to the restored one are set
+    aside."""
     if restored is None:
+        if init_from is not None:
+            if is_writer:
+                print(f"loading the weights of {setup.config.train.init_from} into their shards", file=sys.stderr)
+            return 0, setup.state_from_hf(init_from), None
         return 0, setup.init_state(), None
     if restored.skipped:
         moved = checkpointer.set_aside([step for step, _ in restored.skipped], mover=is_writer)
@@ -238,6 +245,8 @@ def _loop(setup: TrainingSetup, checkpointer: RunCheckpointer, run_dir: str, dat
 
     stop.graceful()
     try:
+        if tc.steps == 0 and step0 == 0:  # a conversion (published weights): the state as the step-0 checkpoint
+            checkpointer.save(0, state, train_iter.get_state(), config.to_dict())
         clock.start(step0)
         for step in bar:
             profiler.before(step)
@@ -282,5 +291,5 @@ def _loop(setup: TrainingSetup, checkpointer: RunCheckpointer, run_dir: str, dat
             close()
     if signum is not None:
         raise TrainingInterrupted(signum, done, run_dir)
-    plot_path = plot_run(run_dir) if is_writer else None
+    plot_path = plot_run(run_dir) if is_writer and tc.steps > 0 else None
     return RunResult(run_dir=run_dir, final_step=end, plot_path=plot_path, last_eval=last_eval)

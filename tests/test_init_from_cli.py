@@ -1,0 +1,89 @@
+"""`train --init-from HF_DIR` end to end: a conversion (steps=0) writes the published weights as the run's step-0
+checkpoint and records their source; `eval` and `generate` read that run; fine-tuning from the checkpoint
+lowers the loss on its training text; bad arguments get one line and write nothing."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from cli_support import checkpoint_steps, metrics, run_cli, stdlib_corpus
+from dsv3_jax.config import get_preset
+from dsv3_jax.convert import from_hf, to_hf
+from dsv3_jax.model import DeepSeekV3
+
+SMALL_RUN = ["--set", "train.seq_len=32", "--set", "train.batch_size=8", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):
+    root = tmp_path_factory.mktemp("init_from")
+    model = DeepSeekV3(get_preset("tiny"), nnx.Rngs(params=0))
+    to_hf(model, root / "hf", max_shard_bytes=300_000)
+    corpus = stdlib_corpus(root / "docs", ("argparse.py", "inspect.py", "typing.py"))
+    return root, root / "hf", f"files:{corpus}/*.txt"
+
+
+def test_conversion_then_eval_and_generate(published):
+    root, hf, corpus = published
+    run = root / "converted"
+    done = run_cli(["train", "--init-from", str(hf), "--run-dir", str(run), "--corpus", corpus,
+                    "--set", "train.steps=0", *SMALL_RUN], root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert checkpoint_steps(run) == [0]
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["train"]["init_from"] == str(hf.resolve()) and len(saved["train"]["init_from_sha256"]) == 64
+    # the step-0 checkpoint holds from_hf's parameters
+    from dsv3_jax.loading import load_run
+    model = load_run(run, with_tokenizer=False).model
+    _, reference = from_hf(hf)
+    want = jax.tree.leaves(nnx.state(reference, nnx.Param))
+    got = jax.tree.leaves(nnx.state(model, nnx.Param))
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    evaluated = run_cli(["eval", "--run-dir", str(run)], root)
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    generated = run_cli(["generate", "--run-dir", str(run), "--prompt", "def ", "--max-new", "4"], root)
+    assert generated.returncode == 0, generated.stderr[-2000:]
+
+
+def test_fine_tuning_lowers_the_loss(published):
+    root, hf, corpus = published
+    run = root / "tuned"
+    done = run_cli(["train", "--init-from", str(hf), "--run-dir", str(run), "--corpus", corpus,
+                    "--set", "train.steps=10", "--set", "train.warmup_frac=0", "--set", "train.eval_every=10",
+                    *SMALL_RUN], root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    losses = [r["loss"] for r in metrics(run) if r.get("kind") == "train"]
+    assert len(losses) == 10 and losses[-1] < losses[0] - 0.1
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--preset", "tiny"], "--preset: --init-from takes the model from HF_DIR/config.json"),
+    (["--set", "model.hidden_size=64"], "model.hidden_size: is part of the published model's shape"),
+    (["--set", "train.steps=-1"], "train.steps: must be an integer >= 0"),
+])
+def test_bad_arguments_write_nothing(published, extra, message):
+    root, hf, corpus = published
+    run = root / "refused"
+    done = run_cli(["train", "--init-from", str(hf), "--run-dir", str(run), "--corpus", corpus, *SMALL_RUN,
+                    *extra], root)
+    assert done.returncode != 0 and message in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and not run.exists()
+
+
+def test_missing_directory_and_foreign_resume(published, tmp_path):
+    root, hf, corpus = published
+    done = run_cli(["train", "--init-from", str(tmp_path / "nowhere"), "--run-dir", str(tmp_path / "r"),
+                    *SMALL_RUN], root)
+    assert done.returncode != 0 and "--init-from: " in done.stderr and "is not a directory" in done.stderr
+    # a run started from random weights is not resumed as one started from the checkpoint
+    scratch = tmp_path / "scratch"
+    first = run_cli(["train", "--preset", "tiny", "--run-dir", str(scratch), "--corpus", corpus,
+                     "--set", "train.steps=1", *SMALL_RUN], root)
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = run_cli(["train", "--init-from", str(hf), "--run-dir", str(scratch), *SMALL_RUN], root)
+    assert again.returncode != 0 and "is a run started from a random initialisation" in again.stderr
