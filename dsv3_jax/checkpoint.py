@@ -32,6 +32,10 @@ class CheckpointSaveError(RuntimeError):
     """Refused to write a checkpoint (e.g. it would hold non-finite values)."""
 
 
+class CheckpointReadError(RuntimeError):
+    """A saved step's arrays cannot be read (SavedArrays); the message names the step and array."""
+
+
 class NoRestorableCheckpoint(RuntimeError):
     """Checkpoints exist but none restores; `failures` lists (step, reason) newest first."""
 
@@ -218,3 +222,40 @@ class RunCheckpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+class SavedArrays:
+    """Read slices of the arrays of one saved step without restoring the state: what a streaming export needs
+    (a whole [layers, experts, ...] variable of the 671B model is far larger than a host). Arrays are named
+    as the state's leaves (`params.moe_layers.mlp.experts.gate_proj.value`); each read fetches only the chunks
+    the slice covers, through tensorstore, with the layout orbax recorded in the step's metadata."""
+
+    def __init__(self, step_dir: str | os.PathLike):
+        import json
+
+        self.state_dir = os.path.join(os.fspath(step_dir), "state")
+        try:
+            with open(os.path.join(self.state_dir, "_METADATA")) as f:
+                meta = json.load(f)
+            self.use_ocdbt, self.use_zarr3 = bool(meta["use_ocdbt"]), bool(meta["use_zarr3"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise CheckpointReadError(f"{self.state_dir}: unreadable checkpoint metadata ({err})") from None
+        self._context = ocp.type_handlers.get_ts_context(use_ocdbt=self.use_ocdbt)
+        self._open: dict[str, Any] = {}
+
+    def read(self, name: str, index: tuple[int, ...] = ()) -> Any:
+        """Array `name` at integer `index` (leading dimensions), as a numpy array."""
+        import numpy as np
+        import tensorstore as ts
+        from etils import epath
+
+        if name not in self._open:
+            info = ocp.type_handlers.ParamInfo(name=name, parent_dir=epath.Path(self.state_dir),
+                                               use_zarr3=self.use_zarr3)
+            spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=self.use_ocdbt)
+            try:
+                self._open[name] = ts.open(spec, open=True, context=self._context).result()
+            except ValueError as err:
+                raise CheckpointReadError(f"{self.state_dir}: array {name!r} cannot be read ({err})") from None
+        return np.asarray(self._open[name][index].read().result())
+

@@ -164,6 +164,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """A run's newest checkpoint as an HF directory, streamed tensor by tensor."""
+    from dsv3_jax.export import ExportError, export_run
+
+    if args.max_shard_gb is not None and not args.max_shard_gb > 0:
+        raise ExportError(f"--max-shard-gb must be positive, got {args.max_shard_gb}")
+    shard = int(args.max_shard_gb * 2 ** 30) if args.max_shard_gb is not None else None
+    result = export_run(args.run_dir, args.out, dtype=args.dtype, fp8=args.fp8,
+                        **({"max_shard_bytes": shard} if shard is not None else {}))
+    print(f"exported step {result.step} of {args.run_dir} to {result.directory}: {result.files} file(s), "
+          f"{result.bytes / 1e9:.2f} GB in {result.seconds:.1f} s ({result.bytes / 1e9 / max(result.seconds, 1e-9):.2f} GB/s)")
+    return 0
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     """Encode a corpus into the window cache that `train` with the same settings reads (or report the cached
     one); one summary line, or one JSON object with --json."""
@@ -331,6 +345,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cluster_flags(train)
     train.set_defaults(func=cmd_train)
 
+    export = sub.add_parser("export", help="a run's newest checkpoint as an HF safetensors directory")
+    export.add_argument("--run-dir", required=True, help="the run to export")
+    export.add_argument("--out", required=True, help="the HF directory to create (new, or empty)")
+    export.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), default="bfloat16",
+                        help="dtype of the exported tensors (router biases stay float32)")
+    export.add_argument("--fp8", action="store_true",
+                        help="FP8 128x128 block-quantise the tensors the official checkpoint quantises")
+    export.add_argument("--max-shard-gb", type=float, default=None, help="largest safetensors file (default 5 GiB)")
+    export.set_defaults(func=cmd_export)
+
     prep = sub.add_parser("prepare", help="tokenize a corpus into the window shards train reads (parallel, "
                           "resumable; train does it implicitly)")
     prep.add_argument("--preset", choices=sorted(PRESETS), default=None,
@@ -391,7 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command. Expected failures (bad configuration, arguments, data, checkpoints, run directories)
     print one `error: ...` line and exit 2; a signal stops training cleanly with 128 + its number. Anything
     else is a bug and keeps its traceback (DSV3_DEBUG=1 shows tracebacks for the expected ones too)."""
-    from dsv3_jax.checkpoint import CheckpointSaveError, NoRestorableCheckpoint
+    from dsv3_jax.checkpoint import CheckpointReadError, CheckpointSaveError, NoRestorableCheckpoint
     from dsv3_jax.data import DownloadError
     from dsv3_jax.distributed import DistributedError
     from dsv3_jax.train.interrupt import TrainingInterrupted
@@ -414,8 +438,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: invalid configuration: {err}", file=sys.stderr)
         return 2
-    except (TrainingDiverged, NoRestorableCheckpoint, CheckpointSaveError, DownloadError, DistributedError,
-            ValueError, OSError) as err:
+    except (TrainingDiverged, NoRestorableCheckpoint, CheckpointSaveError, CheckpointReadError, DownloadError,
+            DistributedError, ValueError, OSError) as err:
         # Bad data, checkpoints, run directories or arguments: one clear line.
         if os.environ.get("DSV3_DEBUG"):
             raise

@@ -297,9 +297,15 @@ class _Group:
         return sum(ST_DTYPES[d].itemsize * math.prod(s) for _, d, s in self.specs)
 
 
-def _export_groups(model: DeepSeekV3, dtype: np.dtype, fp8: bool, block: tuple[int, int]) -> list[_Group]:
+# (a variable's dotted path, an index into it: a layer of a stack, an expert) -> that slice as a host array
+VariableReader = Callable[[str, tuple[int, ...]], np.ndarray]
+
+
+def _export_groups(model: DeepSeekV3, dtype: np.dtype, fp8: bool, block: tuple[int, int],
+                   read: VariableReader | None = None) -> list[_Group]:
     cfg = model.cfg
     by_name = dict(leaves(model))
+    path_of = {id(var): name for name, var in by_name.items()}
 
     def group(name: str, kind: str, fetch: Callable[[], np.ndarray], shape: tuple[int, ...]) -> _Group:
         if fp8 and kind in (FP8, EXPERTS):
@@ -313,8 +319,11 @@ def _export_groups(model: DeepSeekV3, dtype: np.dtype, fp8: bool, block: tuple[i
     def fetch(var: nnx.Variable, kind: str, *index: int) -> Callable[[], np.ndarray]:
         """Reads only the slice asked for (a layer of a stack, an expert), never a whole stacked variable."""
         def get() -> np.ndarray:
-            value = var.get_value()[index] if index else var.get_value()
-            array = np.asarray(jax.device_get(value))
+            if read is not None:
+                array = read(path_of[id(var)], index)
+            else:
+                value = var.get_value()[index] if index else var.get_value()
+                array = np.asarray(jax.device_get(value))
             return array.T if kind in (DENSE, FP8, EXPERTS) else array
         return get
 
@@ -345,13 +354,15 @@ def _sort_key(name: str) -> tuple:
 
 
 def to_hf(model: DeepSeekV3, path: str | os.PathLike, dtype: str = "bfloat16", fp8: bool = False,
-          max_shard_bytes: int | None = None, block: tuple[int, int] = DEFAULT_BLOCK, overwrite: bool = False) -> Path:
+          max_shard_bytes: int | None = None, block: tuple[int, int] = DEFAULT_BLOCK, overwrite: bool = False,
+          read: VariableReader | None = None) -> Path:
     """Write `config.json` and HF-named safetensors (optionally FP8 block-quantised and sharded with an index).
 
     Every tensor is produced and written one at a time. MTP module k goes to `model.layers.{L+k}` with copies of
     the embedding and head. FP8 quantises exactly the tensors the official checkpoint quantises
     (docs/semantics.md §7).
-    `overwrite` first deletes existing `*.safetensors` and the index in `path`.
+    `overwrite` first deletes existing `*.safetensors` and the index in `path`. With `read`, the values come
+    from it, slice by slice (a run's checkpoint: `export.export_run`), and `model` may be abstract.
     """
     if sys.byteorder != "little":
         raise NotImplementedError("safetensors export needs a little-endian host")
@@ -376,7 +387,7 @@ def to_hf(model: DeepSeekV3, path: str | os.PathLike, dtype: str = "bfloat16", f
                                      "weight_block_size": list(block)}
     (directory / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
 
-    groups = _export_groups(model, out_dtype, fp8, tuple(block))
+    groups = _export_groups(model, out_dtype, fp8, tuple(block), read)
     shards: list[list[_Group]] = [[]]
     size = 0
     for g in groups:

@@ -87,3 +87,56 @@ def test_missing_directory_and_foreign_resume(published, tmp_path):
     assert first.returncode == 0, first.stderr[-2000:]
     again = run_cli(["train", "--init-from", str(hf), "--run-dir", str(scratch), *SMALL_RUN], root)
     assert again.returncode != 0 and "is a run started from a random initialisation" in again.stderr
+
+
+def _same_tensors(a_dir, b_dir, exact: bool = True):
+    from dsv3_jax.safetensors_io import SafetensorsDir
+    a, b = SafetensorsDir(a_dir), SafetensorsDir(b_dir)
+    assert set(a.entries) == set(b.entries), sorted(set(a.entries) ^ set(b.entries))[:5]
+    for name in a.entries:
+        if exact:
+            assert a.entries[name].dtype == b.entries[name].dtype, name
+            np.testing.assert_array_equal(a.read(name).view(np.uint8), b.read(name).view(np.uint8), err_msg=name)
+        else:
+            np.testing.assert_array_equal(a.read(name), b.read(name), err_msg=name)
+
+
+def test_round_trip_is_bitwise_and_the_export_loads(published):
+    """HF (bf16) -> --init-from with steps=0 -> export: every tensor bitwise the input's; the export is an HF
+    directory `generate --hf` reads; an FP8 export of the same run dequantises to what an FP8 to_hf writes."""
+    root, hf, corpus = published
+    run = root / "round_trip"
+    done = run_cli(["train", "--init-from", str(hf), "--run-dir", str(run), "--corpus", corpus,
+                    "--set", "train.steps=0", *SMALL_RUN], root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = root / "exported"
+    exported = run_cli(["export", "--run-dir", str(run), "--out", str(out), "--max-shard-gb", "0.0001"], root)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    assert "exported step 0" in exported.stdout
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 1 and (out / "tokenizer.json").is_file()
+    _same_tensors(hf, out)
+    generated = run_cli(["generate", "--hf", str(out), "--prompt", "def ", "--max-new", "4"], root)
+    assert generated.returncode == 0, generated.stderr[-2000:]
+    fp8_out = root / "exported_fp8"
+    assert run_cli(["export", "--run-dir", str(run), "--out", str(fp8_out), "--fp8"], root).returncode == 0
+    reference = root / "reference_fp8"
+    _, model = from_hf(hf)
+    to_hf(model, reference, fp8=True)
+    _same_tensors(reference, fp8_out, exact=False)
+
+
+def test_export_refusals_write_nothing(published, tmp_path):
+    root, hf, corpus = published
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "mine.txt").write_text("keep me")
+    refused = run_cli(["export", "--run-dir", str(tmp_path / "no_run"), "--out", str(tmp_path / "o")], root)
+    assert refused.returncode == 2 and "error:" in refused.stderr and "Traceback" not in refused.stderr
+    assert not (tmp_path / "o").exists()
+    run = root / "converted"  # from test_conversion_then_eval_and_generate, or made here
+    if not run.exists():
+        assert run_cli(["train", "--init-from", str(hf), "--run-dir", str(run), "--corpus", corpus,
+                        "--set", "train.steps=0", *SMALL_RUN], root).returncode == 0
+    refused = run_cli(["export", "--run-dir", str(run), "--out", str(occupied)], root)
+    assert refused.returncode == 2 and "is not an empty directory" in refused.stderr
+    assert [p.name for p in occupied.iterdir()] == ["mine.txt"]
