@@ -301,14 +301,14 @@ class _Group:
 VariableReader = Callable[[str, tuple[int, ...]], np.ndarray]
 
 
-def _export_groups(model: DeepSeekV3, dtype: np.dtype, fp8: bool, block: tuple[int, int],
+def _export_groups(model: DeepSeekV3, dtype: np.dtype, fp8: bool | Callable[[str], bool], block: tuple[int, int],
                    read: VariableReader | None = None) -> list[_Group]:
     cfg = model.cfg
     by_name = dict(leaves(model))
     path_of = {id(var): name for name, var in by_name.items()}
 
     def group(name: str, kind: str, fetch: Callable[[], np.ndarray], shape: tuple[int, ...]) -> _Group:
-        if fp8 and kind in (FP8, EXPERTS):
+        if kind in (FP8, EXPERTS) and (fp8(name) if callable(fp8) else fp8):
             def produce() -> list[np.ndarray]:
                 return list(quantize_blockwise(fetch(), block))
             return _Group([(name, "F8_E4M3", shape), (name + "_scale_inv", "F32", scale_shape(shape, block))],
@@ -353,16 +353,17 @@ def _sort_key(name: str) -> tuple:
     return (1, layer, name) if layer >= 0 else (2, 0, name)
 
 
-def to_hf(model: DeepSeekV3, path: str | os.PathLike, dtype: str = "bfloat16", fp8: bool = False,
-          max_shard_bytes: int | None = None, block: tuple[int, int] = DEFAULT_BLOCK, overwrite: bool = False,
-          read: VariableReader | None = None) -> Path:
+def to_hf(model: DeepSeekV3, path: str | os.PathLike, dtype: str = "bfloat16",
+          fp8: bool | Callable[[str], bool] = False, max_shard_bytes: int | None = None,
+          block: tuple[int, int] = DEFAULT_BLOCK, overwrite: bool = False, read: VariableReader | None = None) -> Path:
     """Write `config.json` and HF-named safetensors (optionally FP8 block-quantised and sharded with an index).
 
     Every tensor is produced and written one at a time. MTP module k goes to `model.layers.{L+k}` with copies of
     the embedding and head. FP8 quantises exactly the tensors the official checkpoint quantises
     (docs/semantics.md §7).
     `overwrite` first deletes existing `*.safetensors` and the index in `path`. With `read`, the values come
-    from it, slice by slice (a run's checkpoint: `export.export_run`), and `model` may be abstract.
+    from it, slice by slice (a run's checkpoint: `export.export_run`), and `model` may be abstract. `fp8` may
+    be a predicate on HF tensor names (quantise only those of the FP8-able ones it accepts).
     """
     if sys.byteorder != "little":
         raise NotImplementedError("safetensors export needs a little-endian host")

@@ -195,37 +195,36 @@ class SafetensorsDir:
                            (stop - start, *entry.shape[1:]))
 
     def read_slice(self, name: str, index: tuple[slice, ...], block: tuple[int, int] = DEFAULT_BLOCK) -> np.ndarray:
-        """`tensor[index]` (one slice per dimension, steps of 1) reading only the rows of the first dimension it
-        covers, FP8 dequantised (the covering band of 128-row blocks and their scales only); counts the bytes
-        read in `bytes_read`. Marks the tensor (and its scale) consumed."""
+        """`tensor[index]` (one slice per leading dimension, steps of 1), reading only the bytes the slice covers
+        (each row's column range, through a memory map dropped right after), FP8 dequantised from the covering
+        128x128 blocks and their scales; counts the bytes read in `bytes_read`. Marks the tensor (and its
+        scale) consumed."""
         entry = self.entries[name]
         self.consumed.add(name)
-        if not entry.shape:
-            self.bytes_read += entry.stop - entry.start
-            return self._raw(name, entry)
-        rows = index[0].indices(entry.shape[0])[:2]
-        rest = tuple(index[1:])
+        bounds = [s.indices(n)[:2] for s, n in zip(tuple(index) + (slice(None),) * len(entry.shape), entry.shape)]
         if entry.dtype not in FP8_DTYPES:
-            return self._rows(name, entry, *rows)[(slice(None), *rest)]
+            return self._mapped(entry, bounds)
         scale_name = name + "_scale_inv"
         self.consumed.add(scale_name)
-        band = (rows[0] // block[0] * block[0], min(entry.shape[0], -(-rows[1] // block[0]) * block[0]))
-        q = self._rows(name, entry, *band)
-        scale = self._rows(scale_name, self.entries[scale_name], band[0] // block[0], -(-band[1] // block[0]))
-        cols = rest[0] if rest else slice(None)
-        # dequantise only the covered column blocks
-        c0, c1 = cols.indices(entry.shape[1])[:2]
-        cb = (c0 // block[1] * block[1], min(entry.shape[1], -(-c1 // block[1]) * block[1]))
-        w = dequantize_blockwise(q[:, cb[0]:cb[1]], scale[:, cb[0] // block[1]:-(-cb[1] // block[1])], block)
-        return w[rows[0] - band[0]:rows[1] - band[0], c0 - cb[0]:c1 - cb[0]]
+        (r0, r1), (c0, c1) = bounds
+        rows = (r0 // block[0] * block[0], min(entry.shape[0], -(-r1 // block[0]) * block[0]))
+        cols = (c0 // block[1] * block[1], min(entry.shape[1], -(-c1 // block[1]) * block[1]))
+        q = self._mapped(entry, [rows, cols])
+        scale = self._mapped(self.entries[scale_name], [(rows[0] // block[0], -(-rows[1] // block[0])),
+                                                        (cols[0] // block[1], -(-cols[1] // block[1]))])
+        w = dequantize_blockwise(q, scale, block)
+        return w[r0 - rows[0]:r1 - rows[0], c0 - cols[0]:c1 - cols[0]]
 
-    def _rows(self, name: str, entry: _Entry, start: int, stop: int) -> np.ndarray:
-        row_bytes = ST_DTYPES[entry.dtype].itemsize * math.prod(entry.shape[1:])
-        self.bytes_read += (stop - start) * row_bytes
-        if entry.dtype in _NUMPY_NATIVE:
-            return self._handle(entry.file).get_slice(name)[start:stop]
-        return self._bytes(entry.file, entry.start + start * row_bytes, (stop - start) * row_bytes, entry.dtype,
-                           (stop - start, *entry.shape[1:]))
+    def _mapped(self, entry: _Entry, bounds: list[tuple[int, int]]) -> np.ndarray:
+        """A copy of entry[bounds] read through a memory map of the file (unmapped again on return)."""
+        view = np.memmap(entry.file, dtype=ST_DTYPES[entry.dtype], mode="r", offset=entry.start,
+                         shape=entry.shape)
+        try:
+            out = np.array(view[tuple(slice(a, b) for a, b in bounds)])
+        finally:
+            del view
+        self.bytes_read += out.nbytes
+        return out
 
     def _raw(self, name: str, entry: _Entry) -> np.ndarray:
         if entry.dtype in _NUMPY_NATIVE:

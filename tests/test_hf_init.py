@@ -125,3 +125,34 @@ def test_mesh_loads_each_shard(tmp_path):
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["params_equal"] and report["logits_equal"], report
     assert report["sharded_leaves"] > 0
+
+
+def test_two_processes_each_read_their_own_slices(tmp_path):
+    """2 processes x 4 devices, data=2 x expert=4 with fsdp: each process's shards equal from_hf's slices and
+    each reads well under the whole checkpoint (the data-split half of every fsdp-split tensor)."""
+    import socket
+
+    directory = _hf_checkpoint(tmp_path / "hf", dtype="float32")
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "_hf_init_two_process.py"), str(port), str(i),
+                               str(directory)], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(2)]
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=600))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    reports = []
+    for proc, (out, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err[-3000:]
+        reports.append(json.loads(out.strip().splitlines()[-1]))
+    for report in reports:
+        assert report["shards_equal"], report
+        assert 0 < report["bytes_read"] < 0.75 * report["total"], report
