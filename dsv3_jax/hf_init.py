@@ -2,9 +2,10 @@
 
 `check_checkpoint` validates a checkpoint directory against a model config from its headers alone (every
 tensor present with its shape and dtype, FP8 scales well shaped, nothing left over), before any tensor is read.
-`load_sharded` then creates every parameter and router bias with `jax.make_array_from_callback` in the
-sharding the run's plan gives it: each process is asked only for the slices its own devices hold and reads
-only the rows of the HF tensors those slices cover (FP8 128x128 blocks dequantised band by band). Stacked
+`load_sharded` then creates every parameter and router bias in the sharding the run's plan gives it: each
+process reads only the slices its own devices hold, and of the HF tensors only the bytes those slices cover
+(FP8 128x128 blocks dequantised from the covering blocks), moving each slice to its device before reading the
+next, so the host holds one shard at a time. Stacked
 (scanned) layers, per-expert tensors and MTP modules map through the same name table as `convert.from_hf`, so
 the result is the model `from_hf` builds, placed on the mesh without ever existing whole on one host.
 """
@@ -91,18 +92,21 @@ def load_sharded(ckpt: SafetensorsDir, cfg: ModelConfig, abstract: Any) -> Any:
 
 
 def _make_array(leaf: jax.ShapeDtypeStruct, read: Callable[[tuple[slice, ...]], np.ndarray]) -> jax.Array:
-    """One global array from per-shard reads; replicas of one shard are read once."""
+    """One global array from per-shard reads, moved to each device as soon as it is read, so the host holds one
+    shard at a time (replicas of a shard are read once: devices are visited grouped by the slice they hold)."""
     dtype = np.dtype(leaf.dtype)
-    done: dict[tuple, np.ndarray] = {}
-
-    def callback(index: tuple[slice, ...]) -> np.ndarray:
-        index = tuple(index) + (slice(None),) * (len(leaf.shape) - len(index))
-        key = tuple(s.indices(n)[:2] for s, n in zip(index, leaf.shape))
-        if key not in done:
-            done[key] = np.asarray(read(index), dtype=dtype)
-        return done[key]
-
-    return jax.make_array_from_callback(leaf.shape, leaf.sharding, callback)
+    indices = leaf.sharding.addressable_devices_indices_map(leaf.shape)
+    keyed = [(tuple(s.indices(n)[:2] for s, n in zip(index, leaf.shape)), device, index)
+             for device, index in indices.items()]
+    keyed.sort(key=lambda item: (item[0], item[1].id))
+    shards, last_key, host = [], None, None
+    for key, device, index in keyed:
+        if key != last_key:
+            host = np.asarray(read(tuple(index) + (slice(None),) * (len(leaf.shape) - len(index))), dtype=dtype)
+            last_key = key
+        shards.append(jax.device_put(host, device))
+    del host
+    return jax.make_array_from_single_device_arrays(leaf.shape, leaf.sharding, shards)
 
 
 def _reader(ckpt: SafetensorsDir, cfg: ModelConfig, leaf: str) -> Callable[[tuple[slice, ...]], np.ndarray]:
