@@ -50,7 +50,7 @@ N = B n local tokens, H = heads / tensor, it sums what autodiff keeps for the ba
 * when `dtype` differs from `param_dtype`: the compute-dtype copy of every local weight (kept for the
   backward matmuls);
 * plus the largest transient of the backward pass: the max of the logits gradient (2 x [B, n, V/tensor]
-  fp32; chunked: the head matrix's fp32 gradient [D, V/tensor] and one chunk's 3 x [B, 512, V/tensor]),
+  fp32; chunked: one chunk's 3 x [B, 512, V/tensor]),
   one block's score/probability gradients (2 x [B, H, n, n] fp32) and one MoE block's dispatch
   buffers (their gradients).
 
@@ -380,9 +380,10 @@ def activation_breakdown(model_cfg: ModelConfig, local_batch: int, positions: in
         block(n, moe=True)
         head_tokens.append(local_batch * n)
     if impl.loss == "chunked":  # head_loss: the heads' stacked inputs and fp32 log-sum-exps are kept; the
-        # backward's transient is the head matrix's fp32 gradient and one chunk's logits, softmax and gradient
+        # backward's transient is one chunk's logits, softmax and gradient (the head's fp32 gradient is the
+        # step's gradient buffer: benchmarks/loss_memory.py compiles to less than its size in temporaries)
         out["logits"] = len(head_tokens) * head_tokens[0] * (d * a + 4)
-        loss_transient = d * vocab_local * 4 + 3 * local_batch * impl.loss_chunk * vocab_local * 4
+        loss_transient = 3 * local_batch * impl.loss_chunk * vocab_local * 4
     else:
         out["logits"] = sum(2 * tokens * vocab_local * 4 for tokens in head_tokens) + head_tokens[0] * 2 * d * a
         loss_transient = 2 * max(head_tokens) * vocab_local * 4
