@@ -140,3 +140,24 @@ def test_export_refusals_write_nothing(published, tmp_path):
     refused = run_cli(["export", "--run-dir", str(run), "--out", str(occupied)], root)
     assert refused.returncode == 2 and "is not an empty directory" in refused.stderr
     assert [p.name for p in occupied.iterdir()] == ["mine.txt"]
+
+
+@pytest.mark.parametrize("damage, message", [("truncated", "truncated"), ("dtype", "unsupported dtype")])
+def test_damaged_checkpoint_is_one_line_and_nothing_is_written(published, tmp_path, damage, message):
+    root, hf, corpus = published
+    broken = tmp_path / "hf"
+    import shutil
+    shutil.copytree(hf, broken)
+    shard = sorted(broken.glob("model-*.safetensors"))[-1]
+    data = bytearray(shard.read_bytes())
+    if damage == "truncated":
+        data = data[:-100]
+    else:  # one tensor's dtype renamed in the header, offsets unchanged
+        at = data.find(b'"BF16"')
+        data[at:at + 6] = b'"I16 "'
+    shard.write_bytes(bytes(data))
+    run = tmp_path / "run"
+    done = run_cli(["train", "--init-from", str(broken), "--run-dir", str(run), "--corpus", corpus, *SMALL_RUN],
+                   root)
+    assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and not run.exists()
