@@ -1,7 +1,7 @@
 """Published weights onto a mesh and back, at a size that matters: time, GB/s and peak host memory.
 
 Writes a synthetic HF checkpoint of DeepSeek-V2-Lite's dims cut in depth (`--layers`, default 5: one dense
-and four MoE layers, no MTP; ~4.3 GB in 5 GB shards, bf16 with the routed experts of every other MoE layer
+and four MoE layers, no MTP; ~4.6 GB in 1 GiB shards, bf16 with the routed experts of every other MoE layer
 FP8 128x128 block-quantised), with a word-level tokenizer.json of its vocabulary. Then, each phase in a fresh
 process so that its peak RSS is its own, on 8 fake CPU devices with `mesh.fsdp=true` and `mesh.expert=4`:
 
@@ -80,7 +80,7 @@ def phase_write(workdir: Path, layers: int) -> dict:
     hf = workdir / "hf"
     shutil.rmtree(hf, ignore_errors=True)
     t0 = time.perf_counter()
-    to_hf(model, hf, dtype="bfloat16", fp8=fp8, max_shard_bytes=5 * 2 ** 30, read=read)
+    to_hf(model, hf, dtype="bfloat16", fp8=fp8, max_shard_bytes=2 ** 30, read=read)
     words = {"<|endoftext|>": 0, **{f"w{i}": i for i in range(1, cfg.vocab_size)}}
     Tokenizer(models.WordLevel(words, unk_token="<|endoftext|>")).save(str(hf / "tokenizer.json"))
     tokens = workdir / "tokens"

@@ -126,13 +126,22 @@ class RunCheckpointer:
 
     def save(self, step: int, state: Any, data_state: dict, config: dict) -> None:
         """Start an (async) save; the previous async save is awaited first by orbax."""
+        self._save(step, state, {"data_state": data_state, "config": config, "step": int(step)})
+
+    def save_weights(self, step: int, params: Any, biases: Any, data_state: dict, config: dict) -> None:
+        """A checkpoint of the weights alone (a conversion from published weights: the optimizer state would be
+        fresh, so it is neither built nor written); restoring it for training starts a fresh optimizer
+        (`restore_latest`'s `from_weights`)."""
+        self._save(step, {"params": params, "biases": biases},
+                   {"data_state": data_state, "config": config, "step": int(step), "weights_only": True})
+
+    def _save(self, step: int, tree: Any, meta: dict) -> None:
         if not self.writable:
             raise CheckpointSaveError(f"{self.directory} was opened read-only")
-        if not _all_finite(state):
+        if not _all_finite(tree):
             raise CheckpointSaveError(f"refusing to save step {step}: the train state holds non-finite values")
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            meta=ocp.args.JsonSave({"data_state": data_state, "config": config, "step": int(step)})))
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
+                                                        meta=ocp.args.JsonSave(meta)))
 
     def read_meta(self, step: int) -> dict:
         """A step's JSON metadata (data state, config, step); no tensor is read."""
@@ -157,14 +166,17 @@ class RunCheckpointer:
             return "its array metadata is missing"
         return layout_mismatch(tree, abstract_state)
 
-    def restore_latest(self, abstract_state: Any, config_problem: Any = None) -> Restored | None:
+    def restore_latest(self, abstract_state: Any, config_problem: Any = None,
+                       from_weights: Any = None) -> Restored | None:
         """The newest restorable checkpoint, None if there is no checkpoint at all, NoRestorableCheckpoint if
         there are some and none restores.
 
         `abstract_state` is a tree of jax.ShapeDtypeStruct; when they carry shardings (see
         `TrainingSetup.abstract` of `train.setup`) every array is read straight into that layout, so a
-        checkpoint written on one mesh (or number of hosts) restores onto any other. `config_problem(config)`
-        may return a reason why a step's saved config is unacceptable (that step is then skipped).
+        checkpoint written on one mesh (or number of hosts) restores onto any other.
+        `config_problem(config, weights_only=...)` may return a reason why a step's saved config is unacceptable
+        (that step is then skipped). A step that
+        holds weights only (`save_weights`) restores as `from_weights(params, biases)`.
         """
         failures: list[tuple[int, str]] = []
         for step in reversed(self.steps()):
@@ -173,16 +185,21 @@ class RunCheckpointer:
             except Exception as err:  # noqa: BLE001 - any failure means "unusable"
                 failures.append((step, f"unreadable metadata ({_reason(err)})"))
                 continue
-            problem = config_problem(meta["config"]) if config_problem is not None else None
+            weights_only = bool(meta.get("weights_only"))
+            problem = config_problem(meta["config"], weights_only=weights_only) if config_problem else None
+            target = ({"params": abstract_state.params, "biases": abstract_state.biases} if weights_only
+                      else abstract_state)
+            if problem is None and weights_only and from_weights is None:
+                problem = "it holds weights only (a conversion), which this reader cannot use"
             if problem is None:
                 try:
-                    problem = self._check_layout(step, abstract_state)
+                    problem = self._check_layout(step, target)
                 except Exception as err:  # noqa: BLE001
                     problem = f"unreadable array metadata ({_reason(err)})"
             if problem is None:
                 try:
                     restored = self.manager.restore(step, args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+                        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
                     if not _all_finite(restored.state):
                         problem = "it holds non-finite values"
                 except Exception as err:  # noqa: BLE001
@@ -190,7 +207,9 @@ class RunCheckpointer:
             if problem is not None:
                 failures.append((step, problem))
                 continue
-            return Restored(step, restored.state, meta["data_state"], failures)
+            state = (from_weights(restored.state["params"], restored.state["biases"]) if weights_only
+                     else restored.state)
+            return Restored(step, state, meta["data_state"], failures)
         if failures:
             raise NoRestorableCheckpoint(self.directory, failures)
         return None
@@ -242,10 +261,52 @@ class SavedArrays:
             raise CheckpointReadError(f"{self.state_dir}: unreadable checkpoint metadata ({err})") from None
         self._context = ocp.type_handlers.get_ts_context(use_ocdbt=self.use_ocdbt)
         self._open: dict[str, Any] = {}
+        self._blocks: dict[str, tuple[tuple[int, ...], Any]] = {}
 
     def read(self, name: str, index: tuple[int, ...] = ()) -> Any:
-        """Array `name` at integer `index` (leading dimensions), as a numpy array."""
+        """Array `name` at integer `index` (leading dimensions), as a numpy array.
+
+        Orbax stores each array in chunks (one per device shard when saved), and a chunk is read whole. So a
+        read reads the chunk-aligned block around `index` (at most `BLOCK_BYTES`; outer dimensions are cut
+        to one entry first) and keeps one block per array for the next reads (`BLOCKS_KEPT` arrays): an
+        expert-by-expert, layer-by-layer walk reads each chunk about once."""
         import numpy as np
+
+        array = self._array(name)
+        if not index:
+            return np.asarray(array.read().result())
+        start, extent = self._block(name, index)
+        cached = self._blocks.get(name)
+        if cached is None or cached[0] != start:
+            self._blocks.pop(name, None)  # the old block goes before the new one is read
+            while len(self._blocks) >= self.BLOCKS_KEPT:
+                self._blocks.pop(next(iter(self._blocks)))
+            region = tuple(slice(a, min(n, a + e)) for a, e, n in zip(start, extent, array.shape))
+            self._blocks[name] = cached = (start, np.asarray(array[region].read().result()))
+        return cached[1][tuple(i - a for i, a in zip(index, start))]
+
+    BLOCK_BYTES = 1 << 30
+    BLOCKS_KEPT = 3  # the gate, up and down stacks an export walks together
+
+    def block_order(self, name: str, index: tuple[int, ...]) -> tuple:
+        """A sort key putting reads of the same block together (what `read` reads at once)."""
+        return (name, self._block(name, index)[0], index) if index else (name, (), ())
+
+    def _block(self, name: str, index: tuple[int, ...]) -> tuple[tuple[int, ...], list[int]]:
+        """(start, extent) of the chunk-aligned block `read` reads around `index`."""
+        import numpy as np
+
+        array = self._array(name)
+        chunk = array.chunk_layout.read_chunk.shape
+        entry_bytes = array.dtype.numpy_dtype.itemsize * int(np.prod(array.shape[len(index):]))
+        extent = [max(1, chunk[d] or array.shape[d]) for d in range(len(index))]
+        for d in range(len(index)):  # outer dimensions first, down to one entry, until the block fits
+            if int(np.prod(extent)) * entry_bytes <= self.BLOCK_BYTES:
+                break
+            extent[d] = 1
+        return tuple(i // e * e for i, e in zip(index, extent)), extent
+
+    def _array(self, name: str) -> Any:
         import tensorstore as ts
         from etils import epath
 
@@ -257,5 +318,5 @@ class SavedArrays:
                 self._open[name] = ts.open(spec, open=True, context=self._context).result()
             except ValueError as err:
                 raise CheckpointReadError(f"{self.state_dir}: array {name!r} cannot be read ({err})") from None
-        return np.asarray(self._open[name][index].read().result())
+        return self._open[name]
 

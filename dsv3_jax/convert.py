@@ -37,7 +37,7 @@ from dsv3_jax.model import DeepSeekV3
 from dsv3_jax.layout import LayerSlot, by_variable, layer_slots, leaves
 from dsv3_jax.safetensors_io import (DEFAULT_BLOCK, FP8_DTYPES, FP8_MAX, INDEX_FILE, ST_DTYPES, ST_NAMES,
                                      CheckpointError, SafetensorsDir, dequantize_blockwise, quantize_blockwise,
-                                     scale_shape, write_safetensors)
+                                     scale_shape, transpose_into, write_safetensors)
 from dsv3_jax import hf_config
 
 __all__ = ["CheckpointError", "from_hf", "to_hf", "dequantize_blockwise", "quantize_blockwise", "hf_name",
@@ -291,6 +291,7 @@ class _Group:
 
     specs: list[tuple[str, str, tuple[int, ...]]]  # (name, safetensors dtype, shape)
     produce: Callable[[], list[np.ndarray]]
+    source: tuple[str, tuple[int, ...]] = ("", ())  # the variable's dotted path and the index read from it
 
     @property
     def nbytes(self) -> int:
@@ -310,21 +311,24 @@ def _export_groups(model: DeepSeekV3, dtype: np.dtype, fp8: bool | Callable[[str
     def group(name: str, kind: str, fetch: Callable[[], np.ndarray], shape: tuple[int, ...]) -> _Group:
         if kind in (FP8, EXPERTS) and (fp8(name) if callable(fp8) else fp8):
             def produce() -> list[np.ndarray]:
-                return list(quantize_blockwise(fetch(), block))
+                return list(quantize_blockwise(fetch(np.dtype(np.float32)), block))
             return _Group([(name, "F8_E4M3", shape), (name + "_scale_inv", "F32", scale_shape(shape, block))],
                           produce)
         out = np.dtype(np.float32) if kind == BIAS else dtype
-        return _Group([(name, ST_NAMES[out], shape)], lambda: [np.asarray(fetch(), np.float32).astype(out)])
+        return _Group([(name, ST_NAMES[out], shape)], lambda: [fetch(out)])
 
-    def fetch(var: nnx.Variable, kind: str, *index: int) -> Callable[[], np.ndarray]:
-        """Reads only the slice asked for (a layer of a stack, an expert), never a whole stacked variable."""
-        def get() -> np.ndarray:
+    def fetch(var: nnx.Variable, kind: str, *index: int) -> Callable[[np.dtype], np.ndarray]:
+        """Reads only the slice asked for (a layer of a stack, an expert), never a whole stacked variable, and
+        returns it in HF's orientation, contiguous, in the dtype asked for (one copy)."""
+        def get(out_dtype: np.dtype) -> np.ndarray:
             if read is not None:
                 array = read(path_of[id(var)], index)
             else:
                 value = var.get_value()[index] if index else var.get_value()
                 array = np.asarray(jax.device_get(value))
-            return array.T if kind in (DENSE, FP8, EXPERTS) else array
+            if kind in (DENSE, FP8, EXPERTS):
+                return transpose_into(np.empty(array.shape[::-1], out_dtype), array)
+            return np.ascontiguousarray(array, dtype=out_dtype)
         return get
 
     groups: list[_Group] = []
@@ -333,14 +337,18 @@ def _export_groups(model: DeepSeekV3, dtype: np.dtype, fp8: bool | Callable[[str
         shape = _hf_shapes(kind, slot.shape)
         layer = () if slot.index is None else (slot.index,)
         for j, tensor in enumerate(expanded(name, kind, cfg)):
-            groups.append(group(tensor, kind, fetch(slot.var, kind, *layer, *((j,) if kind == EXPERTS else ())),
-                                shape))
+            index = (*layer, *((j,) if kind == EXPERTS else ()))
+            g = group(tensor, kind, fetch(slot.var, kind, *index), shape)
+            g.source = (path_of[id(slot.var)], index)
+            groups.append(g)
     for k in range(cfg.mtp_depth):
         for copy, main_leaf in MTP_SHARED_COPIES.items():
             var = by_name[main_leaf]
             kind = TOP_LEVEL[main_leaf][1]
-            groups.append(group(f"model.layers.{cfg.num_hidden_layers + k}.{copy}", kind, fetch(var, kind),
-                                _hf_shapes(kind, tuple(var.get_value().shape))))
+            g = group(f"model.layers.{cfg.num_hidden_layers + k}.{copy}", kind, fetch(var, kind),
+                      _hf_shapes(kind, tuple(var.get_value().shape)))
+            g.source = (main_leaf, ())
+            groups.append(g)
     groups.sort(key=lambda g: _sort_key(g.specs[0][0]))
     return groups
 
@@ -355,7 +363,8 @@ def _sort_key(name: str) -> tuple:
 
 def to_hf(model: DeepSeekV3, path: str | os.PathLike, dtype: str = "bfloat16",
           fp8: bool | Callable[[str], bool] = False, max_shard_bytes: int | None = None,
-          block: tuple[int, int] = DEFAULT_BLOCK, overwrite: bool = False, read: VariableReader | None = None) -> Path:
+          block: tuple[int, int] = DEFAULT_BLOCK, overwrite: bool = False, read: VariableReader | None = None,
+          order: Callable[[str, tuple[int, ...]], Any] | None = None) -> Path:
     """Write `config.json` and HF-named safetensors (optionally FP8 block-quantised and sharded with an index).
 
     Every tensor is produced and written one at a time. MTP module k goes to `model.layers.{L+k}` with copies of
@@ -363,7 +372,9 @@ def to_hf(model: DeepSeekV3, path: str | os.PathLike, dtype: str = "bfloat16",
     (docs/semantics.md §7).
     `overwrite` first deletes existing `*.safetensors` and the index in `path`. With `read`, the values come
     from it, slice by slice (a run's checkpoint: `export.export_run`), and `model` may be abstract. `fp8` may
-    be a predicate on HF tensor names (quantise only those of the FP8-able ones it accepts).
+    be a predicate on HF tensor names (quantise only those of the FP8-able ones it accepts). `order(variable
+    path, index)` is a sort key for the order tensors are read and written in (default: HF's layer order; a
+    chunked source reads fastest in its own chunk order, which the index file makes invisible to loaders).
     """
     if sys.byteorder != "little":
         raise NotImplementedError("safetensors export needs a little-endian host")
@@ -389,6 +400,8 @@ def to_hf(model: DeepSeekV3, path: str | os.PathLike, dtype: str = "bfloat16",
     (directory / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
 
     groups = _export_groups(model, out_dtype, fp8, tuple(block), read)
+    if order is not None:
+        groups.sort(key=lambda g: order(*g.source))
     shards: list[list[_Group]] = [[]]
     size = 0
     for g in groups:

@@ -65,14 +65,20 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: st
     model = nnx.eval_shape(lambda: DeepSeekV3(model_cfg, nnx.Rngs(0)))
     section = {name: "biases" if isinstance(var, RouterBias) else "params" for name, var in leaves(model)}
 
+    def stored(path: str) -> str:
+        return f"{section[path]}.{path}.value"
+
     def read(path: str, index: tuple[int, ...]):
-        return arrays.read(f"{section[path]}.{path}.value", index)
+        return arrays.read(stored(path), index)
+
+    def order(path: str, index: tuple[int, ...]):  # each stored chunk is read once
+        return arrays.block_order(stored(path), index)
 
     started = time.perf_counter()
     partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     try:
-        to_hf(model, partial, dtype=dtype, fp8=fp8, max_shard_bytes=max_shard_bytes, read=read)
+        to_hf(model, partial, dtype=dtype, fp8=fp8, max_shard_bytes=max_shard_bytes, read=read, order=order)
         tokenizer = run / TOKENIZER_NAME
         if tokenizer.is_file():
             shutil.copyfile(tokenizer, partial / "tokenizer.json")

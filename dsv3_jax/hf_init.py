@@ -26,7 +26,7 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.layout import layer_slots
 from dsv3_jax.model import DeepSeekV3
 from dsv3_jax.partitioning import path_str
-from dsv3_jax.safetensors_io import FP8_DTYPES, INDEX_FILE, CheckpointError, SafetensorsDir
+from dsv3_jax.safetensors_io import FP8_DTYPES, INDEX_FILE, CheckpointError, SafetensorsDir, transpose_into
 
 
 def source_record(directory: str | os.PathLike) -> dict[str, str]:
@@ -78,12 +78,12 @@ def load_sharded(ckpt: SafetensorsDir, cfg: ModelConfig, abstract: Any) -> Any:
         name = path_str(path, ".")
         stack, _, rest = name.partition(".")
         if stack in stacks:  # [L, ...]: main layers stacks[stack][n] on the leading axis
-            layers = stacks[stack]
-            per_layer = [_reader(ckpt, cfg, f"layers.{i}.{rest}") for i in layers]
+            per_layer = [_reader(ckpt, cfg, f"layers.{i}.{rest}") for i in stacks[stack]]
 
-            def read(index: tuple[slice, ...]) -> np.ndarray:
-                start, stop = index[0].indices(len(layers))[:2]
-                return np.stack([per_layer[n](index[1:]) for n in range(start, stop)])
+            def read(index: tuple[slice, ...], out: np.ndarray) -> None:
+                start, stop = index[0].indices(len(per_layer))[:2]
+                for n in range(start, stop):
+                    per_layer[n](index[1:], out[n - start])
         else:
             read = _reader(ckpt, cfg, name)
         return _make_array(leaf, read)
@@ -91,41 +91,48 @@ def load_sharded(ckpt: SafetensorsDir, cfg: ModelConfig, abstract: Any) -> Any:
     return jax.tree_util.tree_map_with_path(build, abstract)
 
 
-def _make_array(leaf: jax.ShapeDtypeStruct, read: Callable[[tuple[slice, ...]], np.ndarray]) -> jax.Array:
-    """One global array from per-shard reads, moved to each device as soon as it is read, so the host holds one
-    shard at a time (replicas of a shard are read once: devices are visited grouped by the slice they hold)."""
+def _make_array(leaf: jax.ShapeDtypeStruct, read: Callable[[tuple[slice, ...], np.ndarray], None]) -> jax.Array:
+    """One global array from per-shard reads (each filling a host buffer of the shard's shape and dtype: cast and
+    transpose included), moved to each device as soon as it is read, so the host holds one shard at a time
+    (replicas of a shard are read once: devices are visited grouped by the slice they hold)."""
     dtype = np.dtype(leaf.dtype)
     indices = leaf.sharding.addressable_devices_indices_map(leaf.shape)
-    keyed = [(tuple(s.indices(n)[:2] for s, n in zip(index, leaf.shape)), device, index)
-             for device, index in indices.items()]
+    keyed = [(tuple(s.indices(n)[:2] for s, n in zip(tuple(index) + (slice(None),) * len(leaf.shape), leaf.shape)),
+              device) for device, index in indices.items()]
     keyed.sort(key=lambda item: (item[0], item[1].id))
     shards, last_key, host = [], None, None
-    for key, device, index in keyed:
+    for key, device in keyed:
         if key != last_key:
-            host = np.asarray(read(tuple(index) + (slice(None),) * (len(leaf.shape) - len(index))), dtype=dtype)
+            host = np.empty(tuple(b - a for a, b in key), dtype)
+            read(tuple(slice(a, b) for a, b in key), host)
             last_key = key
         shards.append(jax.device_put(host, device))
     del host
     return jax.make_array_from_single_device_arrays(leaf.shape, leaf.sharding, shards)
 
 
-def _reader(ckpt: SafetensorsDir, cfg: ModelConfig, leaf: str) -> Callable[[tuple[slice, ...]], np.ndarray]:
-    """index into our (per-layer) leaf -> that slice, read from its HF tensor(s). Our 2-D kernels are [in, out],
-    HF's [out, in]: a slice of ours reads the HF rows of its `out` range. Experts are [E, in, out] here, one
-    [out, in] HF tensor per expert."""
+def _reader(ckpt: SafetensorsDir, cfg: ModelConfig, leaf: str) -> Callable[[tuple[slice, ...], np.ndarray], None]:
+    """`fill(index, out)`: `out` filled with the slice `index` of our per-layer leaf, read from its HF tensor(s).
+    Our 2-D kernels are [in, out], HF's [out, in]: a slice of ours reads the HF rows of its `out` range and the
+    columns of its `in` range. Experts are [E, in, out] here, one [out, in] HF tensor each."""
     name, kind = convert.hf_name(leaf, cfg)
     block = ckpt.block
     if kind in (convert.DENSE, convert.FP8):
-        return lambda index: ckpt.read_slice(name, (index[1], index[0]), block).T
+        def dense(index: tuple[slice, ...], out: np.ndarray) -> None:
+            transpose_into(out, ckpt.read_slice(name, (index[1], index[0]), block))
+        return dense
     if kind == convert.EXPERTS:
         tensors = convert.expanded(name, kind, cfg)
 
-        def experts(index: tuple[slice, ...]) -> np.ndarray:
+        def experts(index: tuple[slice, ...], out: np.ndarray) -> None:
             start, stop = index[0].indices(len(tensors))[:2]
-            return np.stack([ckpt.read_slice(tensors[j], (index[2], index[1]), block).T
-                             for j in range(start, stop)])
+            for j in range(start, stop):
+                transpose_into(out[j - start], ckpt.read_slice(tensors[j], (index[2], index[1]), block))
         return experts
-    return lambda index: ckpt.read_slice(name, tuple(index), block)
+
+    def copy(index: tuple[slice, ...], out: np.ndarray) -> None:
+        out[...] = ckpt.read_slice(name, tuple(index), block)
+    return copy
 
 
 __all__ = ["CheckpointError", "check_checkpoint", "load_sharded", "source_record"]

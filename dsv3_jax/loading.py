@@ -130,6 +130,17 @@ def load_run(run_dir: str | os.PathLike, with_tokenizer: bool = True) -> LoadedM
     return LoadedModel(cfg=cfg, model=model, tokenizer=tokenizer, stop_ids=stop, source=f"{path} step {step}")
 
 
+def _reading_state(params: Any, biases: Any) -> Any:
+    """A weights-only checkpoint (a conversion) as the state readers use: its weights, step 0, no optimizer."""
+    import numpy as np
+
+    from dsv3_jax.train.step import TrainState
+
+    zero = np.zeros((), np.int32)
+    return TrainState(step=zero, params=params, biases=biases, opt_state=None, nonfinite_streak=zero,
+                      skipped_total=zero)
+
+
 def restore_for_reading(run_dir: str | os.PathLike, config: Any, abstract_state: Any) -> Any:
     """The newest restorable checkpoint of a run, read-only (eval, generate): nothing in the run directory is
     created or changed, and a skipped newer checkpoint is reported in one line on stderr."""
@@ -139,7 +150,7 @@ def restore_for_reading(run_dir: str | os.PathLike, config: Any, abstract_state:
 
     checkpointer = RunCheckpointer(run_dir, keep=config.train.keep_checkpoints, writable=False)
     try:
-        restored = checkpointer.restore_latest(abstract_state)
+        restored = checkpointer.restore_latest(abstract_state, from_weights=_reading_state)
     finally:
         checkpointer.close()
     for step, reason in restored.skipped if restored is not None else ():

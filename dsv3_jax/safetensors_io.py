@@ -49,10 +49,34 @@ def dequantize_blockwise(q: np.ndarray, scale_inv: np.ndarray, block: tuple[int,
     if q.ndim != 2 or scale_inv.shape != scale_shape(q.shape, block):
         raise ValueError(f"scale_inv shape {scale_inv.shape} does not match weight {q.shape} with blocks {block} "
                          f"(expected {scale_shape(q.shape, block)})")
-    out = q.astype(np.float32)
+    out = _as_float32(q)
     for i in range(scale_inv.shape[0]):  # one band of block rows at a time: no full-size scale temporary
         out[i * block[0]:(i + 1) * block[0]] *= np.repeat(scale_inv[i], block[1])[: q.shape[1]]
     return out
+
+
+TRANSPOSE_TILE = 128  # rows and columns per tile of a host transpose
+
+
+def transpose_into(out: np.ndarray, array: np.ndarray) -> np.ndarray:
+    """out[...] = array.T (cast included) for 2-D arrays, tile by tile: a whole-matrix strided copy runs at
+    ~0.3 GB/s on a 2-core VM, 128x128 tiles that stay in cache at ~2 GB/s. Returns `out`."""
+    rows, cols = array.shape
+    for i in range(0, rows, TRANSPOSE_TILE):
+        for j in range(0, cols, TRANSPOSE_TILE):
+            out[j:j + TRANSPOSE_TILE, i:i + TRANSPOSE_TILE] = array[i:i + TRANSPOSE_TILE, j:j + TRANSPOSE_TILE].T
+    return out
+
+
+def _as_float32(q: np.ndarray) -> np.ndarray:
+    """An FP8 array as float32 through a 256-entry table (twice as fast as ml_dtypes' cast, same values)."""
+    if q.dtype in _FP8_TABLES:
+        return _FP8_TABLES[q.dtype][q.view(np.uint8)]
+    return q.astype(np.float32)
+
+
+_FP8_TABLES = {np.dtype(t): np.arange(256, dtype=np.uint8).view(t).astype(np.float32)
+               for t in (ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2)}
 
 
 def quantize_blockwise(w: np.ndarray, block: tuple[int, int] = DEFAULT_BLOCK) -> tuple[np.ndarray, np.ndarray]:

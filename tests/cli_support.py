@@ -38,6 +38,22 @@ def start_cli(args: list[str], root: Path) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
+def run_together(commands: list[list[str]], env: dict, timeout: float = 600) -> list[tuple[int, str, str]]:
+    """Start every command at once (the processes of one jax.distributed job), wait for all: (returncode,
+    stdout, stderr) each. Any still running at the timeout are killed."""
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for cmd in commands]
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=timeout))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    return [(proc.returncode, out, err) for proc, (out, err) in zip(procs, outputs)]
+
+
 def stdlib_corpus(directory: Path, names: tuple[str, ...]) -> Path:
     """A few standard-library modules copied as .txt files: real text that every Python ships."""
     directory.mkdir(parents=True, exist_ok=True)

@@ -138,20 +138,12 @@ def test_two_processes_each_read_their_own_slices(tmp_path):
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "_hf_init_two_process.py"), str(port), str(i),
-                               str(directory)], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for i in range(2)]
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=600))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
+    from cli_support import run_together
+    results = run_together([[sys.executable, str(ROOT / "tests" / "_hf_init_two_process.py"), str(port), str(i),
+                             str(directory)] for i in range(2)], env)
     reports = []
-    for proc, (out, err) in zip(procs, outputs):
-        assert proc.returncode == 0, err[-3000:]
+    for code, out, err in results:
+        assert code == 0, err[-3000:]
         reports.append(json.loads(out.strip().splitlines()[-1]))
     for report in reports:
         assert report["shards_equal"], report

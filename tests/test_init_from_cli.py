@@ -161,3 +161,16 @@ def test_damaged_checkpoint_is_one_line_and_nothing_is_written(published, tmp_pa
                    root)
     assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
     assert "Traceback" not in done.stderr and not run.exists()
+
+
+def test_a_conversion_trains_on_with_a_fresh_optimizer(published, tmp_path):
+    """The step-0 checkpoint of a conversion holds weights only; `train --run-dir` continues from it (steps
+    raised with --set) with a fresh optimizer state, and the run's loss starts where the weights put it."""
+    root, hf, corpus = published
+    run = tmp_path / "converted"
+    assert run_cli(["train", "--init-from", str(hf), "--run-dir", str(run), "--corpus", corpus,
+                    "--set", "train.steps=0", *SMALL_RUN], root).returncode == 0
+    assert not (run / "checkpoints" / "0" / "state" / "_METADATA").read_text().count("opt_state")
+    more = run_cli(["train", "--run-dir", str(run), "--set", "train.steps=2", "--no-progress"], root)
+    assert more.returncode == 0, more.stderr[-2000:]
+    assert "from step 0" in more.stderr and checkpoint_steps(run)[-1] == 2

@@ -5,7 +5,6 @@ match one process with 8 devices; a checkpoint the two processes wrote resumes i
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -14,7 +13,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-from cli_support import cli_env
+from cli_support import cli_env, run_together
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -83,20 +82,12 @@ def two_processes(workdir, reference) -> Path:
     """Two processes with 4 devices each, on another mesh: (1, 4, 2)."""
     run_dir = workdir / "two_processes"
     port = _free_port()
-    procs = [subprocess.Popen(_train(workdir, run_dir, (1, 4, 2), "--distributed", "--coordinator",
-                                     f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)),
-                              cwd=REPO, env=_env(workdir, 4), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for i in range(2)]
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=600))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    for i, (proc, (_, err)) in enumerate(zip(procs, outputs)):
-        assert proc.returncode == 0, f"process {i}:\n{err[-4000:]}"
+    results = run_together([_train(workdir, run_dir, (1, 4, 2), "--distributed", "--coordinator",
+                                   f"localhost:{port}", "--num-processes", "2", "--process-id", str(i))
+                            for i in range(2)], _env(workdir, 4))
+    for i, (code, _, err) in enumerate(results):
+        assert code == 0, f"process {i}:\n{err[-4000:]}"
+    outputs = [(out, err) for _, out, err in results]
     assert "mesh data=1 expert=4 tensor=2 over 8 devices, 2 processes" in outputs[0][1]
     assert "loss curve:" in outputs[0][0] and "loss curve:" not in outputs[1][0]  # only process 0 writes
     return run_dir
@@ -157,10 +148,9 @@ def test_process_0_prepares_the_data_once_and_the_other_waits_for_it(workdir, tm
     script.write_text(_PRIMARY_FIRST)
     port, cache = _free_port(), tmp_path / "cache"
     env = dict(_env(workdir, 1), JAX_PLATFORMS="cpu")
-    procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i), f"{workdir}/corpus/*.txt", str(cache),
-                               mode], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
-    outputs = [proc.communicate(timeout=300) for proc in procs]
+    done = run_together([[sys.executable, str(script), str(port), str(i), f"{workdir}/corpus/*.txt", str(cache),
+                          mode] for i in range(2)], env, timeout=300)
+    outputs = [(out, err) for _, out, err in done]
     results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
     assert "process 1: waiting for process 0 to finish preparing the data" in outputs[1][1]
     if mode == "fail":

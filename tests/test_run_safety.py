@@ -136,7 +136,7 @@ def test_restore_refuses_when_nothing_restores_and_reports_every_step(tmp_path):
     assert [s for s, _ in err.value.failures] == [2, 1]
     assert "step 2: it holds another model: params/w: saved (2, 3)" in str(err.value)
     with pytest.raises(NoRestorableCheckpoint, match="step 2: wrong config; step 1: wrong config"):
-        reader.restore_latest(_abstract(), lambda config: "wrong config")
+        reader.restore_latest(_abstract(), lambda config, weights_only: "wrong config")
     reader.close()
 
 

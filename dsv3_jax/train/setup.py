@@ -42,15 +42,22 @@ class TrainingSetup:
         """A fresh state (seeded by train.seed), created directly in its shards."""
         return init_train_state(self.config.model, self.config.train, self.plan, self.shardings, self.graphdef)[1]
 
-    def state_from_hf(self, ckpt: Any) -> TrainState:
-        """A step-0 state whose parameters and router biases are a checked HF checkpoint's
-        (`hf_init.check_checkpoint`), each read straight into its shards; the optimizer state is fresh."""
+    def weights_from_hf(self, ckpt: Any) -> tuple[Any, Any]:
+        """(parameters, router biases) of a checked HF checkpoint (`hf_init.check_checkpoint`), each read
+        straight into its shards."""
         from dsv3_jax.hf_init import load_sharded
 
         model_cfg = self.config.model
-        params = load_sharded(ckpt, model_cfg, self.abstract.params)
-        biases = load_sharded(ckpt, model_cfg, self.abstract.biases)
-        return train_state_from(params, biases, model_cfg, self.config.train, self.plan, self.shardings)
+        return (load_sharded(ckpt, model_cfg, self.abstract.params),
+                load_sharded(ckpt, model_cfg, self.abstract.biases))
+
+    def state_from_hf(self, ckpt: Any) -> TrainState:
+        """A step-0 state from a checked HF checkpoint's weights; the optimizer state is fresh."""
+        return self.state_from_weights(*self.weights_from_hf(ckpt))
+
+    def state_from_weights(self, params: Any, biases: Any) -> TrainState:
+        """A step-0 state around these weights (in their shardings) with a fresh optimizer state."""
+        return train_state_from(params, biases, self.config.model, self.config.train, self.plan, self.shardings)
 
     @functools.cached_property
     def train_step(self) -> sharding.MeshFunction:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import sys
 from typing import Any
@@ -123,7 +124,8 @@ def train(config: Config, run_dir: str | os.PathLike, data: Any, *, show_progres
             lock.enter_context(rundir.locked(run_dir))
         checkpointer = RunCheckpointer(run_dir, keep=config.train.keep_checkpoints)
         try:
-            restored = checkpointer.restore_latest(setup.abstract, lambda saved: config_problem(saved, config))
+            restored = checkpointer.restore_latest(setup.abstract, functools.partial(config_problem, config=config),
+                                                   from_weights=setup.state_from_weights)
             if restored is not None:
                 _check_same_data(run_dir, data)
         except BaseException:
@@ -132,6 +134,8 @@ def train(config: Config, run_dir: str | os.PathLike, data: Any, *, show_progres
         # ---- every check passed: from here on the run directory changes --------------------------------------
         if is_writer:
             print(sharding.describe(setup.plan), file=sys.stderr)
+        if restored is None and init_from is not None and config.train.steps == 0:
+            return _convert(setup, checkpointer, run_dir, data, init_from, is_writer)
         step0, state, data_state = _resume(setup, checkpointer, restored, run_dir, is_writer, init_from)
         if is_writer:
             rundir.atomic_write(os.path.join(run_dir, "config.json"), config.to_json())
@@ -140,13 +144,43 @@ def train(config: Config, run_dir: str | os.PathLike, data: Any, *, show_progres
                      is_writer=is_writer, stop_after=stop_after, profile=profile)
 
 
-def config_problem(saved: dict, config: Config) -> str | None:
+def _convert(setup: TrainingSetup, checkpointer: RunCheckpointer, run_dir: str, data: Any, init_from: Any,
+             is_writer: bool) -> RunResult:
+    """train.steps=0 from published weights: the weights, read into their shards, as the run's step-0
+    checkpoint (weights only: the optimizer state a later `train` starts is fresh anyway, so it is neither
+    built nor written), with the run's config and data record. Nothing trains."""
+    config, tc = setup.config, setup.config.train
+    try:
+        if is_writer:
+            print(f"loading the weights of {tc.init_from} into their shards", file=sys.stderr)
+        params, biases = setup.weights_from_hf(init_from)
+        slice_index, slice_count = setup.plan.process_batch_slice(tc.batch_size)
+        data_state = data.train_iterator(tc.batch_size, seed=tc.seed, process_index=slice_index,
+                                         process_count=slice_count).get_state()
+        if is_writer:
+            rundir.atomic_write(os.path.join(run_dir, "config.json"), config.to_json())
+            rundir.save_run_data(run_dir, data)
+        checkpointer.save_weights(0, params, biases, data_state, config.to_dict())
+    finally:
+        checkpointer.close()  # waits for the save
+    if is_writer:
+        print(f"wrote the step-0 checkpoint of {run_dir} (weights only); train it with "
+              f"python -m dsv3_jax train --run-dir {run_dir} --set train.steps=N", file=sys.stderr)
+    return RunResult(run_dir=run_dir, final_step=0, plot_path=None, last_eval=None)
+
+
+def config_problem(saved: dict, config: Config, weights_only: bool = False) -> str | None:
     """Why a checkpoint saved with config dict `saved` cannot be resumed as `config` (None if it can): another
-    parameter layout, or other settings than those `RESUME_IGNORED` lets change. The one resume rule."""
+    parameter layout, or other settings than those `RESUME_IGNORED` lets change. A weights-only checkpoint (a
+    conversion: nothing trained yet) may go on with any training, data and mesh settings; its model may not
+    change. The one resume rule."""
     layout = layout_problem(saved, config)
     if layout is not None:
         return layout
-    diffs = config_differences(saved, config.to_dict())
+    current = config.to_dict()
+    if weights_only:
+        saved, current = {"model": saved.get("model")}, {"model": current["model"]}
+    diffs = config_differences(saved, current)
     if diffs:
         return ("was saved with another configuration (" + "; ".join(diffs[:5]) + "). If config.json was edited "
                 "by hand, restore it; otherwise use a new --run-dir, or omit --preset/--set/--corpus to resume it")
@@ -168,7 +202,8 @@ def check_checkpoint_config(checkpointer: RunCheckpointer, config: Config) -> No
     """ConfigMismatch if the newest checkpoint with readable metadata cannot be resumed as `config`; reads no
     tensor, so it runs before data preparation."""
     newest = checkpointer.read_config()
-    problem = None if newest is None else config_problem(newest[1], config)
+    problem = None if newest is None else config_problem(
+        newest[1], config, bool(checkpointer.read_meta(newest[0]).get("weights_only")))
     if problem is not None:
         raise ConfigMismatch(f"{checkpointer.run_dir}: checkpoint {newest[0]} {problem}")
 
@@ -245,8 +280,6 @@ def _loop(setup: TrainingSetup, checkpointer: RunCheckpointer, run_dir: str, dat
 
     stop.graceful()
     try:
-        if tc.steps == 0 and step0 == 0:  # a conversion (published weights): the state as the step-0 checkpoint
-            checkpointer.save(0, state, train_iter.get_state(), config.to_dict())
         clock.start(step0)
         for step in bar:
             profiler.before(step)
