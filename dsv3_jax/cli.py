@@ -171,10 +171,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.max_shard_gb is not None and not args.max_shard_gb > 0:
         raise ExportError(f"--max-shard-gb must be positive, got {args.max_shard_gb}")
     shard = int(args.max_shard_gb * 2 ** 30) if args.max_shard_gb is not None else None
+    _maybe_distributed(args)
     result = export_run(args.run_dir, args.out, dtype=args.dtype, fp8=args.fp8,
                         **({"max_shard_bytes": shard} if shard is not None else {}))
-    print(f"exported step {result.step} of {args.run_dir} to {result.directory}: {result.files} file(s), "
-          f"{result.bytes / 1e9:.2f} GB in {result.seconds:.1f} s ({result.bytes / 1e9 / max(result.seconds, 1e-9):.2f} GB/s)")
+    from dsv3_jax import distributed
+
+    if distributed.is_primary():
+        rate = result.bytes / 1e9 / max(result.seconds, 1e-9)
+        print(f"exported step {result.step} of {args.run_dir} to {result.directory}: {result.files} file(s), "
+              f"{result.bytes / 1e9:.2f} GB in {result.seconds:.1f} s ({rate:.2f} GB/s)")
     return 0
 
 
@@ -353,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--fp8", action="store_true",
                         help="FP8 128x128 block-quantise the tensors the official checkpoint quantises")
     export.add_argument("--max-shard-gb", type=float, default=None, help="largest safetensors file (default 5 GiB)")
+    _add_cluster_flags(export)
     export.set_defaults(func=cmd_export)
 
     prep = sub.add_parser("prepare", help="tokenize a corpus into the window shards train reads (parallel, "

@@ -364,7 +364,8 @@ def _sort_key(name: str) -> tuple:
 def to_hf(model: DeepSeekV3, path: str | os.PathLike, dtype: str = "bfloat16",
           fp8: bool | Callable[[str], bool] = False, max_shard_bytes: int | None = None,
           block: tuple[int, int] = DEFAULT_BLOCK, overwrite: bool = False, read: VariableReader | None = None,
-          order: Callable[[str, tuple[int, ...]], Any] | None = None) -> Path:
+          order: Callable[[str, tuple[int, ...]], Any] | None = None, share: tuple[int, int] = (0, 1),
+          written: list[str] | None = None) -> Path:
     """Write `config.json` and HF-named safetensors (optionally FP8 block-quantised and sharded with an index).
 
     Every tensor is produced and written one at a time. MTP module k goes to `model.layers.{L+k}` with copies of
@@ -375,6 +376,9 @@ def to_hf(model: DeepSeekV3, path: str | os.PathLike, dtype: str = "bfloat16",
     be a predicate on HF tensor names (quantise only those of the FP8-able ones it accepts). `order(variable
     path, index)` is a sort key for the order tensors are read and written in (default: HF's layer order; a
     chunked source reads fastest in its own chunk order, which the index file makes invisible to loaders).
+    `share=(i, n)`: this is writer i of n (processes of one job writing one directory): it writes shard files
+    i, i + n, ...; writer 0 also writes config.json and the index (and removes stale files first). The names
+    of the safetensors files this call wrote are appended to `written`.
     """
     if sys.byteorder != "little":
         raise NotImplementedError("safetensors export needs a little-endian host")
@@ -384,9 +388,10 @@ def to_hf(model: DeepSeekV3, path: str | os.PathLike, dtype: str = "bfloat16",
         raise ValueError(f"export dtype must be a float16/bfloat16/float32/float64 type, got {dtype!r}; use fp8=True")
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
+    writer, writers = share
     stale = sorted(directory.glob("*.safetensors")) + ([directory / INDEX_FILE] if (directory / INDEX_FILE).exists()
                                                        else [])
-    if stale:
+    if stale and writer == 0:
         if not overwrite:
             raise FileExistsError(f"{directory} already holds {stale[0].name}; pass overwrite=True to replace")
         for file in stale:
@@ -397,7 +402,8 @@ def to_hf(model: DeepSeekV3, path: str | os.PathLike, dtype: str = "bfloat16",
     if fp8:
         hf["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                                      "weight_block_size": list(block)}
-    (directory / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+    if writer == 0:
+        (directory / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
 
     groups = _export_groups(model, out_dtype, fp8, tuple(block), read)
     if order is not None:
@@ -412,13 +418,21 @@ def to_hf(model: DeepSeekV3, path: str | os.PathLike, dtype: str = "bfloat16",
         size += g.nbytes
     metadata = {"format": "pt"}
     if max_shard_bytes is None:
-        write_safetensors(directory / "model.safetensors", shards[0], metadata)
+        if writer == 0:
+            write_safetensors(directory / "model.safetensors", shards[0], metadata)
+            if written is not None:
+                written.append("model.safetensors")
         return directory
     weight_map = {}
     for i, shard in enumerate(shards, start=1):
         file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        write_safetensors(directory / file, shard, metadata)
+        if (i - 1) % writers == writer:
+            write_safetensors(directory / file, shard, metadata)
+            if written is not None:
+                written.append(file)
         weight_map.update({name: file for g in shard for name, _, _ in g.specs})
-    index = {"metadata": {"total_size": sum(g.nbytes for g in groups)}, "weight_map": dict(sorted(weight_map.items()))}
-    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    if writer == 0:
+        index = {"metadata": {"total_size": sum(g.nbytes for g in groups)},
+                 "weight_map": dict(sorted(weight_map.items()))}
+        (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     return directory

@@ -4,7 +4,8 @@ The newest checkpoint step is read slice by slice straight from orbax's files (`
 layer of one stacked variable, one expert at a time), so host memory stays near the largest HF tensor whatever
 the model's size; `convert.to_hf` names, transposes, optionally FP8-quantises and writes them. The directory
 is assembled under a temporary name and renamed when complete: an interrupted export leaves no half-written
-HF directory behind, and an existing one is never touched.
+HF directory behind, and an existing one is never touched. In a multi-process job every process writes its
+share of the shard files (on storage all hosts share) and process 0 the config, index and tokenizer.
 """
 
 from __future__ import annotations
@@ -12,11 +13,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
+import jax
 from flax import nnx
 
+from dsv3_jax import distributed
 from dsv3_jax.checkpoint import RunCheckpointer, SavedArrays
 from dsv3_jax.convert import to_hf
 from dsv3_jax.layout import leaves
@@ -75,19 +79,32 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: st
         return arrays.block_order(stored(path), index)
 
     started = time.perf_counter()
-    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
+    writer, writers = jax.process_index(), jax.process_count()
+    partial = out.with_name(f".{out.name}.partial")  # one name: every process of the job writes into it
     try:
-        to_hf(model, partial, dtype=dtype, fp8=fp8, max_shard_bytes=max_shard_bytes, read=read, order=order)
-        tokenizer = run / TOKENIZER_NAME
-        if tokenizer.is_file():
-            shutil.copyfile(tokenizer, partial / "tokenizer.json")
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(partial, out)
+        if writer == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        distributed.barrier("dsv3_jax.export_start")
+        # each process writes every writers-th shard file (on storage all hosts share); process 0 the rest
+        mine: list[str] = []
+        to_hf(model, partial, dtype=dtype, fp8=fp8, max_shard_bytes=max_shard_bytes, read=read, order=order,
+              share=(writer, writers), written=mine)
+        distributed.barrier("dsv3_jax.export_written")
+        if writer == 0:
+            tokenizer = run / TOKENIZER_NAME
+            if tokenizer.is_file():
+                shutil.copyfile(tokenizer, partial / "tokenizer.json")
+            if out.exists():
+                out.rmdir()  # empty, checked above
+            os.replace(partial, out)
+        distributed.barrier("dsv3_jax.export_done")
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        if writer == 0:
+            shutil.rmtree(partial, ignore_errors=True)
         raise
     files = sorted(out.glob("*.safetensors"))
+    if writers > 1:
+        print(f"process {writer} wrote {len(mine)} of the {len(files)} shard files", file=sys.stderr)
     return ExportResult(directory=out, step=step, files=len(files), bytes=sum(f.stat().st_size for f in files),
                         seconds=time.perf_counter() - started)

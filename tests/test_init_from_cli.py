@@ -3,6 +3,7 @@ checkpoint and records their source; `eval` and `generate` read that run; fine-t
 lowers the loss on its training text; bad arguments get one line and write nothing."""
 
 import json
+import sys
 
 import jax
 import numpy as np
@@ -174,3 +175,36 @@ def test_a_conversion_trains_on_with_a_fresh_optimizer(published, tmp_path):
     more = run_cli(["train", "--run-dir", str(run), "--set", "train.steps=2", "--no-progress"], root)
     assert more.returncode == 0, more.stderr[-2000:]
     assert "from step 0" in more.stderr and checkpoint_steps(run)[-1] == 2
+
+
+def test_two_processes_export_their_shares(published, tmp_path):
+    """`export` as a 2-process job: each process writes every other shard file, process 0 the config and
+    index; the directory equals a one-process export of the same run, tensor for tensor."""
+    import socket
+
+    from cli_support import cli_env, run_together
+
+    root, hf, corpus = published
+    run = tmp_path / "converted"
+    assert run_cli(["train", "--init-from", str(hf), "--run-dir", str(run), "--corpus", corpus,
+                    "--set", "train.steps=0", *SMALL_RUN], root).returncode == 0
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "two"
+    env = cli_env(root)
+    env["XLA_FLAGS"] = " ".join(f for f in env["XLA_FLAGS"].split() if "device_count" not in f)
+    results = run_together([[sys.executable, "-m", "dsv3_jax", "export", "--run-dir", str(run), "--out", str(out),
+                             "--max-shard-gb", "0.0001", "--distributed", "--coordinator", f"localhost:{port}",
+                             "--num-processes", "2", "--process-id", str(i)] for i in range(2)], env)
+    for code, _, err in results:
+        assert code == 0, err[-2000:]
+    assert "exported step 0" in results[0][1] and "exported" not in results[1][1]
+    assert "process 1 wrote 1 of the 2 shard files" in results[1][2]
+    assert len(list(out.glob("model-*-of-*.safetensors"))) >= 2  # one at least from each process
+    one = tmp_path / "one"
+    assert run_cli(["export", "--run-dir", str(run), "--out", str(one), "--max-shard-gb", "0.0001"],
+                   root).returncode == 0
+    _same_tensors(one, out)
+    assert json.loads((one / "model.safetensors.index.json").read_text()) == json.loads(
+        (out / "model.safetensors.index.json").read_text())
