@@ -168,6 +168,11 @@ def check_request(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new: i
     longest = max(len(p) for p in prompts)
     needed = longest + max_new + (1 if speculative else 0)  # the verify step writes one slot past the end
     if cache_len is not None:
+        most = cfg.max_position_embeddings + (1 if speculative else 0)
+        if not isinstance(cache_len, int) or isinstance(cache_len, bool) or not 1 <= cache_len <= most:
+            # a cache sized past the model's positions is memory no position can use (and can exhaust the host)
+            raise GenerationError(f"--cache-len must be an integer in [1, {most}] (the model's "
+                                  f"max_position_embeddings={cfg.max_position_embeddings}), got {cache_len!r}")
         if longest >= cache_len:
             raise GenerationError(f"prompt of {longest} tokens does not fit the cache of {cache_len} slots")
         if needed > cache_len:

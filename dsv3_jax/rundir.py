@@ -62,6 +62,29 @@ def has_checkpoints(run_dir: str | os.PathLike) -> bool:
     return path.is_dir() and any(p.name.isdigit() for p in path.iterdir())
 
 
+def check_training_dir(run_dir: str | os.PathLike) -> None:
+    """RunDirError unless `run_dir` may hold a training run: absent, empty (a lock left aside), or a run
+    directory (a config.json) whose `checkpoints` is a directory if it exists. A folder of other files is never
+    written into: the run would overwrite a tokenizer.json or append to a metrics.jsonl that are not its own."""
+    text = os.fspath(run_dir)
+    if not text.strip():
+        raise RunDirError("--run-dir is empty: name a directory for the run")
+    path = Path(text)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise RunDirError(f"--run-dir {text!r} exists and is not a directory")
+    entries = sorted(set(os.listdir(path)) - {LOCK_NAME})
+    if entries and not (path / "config.json").is_file():
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise RunDirError(f"--run-dir {text!r} exists and is not a dsv3_jax run directory (it holds {shown} and "
+                          "no config.json); use a new or empty directory")
+    checkpoints = path / "checkpoints"
+    if checkpoints.exists() and not checkpoints.is_dir():
+        raise RunDirError(f"{str(checkpoints)!r} is not a directory: the run's checkpoints cannot be read or "
+                          "written; move it aside to start over, or restore the directory")
+
+
 def require_run_dir(run_dir: str | os.PathLike) -> Path:
     """`run_dir` as a Path if it is an existing directory holding a config.json, else RunDirError."""
     path = Path(run_dir)

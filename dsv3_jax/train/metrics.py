@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from dsv3_jax.rundir import atomic_write
+from dsv3_jax.rundir import RunDirError, atomic_write
 
 
 def to_python(value: Any) -> Any:
@@ -37,16 +37,32 @@ class MetricsWriter:
 
         self._tb = SummaryWriter(os.path.join(os.fspath(run_dir), "tensorboard"))
         self._file = open(self.path, "a")
+        stat = os.fstat(self._file.fileno())
+        self._identity = (stat.st_dev, stat.st_ino)
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        self._check_still_there()
         record = {k: to_python(v) for k, v in record.items()}
         self._file.write(json.dumps(record, sort_keys=True) + "\n")
         self._file.flush()
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                 self._tb.add_scalar(key, value, record["step"])
+
+    def _check_still_there(self) -> None:
+        """The run's history must not be written into a file that was deleted or replaced under it (the records
+        would be unreachable): stop with one line instead, at the first write after it happened."""
+        try:
+            stat = os.stat(self.path)
+            same = (stat.st_dev, stat.st_ino) == self._identity
+        except FileNotFoundError:
+            same = False
+        if not same:
+            raise RunDirError(f"{self.path} was deleted or replaced while the run was writing it; stopping (the "
+                              "checkpoints written so far are intact: restore the file and resume, or start a "
+                              "new --run-dir)")
 
     def close(self) -> None:
         if self.enabled:

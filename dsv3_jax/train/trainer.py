@@ -108,6 +108,7 @@ def train(config: Config, run_dir: str | os.PathLike, data: Any, *, show_progres
     scratch), and checkpoints skipped on the way to an older one are moved to `checkpoints_broken/`.
     SIGINT/SIGTERM stop after the current step with a checkpoint (`TrainingInterrupted`).
     """
+    rundir.check_training_dir(run_dir)  # someone else's folder, or a run whose checkpoints are not a directory
     setup = build_training(config, devices)  # impossible meshes and parameters fail here, before any work
     run_dir = os.path.abspath(os.fspath(run_dir))
     is_writer = distributed.is_primary() if is_writer is None else is_writer

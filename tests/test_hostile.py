@@ -1,0 +1,87 @@
+"""Hostile inputs, as a careless operator gives them: each row is (what is set up, the command, the expected
+class of outcome). `error` rows must exit 2 with one `error:` line containing the text given and no
+traceback, and leave every file that was there untouched. Later issues extend the table (issue 33's sweep)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cli_support import run_cli, tree_snapshot
+from dsv3_jax.config import get_preset
+from dsv3_jax.train.config import Config
+
+TRAIN = ["train", "--preset", "tiny", "--no-progress", "--set", "train.steps=2"]
+
+
+def _foreign_folder(root: Path) -> Path:
+    """A user's own folder: a tokenizer and a metrics file that are not a run's."""
+    folder = root / "mine"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text('{"mine": true}')
+    (folder / "metrics.jsonl").write_text('{"my": "record"}\n')
+    return folder
+
+
+def _checkpoints_is_a_file(root: Path) -> Path:
+    run = root / "run"
+    run.mkdir()
+    (run / "config.json").write_text(Config(model=get_preset("tiny")).to_json())
+    (run / "checkpoints").write_text("not a directory")
+    return run
+
+
+def _a_file(root: Path) -> Path:
+    path = root / "file.txt"
+    path.write_text("text")
+    return path
+
+
+CASES = [
+    # (id, setup -> path, command given the path, expected error text)
+    ("foreign folder as run dir", _foreign_folder, lambda p: [*TRAIN, "--run-dir", str(p)],
+     "is not a dsv3_jax run directory"),
+    ("run dir is a file", _a_file, lambda p: [*TRAIN, "--run-dir", str(p)], "exists and is not a directory"),
+    ("empty run dir argument", lambda root: root, lambda p: [*TRAIN, "--run-dir", ""], "--run-dir is empty"),
+    ("checkpoints is a file", _checkpoints_is_a_file, lambda p: ["train", "--run-dir", str(p), "--no-progress"],
+     "checkpoints' is not a directory"),
+    ("cache longer than the model's positions", lambda root: root,
+     lambda p: ["generate", "--hf", str(Path(__file__).parent / "fixtures" / "hf" / "qlora_groups"), "--prompt-ids", "1,2",
+                "--cache-len", "100000000"], "--cache-len must be an integer in [1,"),
+]
+
+
+@pytest.mark.parametrize("setup, command, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_hostile_input_is_one_line_and_changes_nothing(tmp_path, setup, command, expected):
+    path = setup(tmp_path)
+    before = tree_snapshot(tmp_path)
+    done = run_cli(command(path), tmp_path, timeout=300)
+    after = tree_snapshot(tmp_path)
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    assert expected in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert [line for line in done.stderr.splitlines() if line.startswith("error:")], done.stderr[-2000:]
+    # nothing that was there changed (the CLI's compile cache lives under tmp_path/jax_cache, ignored here)
+    assert {k: v for k, v in after.items() if not k.startswith("jax_cache")} == before
+    if (tmp_path / "mine").exists():
+        assert json.loads((tmp_path / "mine" / "tokenizer.json").read_text()) == {"mine": True}
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_metrics_file_lost_mid_run_stops_at_the_next_write(tmp_path, how):
+    """`rm RUN/metrics.jsonl` during a run used to send every later record into the unlinked file; now the next
+    write stops the run with one line (RunDirError), and a replaced file is never written into either."""
+    from dsv3_jax.rundir import RunDirError
+    from dsv3_jax.train.metrics import MetricsWriter
+
+    writer = MetricsWriter(tmp_path)
+    writer.write({"kind": "train", "step": 1, "loss": 1.0})
+    (tmp_path / "metrics.jsonl").unlink()
+    if how == "replaced":
+        (tmp_path / "metrics.jsonl").write_text('{"someone": "else"}\n')
+    with pytest.raises(RunDirError, match="metrics.jsonl was deleted or replaced"):
+        writer.write({"kind": "train", "step": 2, "loss": 0.9})
+    writer.close()
+    if how == "replaced":
+        assert (tmp_path / "metrics.jsonl").read_text() == '{"someone": "else"}\n'
