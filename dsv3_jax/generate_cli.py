@@ -33,8 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="absorbed MLA over the latent cache (default) or a cache of expanded per-head K/V")
     parser.add_argument("--cache-len", type=int, default=None, help="cache slots (default: prompt + max-new, "
                         "rounded up to a power of two)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="--hf only: parameter and compute dtype")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                        help="--hf only: parameter and compute dtype (default float32); a run generates in its "
+                             "own dtypes")
     parser.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-text tokens")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 
@@ -65,6 +66,10 @@ def run(args: argparse.Namespace) -> int:
             raise GenerationError("empty --prompt: generation needs at least one token to start from")
     id_prompts = [_parse_ids(s) for s in args.prompt_ids]
 
+    if args.run_dir is not None and args.dtype is not None:
+        raise GenerationError("--dtype applies to --hf only: a run generates in its own dtypes (model.dtype, "
+                              "model.param_dtype)")
+    dtype = args.dtype or "float32"
     if args.run_dir is not None:
         config = run_config(args.run_dir)
         cfg = inference_config(config.model)
@@ -72,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         stop_ids = (tokenizer.eos_id,)
     else:
         path = check_hf_dir(args.hf)
-        cfg, tokenizer, stop_ids = hf_config(path, args.dtype), hf_tokenizer(path), hf_stop_ids(path)
+        cfg, tokenizer, stop_ids = hf_config(path, dtype), hf_tokenizer(path), hf_stop_ids(path)
         if args.prompt and tokenizer is None:
             raise GenerationError(f"{args.hf} has no tokenizer.json: pass --prompt-ids 1,2,3 instead of --prompt")
     prompts = [tokenizer.encode(text) for text in args.prompt] if args.prompt else id_prompts
@@ -81,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     if args.run_dir is not None:
         loaded = load_run(args.run_dir, with_tokenizer=False)
     else:
-        loaded = load_hf(args.hf, args.dtype, with_tokenizer=False)
+        loaded = load_hf(args.hf, dtype, with_tokenizer=False)
     print(f"loaded {loaded.source}", file=sys.stderr)
     generator = Generator(loaded.model, cache_kind=args.cache)
     as_text = tokenizer is not None and not args.json

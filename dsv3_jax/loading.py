@@ -65,6 +65,9 @@ def check_run_dir(run_dir: str | os.PathLike) -> Path:
 def check_hf_dir(hf_dir: str | os.PathLike) -> Path:
     """The HF checkpoint directory if it holds a config.json and safetensors, else GenerationError."""
     path = Path(hf_dir)
+    if path.is_file():
+        raise GenerationError(f"--hf {str(path)!r} is a file: give the checkpoint directory (the one holding "
+                              "config.json and the safetensors)")
     if not path.is_dir():
         raise GenerationError(f"HF checkpoint directory {str(path)!r} does not exist")
     if not (path / "config.json").is_file():

@@ -39,6 +39,33 @@ def _a_file(root: Path) -> Path:
     return path
 
 
+def _run_config_file(root: Path) -> Path:
+    path = root / "config.json"
+    path.write_text("{}")
+    return path
+
+
+def _docs(root: Path) -> Path:
+    docs = root / "docs"
+    docs.mkdir()
+    for i in range(3):
+        (docs / f"d{i}.txt").write_text("words the word-level tokenizer has never seen, " * 200)
+    return docs
+
+
+def _no_unk_tokenizer(root: Path) -> Path:
+    """A word-level tokenizer.json of the tiny model's 304 ids with no unknown token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = {"<|endoftext|>": 0, **{f"w{i}": i for i in range(1, 304)}}
+    tokenizer = Tokenizer(models.WordLevel(words))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.add_special_tokens(["<|endoftext|>"])
+    _docs(root)
+    tokenizer.save(str(root / "wl.json"))
+    return root
+
+
 CASES = [
     # (id, setup -> path, command given the path, expected error text)
     ("foreign folder as run dir", _foreign_folder, lambda p: [*TRAIN, "--run-dir", str(p)],
@@ -50,6 +77,15 @@ CASES = [
     ("cache longer than the model's positions", lambda root: root,
      lambda p: ["generate", "--hf", str(Path(__file__).parent / "fixtures" / "hf" / "qlora_groups"), "--prompt-ids", "1,2",
                 "--cache-len", "100000000"], "--cache-len must be an integer in [1,"),
+    ("--dtype with a run", lambda root: root,
+     lambda p: ["generate", "--run-dir", str(p / "run"), "--prompt-ids", "1", "--dtype", "bfloat16"],
+     "--dtype applies to --hf only"),
+    ("--hf names a file", _run_config_file, lambda p: ["generate", "--hf", str(p), "--prompt-ids", "1"],
+     "is a file: give the checkpoint directory"),
+    ("word-level tokenizer without an unknown token", _no_unk_tokenizer,
+     lambda p: ["prepare", "--preset", "tiny", "--corpus", f"files:{p}/docs/*.txt", "--no-progress",
+                "--set", f"data.tokenizer={p}/wl.json", "--set", f"data.cache_dir={p}/cache"],
+     "this tokenizer cannot encode the text"),
 ]
 
 
@@ -62,8 +98,8 @@ def test_hostile_input_is_one_line_and_changes_nothing(tmp_path, setup, command,
     assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
     assert expected in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert [line for line in done.stderr.splitlines() if line.startswith("error:")], done.stderr[-2000:]
-    # nothing that was there changed (the CLI's compile cache lives under tmp_path/jax_cache, ignored here)
-    assert {k: v for k, v in after.items() if not k.startswith("jax_cache")} == before
+    # nothing that was there changed (the CLI's compile cache and the data cache are ignored here)
+    assert {k: v for k, v in after.items() if not k.startswith(("jax_cache", "cache"))} == before
     if (tmp_path / "mine").exists():
         assert json.loads((tmp_path / "mine" / "tokenizer.json").read_text()) == {"mine": True}
 
@@ -85,3 +121,12 @@ def test_metrics_file_lost_mid_run_stops_at_the_next_write(tmp_path, how):
     writer.close()
     if how == "replaced":
         assert (tmp_path / "metrics.jsonl").read_text() == '{"someone": "else"}\n'
+
+
+def test_more_workers_than_cores_are_capped_with_a_note(tmp_path):
+    docs = _docs(tmp_path)
+    done = run_cli(["prepare", "--preset", "tiny", "--corpus", f"files:{docs}/*.txt", "--no-progress",
+                    "--set", "data.workers=1000", "--set", f"data.cache_dir={tmp_path}/cache"], tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "data.workers=1000 is more than this machine's" in done.stderr
+

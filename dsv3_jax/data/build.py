@@ -242,7 +242,11 @@ def build_windows(corpus: Corpus, tokenizer: Tokenizer, window: int, dtype: np.d
     windows go to `final_directory(identity)` once the content identity is known, and `directory` becomes a
     small pointer file to it: a streamed corpus is known by its file manifest up front, but touched or copied
     files with the same documents end in the same windows (and a run on them resumes)."""
-    workers = workers or default_workers()
+    cores = default_workers()
+    if workers > cores:  # more encoder processes than cores only costs memory (each holds a tokenizer)
+        print(f"data: data.workers={workers} is more than this machine's {cores} cores; using {cores}",
+              file=sys.stderr)
+    workers = min(workers, cores) if workers else cores
     identity = dict(meta, window=window, dtype=np.dtype(dtype).str, tokenizer=tokenizer.hash,
                     corpus=corpus.hash, unit_chars=unit_chars, shard_bytes=shard_bytes)
     with build_lock(directory):

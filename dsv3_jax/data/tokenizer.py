@@ -63,11 +63,24 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` (no separator added)."""
-        return self.inner.encode(text, add_special_tokens=False).ids
+        try:
+            return self.inner.encode(text, add_special_tokens=False).ids
+        except Exception as err:  # noqa: BLE001 - the Rust library raises a bare Exception
+            raise self._encode_error(err) from None
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text, encoded in parallel."""
-        return [e.ids for e in self.inner.encode_batch_fast(list(texts), add_special_tokens=False)]
+        try:
+            return [e.ids for e in self.inner.encode_batch_fast(list(texts), add_special_tokens=False)]
+        except Exception as err:  # noqa: BLE001
+            raise self._encode_error(err) from None
+
+    def _encode_error(self, err: Exception) -> ValueError:
+        """What the tokenizers library raises (e.g. a word-level model with no unknown token meeting a word
+        outside its vocabulary: `Missing [UNK] token`) as one line naming the file."""
+        reason = " ".join(str(err).split())[:200]
+        hint = "; give it an unknown token (unk_token)" if "UNK" in reason.upper() else ""
+        return ValueError(f"{self.path}: this tokenizer cannot encode the text ({reason}){hint}")
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids`; the separator decodes to `<|endoftext|>`."""
