@@ -83,6 +83,27 @@ def check_training_dir(run_dir: str | os.PathLike) -> None:
     if checkpoints.exists() and not checkpoints.is_dir():
         raise RunDirError(f"{str(checkpoints)!r} is not a directory: the run's checkpoints cannot be read or "
                           "written; move it aside to start over, or restore the directory")
+    trained = _last_logged_step(path / "metrics.jsonl")
+    if trained and not has_checkpoints(path):
+        raise RunDirError(f"{text!r} holds a run that trained to step {trained} (metrics.jsonl) but no checkpoint "
+                          "to resume from; starting it again from step 0 would train over its history. Restore "
+                          "its checkpoints, or use a new --run-dir")
+
+
+def _last_logged_step(metrics: Path) -> int:
+    """The last training step a run's metrics.jsonl records (0 if none; unreadable lines are skipped)."""
+    if not metrics.is_file():
+        return 0
+    last = 0
+    with open(metrics, errors="replace") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("kind") == "train" and isinstance(record.get("step"), int):
+                last = max(last, record["step"])
+    return last
 
 
 def require_run_dir(run_dir: str | os.PathLike) -> Path:

@@ -33,6 +33,16 @@ def _checkpoints_is_a_file(root: Path) -> Path:
     return run
 
 
+def _checkpoints_deleted(root: Path) -> Path:
+    """A run that trained to step 4 whose checkpoints directory was deleted."""
+    run = root / "run"
+    run.mkdir()
+    (run / "config.json").write_text(Config(model=get_preset("tiny")).to_json())
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"kind": "train", "step": s, "loss": 5.0}) + "\n"
+                                               for s in range(1, 5)))
+    return run
+
+
 def _a_file(root: Path) -> Path:
     path = root / "file.txt"
     path.write_text("text")
@@ -70,6 +80,8 @@ CASES = [
     # (id, setup -> path, command given the path, expected error text)
     ("foreign folder as run dir", _foreign_folder, lambda p: [*TRAIN, "--run-dir", str(p)],
      "is not a dsv3_jax run directory"),
+    ("checkpoints deleted, history kept", _checkpoints_deleted,
+     lambda p: ["train", "--run-dir", str(p), "--no-progress"], "holds a run that trained to step 4"),
     ("run dir is a file", _a_file, lambda p: [*TRAIN, "--run-dir", str(p)], "exists and is not a directory"),
     ("empty run dir argument", lambda root: root, lambda p: [*TRAIN, "--run-dir", ""], "--run-dir is empty"),
     ("checkpoints is a file", _checkpoints_is_a_file, lambda p: ["train", "--run-dir", str(p), "--no-progress"],
