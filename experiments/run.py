@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -99,13 +100,34 @@ def _run_logged(cmd: list[str], log_path: Path, code: Code) -> tuple[int, float,
         proc = subprocess.Popen(code.command(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env=code.env())
         out_lines = []
-        for line in proc.stdout:
-            log.write(line)
-            log.flush()
-            out_lines.append(line)
-            print(line, end="", flush=True)
-        rc = proc.wait()
+        interrupted = False
+        while True:
+            try:
+                for line in proc.stdout:
+                    log.write(line)
+                    log.flush()
+                    out_lines.append(line)
+                    print(line, end="", flush=True)
+                rc = proc.wait()
+                break
+            except KeyboardInterrupt:
+                # Ctrl-C reaches the trainer too (same process group), which stops after its step with a
+                # checkpoint: keep reading its output until it exits (leaving now would close its pipe and kill
+                # it mid-save). A SIGINT sent to the runner alone is passed on; the trainer ignores a repeat.
+                interrupted = True
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGINT)
+    if interrupted:
+        raise RunnerInterrupted(rc, log_path)
     return rc, time.perf_counter() - start, "".join(out_lines)
+
+
+class RunnerInterrupted(Exception):
+    """Ctrl-C while a command ran; the command has exited (`returncode`), its output is in `log_path`."""
+
+    def __init__(self, returncode: int, log_path: Path):
+        super().__init__(f"interrupted; the command exited {returncode} (its output: {log_path})")
+        self.returncode, self.log_path = returncode, log_path
 
 
 def _last_json_object(text: str) -> dict:
@@ -258,11 +280,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                 except RunDirLocked as err:  # --force on a run another process is training
                     print(f"error: {err}", file=sys.stderr)
                     return 2
+                except RunnerInterrupted as stop:
+                    print(f"{stop}; run the same command again to resume", file=sys.stderr)
+                    return 130
     if not args.dry_run:
         for path in draw(exp, args.scale):
             print(f"wrote {path}")
     return 0
 
 
+def _main_cli() -> int:
+    """`main` with Ctrl-C outside a running command (between runs, while collecting or plotting) as one line."""
+    try:
+        return main()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_main_cli())

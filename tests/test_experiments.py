@@ -379,3 +379,55 @@ def test_paired_eval_differences_pair_each_seed_with_the_reference(tmp_path):
 def test_parsed_variants_are_hashable_values():
     variants = spec.load("balance").variants
     assert len(set(variants)) == len(variants) and variants == spec.load("balance").variants
+
+
+_STAND_IN = """
+import signal, sys, time
+stopping = []
+signal.signal(signal.SIGINT, lambda *a: stopping.append(1))
+print("step 1", flush=True)
+for _ in range(400):
+    if stopping:
+        time.sleep(1.0)  # the stop checkpoint being written
+        print("stop checkpoint written", flush=True)
+        sys.exit(130)
+    time.sleep(0.05)
+print("finished", flush=True)
+"""
+
+_RUNNER = """
+import sys
+from pathlib import Path
+from experiments import run
+code = run.Code(None)
+try:
+    run._run_logged([sys.executable, "-c", sys.argv[1]], Path(sys.argv[2]), code)
+except run.RunnerInterrupted as stop:
+    print(f"{stop}; run the same command again to resume", file=sys.stderr)
+    sys.exit(130)
+"""
+
+
+def test_ctrl_c_waits_for_the_trainers_stop_checkpoint(tmp_path):
+    """Ctrl-C (SIGINT to the whole process group) while the runner streams a trainer: the runner keeps reading
+    until the trainer has written its stop checkpoint and exited, then says so in one line and exits 130 (it
+    used to die with a traceback, closing the pipe under the trainer mid-save)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    log = tmp_path / "train.log"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", _RUNNER, _STAND_IN, str(log)], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 60
+    # the log starts with the command line (which quotes the script): wait for the child's own output line
+    while time.time() < deadline and not (log.exists() and "\nstep 1\n" in log.read_text()):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "interrupted; the command exited 130" in err
+    assert "stop checkpoint written" in log.read_text()
