@@ -166,6 +166,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """A run's newest checkpoint as an HF directory, streamed tensor by tensor."""
+    from dsv3_jax import distributed
     from dsv3_jax.export import ExportError, export_run
 
     if args.max_shard_gb is not None and not args.max_shard_gb > 0:
@@ -174,8 +175,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     _maybe_distributed(args)
     result = export_run(args.run_dir, args.out, dtype=args.dtype, fp8=args.fp8,
                         **({"max_shard_bytes": shard} if shard is not None else {}))
-    from dsv3_jax import distributed
-
     if distributed.is_primary():
         rate = result.bytes / 1e9 / max(result.seconds, 1e-9)
         print(f"exported step {result.step} of {args.run_dir} to {result.directory}: {result.files} file(s), "

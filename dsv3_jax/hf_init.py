@@ -5,9 +5,9 @@ tensor present with its shape and dtype, FP8 scales well shaped, nothing left ov
 `load_sharded` then creates every parameter and router bias in the sharding the run's plan gives it: each
 process reads only the slices its own devices hold, and of the HF tensors only the bytes those slices cover
 (FP8 128x128 blocks dequantised from the covering blocks), moving each slice to its device before reading the
-next, so the host holds one shard at a time. Stacked
-(scanned) layers, per-expert tensors and MTP modules map through the same name table as `convert.from_hf`, so
-the result is the model `from_hf` builds, placed on the mesh without ever existing whole on one host.
+next, so the host holds one shard at a time. Stacked (scanned) layers, per-expert tensors and MTP modules map
+through the same name table as `convert.from_hf`, so the result is the model `from_hf` builds, placed on the
+mesh without ever existing whole on one host.
 """
 
 from __future__ import annotations
@@ -50,9 +50,9 @@ def check_checkpoint(directory: str | os.PathLike, cfg: ModelConfig) -> Safetens
     missing, extra or misshapen tensor (or bad dtype, scale or truncated file) before anything is read."""
     directory = Path(directory)
     hf = convert.load_hf_config(directory)
-    ckpt = SafetensorsDir(directory)
-    model = nnx.eval_shape(lambda: DeepSeekV3(cfg, nnx.Rngs(0)))
     block = convert.block_size(hf)
+    ckpt = SafetensorsDir(directory, block)
+    model = nnx.eval_shape(lambda: DeepSeekV3(cfg, nnx.Rngs(0)))
     plan = convert.plan_import(layer_slots(model), cfg, ckpt, block)
     for _, name, kind in plan:  # what a full read would consume
         for tensor in convert.expanded(name, kind, cfg):
@@ -64,7 +64,6 @@ def check_checkpoint(directory: str | os.PathLike, cfg: ModelConfig) -> Safetens
             ckpt.consumed.add(f"model.layers.{cfg.num_hidden_layers + k}.{copy}")
     convert.reject_unconsumed(ckpt, cfg, convert.file_mtp_depth(hf))
     ckpt.consumed.clear()
-    ckpt.block = block
     return ckpt
 
 
@@ -116,10 +115,9 @@ def _reader(ckpt: SafetensorsDir, cfg: ModelConfig, leaf: str) -> Callable[[tupl
     Our 2-D kernels are [in, out], HF's [out, in]: a slice of ours reads the HF rows of its `out` range and the
     columns of its `in` range. Experts are [E, in, out] here, one [out, in] HF tensor each."""
     name, kind = convert.hf_name(leaf, cfg)
-    block = ckpt.block
     if kind in (convert.DENSE, convert.FP8):
         def dense(index: tuple[slice, ...], out: np.ndarray) -> None:
-            transpose_into(out, ckpt.read_slice(name, (index[1], index[0]), block))
+            transpose_into(out, ckpt.read_slice(name, (index[1], index[0])))
         return dense
     if kind == convert.EXPERTS:
         tensors = convert.expanded(name, kind, cfg)
@@ -127,11 +125,11 @@ def _reader(ckpt: SafetensorsDir, cfg: ModelConfig, leaf: str) -> Callable[[tupl
         def experts(index: tuple[slice, ...], out: np.ndarray) -> None:
             start, stop = index[0].indices(len(tensors))[:2]
             for j in range(start, stop):
-                transpose_into(out[j - start], ckpt.read_slice(tensors[j], (index[2], index[1]), block))
+                transpose_into(out[j - start], ckpt.read_slice(tensors[j], (index[2], index[1])))
         return experts
 
     def copy(index: tuple[slice, ...], out: np.ndarray) -> None:
-        out[...] = ckpt.read_slice(name, tuple(index), block)
+        out[...] = ckpt.read_slice(name, tuple(index))
     return copy
 
 

@@ -83,8 +83,8 @@ def check_training_dir(run_dir: str | os.PathLike) -> None:
     if checkpoints.exists() and not checkpoints.is_dir():
         raise RunDirError(f"{str(checkpoints)!r} is not a directory: the run's checkpoints cannot be read or "
                           "written; move it aside to start over, or restore the directory")
-    trained = _last_logged_step(path / "metrics.jsonl")
-    if trained and not has_checkpoints(path):
+    trained = 0 if has_checkpoints(path) else _last_logged_step(path / "metrics.jsonl")  # read only then
+    if trained:
         raise RunDirError(f"{text!r} holds a run that trained to step {trained} (metrics.jsonl) but no checkpoint "
                           "to resume from; starting it again from step 0 would train over its history. Restore "
                           "its checkpoints, or use a new --run-dir")

@@ -124,8 +124,11 @@ def _read_header(file: Path) -> tuple[dict[str, Any], int]:
 class SafetensorsDir:
     """Header-level view of a directory of safetensors files; reads one tensor at a time."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, block: tuple[int, int] = DEFAULT_BLOCK):
+        """`block`: the FP8 block size of the checkpoint (config.json's quantization_config), what `read_slice`
+        dequantises with."""
         self.directory = directory
+        self.block = tuple(block)
         index_path = directory / INDEX_FILE
         if index_path.is_file():
             try:
@@ -218,7 +221,7 @@ class SafetensorsDir:
         return self._bytes(entry.file, entry.start + start * row_bytes, (stop - start) * row_bytes, entry.dtype,
                            (stop - start, *entry.shape[1:]))
 
-    def read_slice(self, name: str, index: tuple[slice, ...], block: tuple[int, int] = DEFAULT_BLOCK) -> np.ndarray:
+    def read_slice(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
         """`tensor[index]` (one slice per leading dimension, steps of 1), reading only the bytes the slice covers
         (each row's column range, through a memory map dropped right after), FP8 dequantised from the covering
         128x128 blocks and their scales; counts the bytes read in `bytes_read`. Marks the tensor (and its
@@ -231,6 +234,7 @@ class SafetensorsDir:
         scale_name = name + "_scale_inv"
         self.consumed.add(scale_name)
         (r0, r1), (c0, c1) = bounds
+        block = self.block
         rows = (r0 // block[0] * block[0], min(entry.shape[0], -(-r1 // block[0]) * block[0]))
         cols = (c0 // block[1] * block[1], min(entry.shape[1], -(-c1 // block[1]) * block[1]))
         q = self._mapped(entry, [rows, cols])
